@@ -1,0 +1,108 @@
+"""Application wiring: `create_app(settings)` with every resource in `cleanup_ctx`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import expiry, metering
+from .auth import KeyCache, lookup_caller
+from .chat import chat
+from .errors import LedgerUnavailable
+from .metrics import Metrics
+from .middlewares import error_middleware
+from .settings import Settings
+from .state import BACKGROUND, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .store import Store, open_store
+from .upstream import new_session
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_SECONDS = 2.0
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """The database answers; 503 otherwise."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await request.app[STORE].ping()
+    except (LedgerUnavailable, TimeoutError):
+        return web.json_response(
+            {"status": "unavailable", "error": {"type": "ledger_unavailable",
+                                                "message": "The ledger database cannot be reached."}},
+            status=503,
+        )
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus exposition of this process's metrics."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None) -> web.Application:
+    """The gateway application; `store` and `metrics` may be injected (tests share them)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
+    app[INSTANCE_ID] = secrets.token_hex(8)
+    app[BACKGROUND] = set()
+    app.cleanup_ctx.append(_store_ctx(store))
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_expiry_ctx)
+    app.router.add_post("/api/v1/chat", chat)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        store = injected or open_store(settings.database_url, pool_size=settings.db_pool_size)
+        app[STORE] = store
+        app[KEYS] = KeyCache(lambda digest: store.run(lookup_caller, digest), settings.cache_ttl_seconds)
+        yield
+        if app[BACKGROUND]:
+            # Settlements still retrying get a last chance; the TTL covers the rest.
+            await asyncio.wait(app[BACKGROUND], timeout=5)
+        if injected is None:
+            await store.close()
+
+    return ctx
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with new_session() as session:
+        app[UPSTREAM] = session
+        yield
+
+
+async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
+    store, metrics, instance = app[STORE], app[METRICS], app[INSTANCE_ID]
+    ttl = app[SETTINGS].hold_ttl_seconds
+    try:
+        await expiry.beat_and_sweep(store, metrics, instance, ttl)
+    except LedgerUnavailable:
+        log.warning("database unavailable at start-up; hold expiry will retry")
+    task = asyncio.get_running_loop().create_task(expiry.run_forever(store, metrics, instance, ttl))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(LedgerUnavailable):
+        await store.run(metering.retire, instance)

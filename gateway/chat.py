@@ -1,0 +1,249 @@
+"""The chat endpoints: authenticate, validate, price, hold, forward, relay, settle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import metering
+from .errors import GatewayError, InvalidRequest, LedgerUnavailable, RequestTooLarge, UnknownModel
+from .metering import Admission, Charge, Settlement
+from .pricing import cost, format_credits
+from .state import BACKGROUND, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .upstream import (
+    SseUsageScanner,
+    open_upstream,
+    read_upstream_body,
+    relay_stream,
+    relayed_headers,
+    upstream_headers,
+    usage_from_body,
+)
+
+log = logging.getLogger(__name__)
+
+
+def parse_chat(body: bytes) -> tuple[str, int, bool]:
+    """Validate a chat body; returns (model, message count, stream) or raises InvalidRequest."""
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8; send a JSON object.") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("The request body is not valid JSON; send a JSON object.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object with `model` and `messages`.")
+    model = payload.get("model")
+    if not isinstance(model, str):
+        raise InvalidRequest("`model` must be a string naming a priced model, e.g. \"openai/gpt-oss-20b\".")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("`messages` must be a non-empty list of {\"role\", \"content\"} objects.")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"`messages[{index}]` must be an object with a string `role`.")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("`stream` must be true or false.")
+    return model, len(messages), stream
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading it whole."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(f"The request body is {length} bytes; this gateway accepts at most {limit}.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.") from None
+
+
+def _credit_headers(request_id: str, charged: int, remaining: int | None) -> dict[str, str]:
+    headers = {"X-Request-Id": request_id, "X-Credits-Charged": format_credits(charged)}
+    if remaining is not None:
+        headers["X-Credits-Remaining"] = format_credits(max(remaining, 0))
+    return headers
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/chat and /v1/chat/completions."""
+    app = request.app
+    metrics = app[METRICS]
+    started = time.perf_counter()
+    metrics.inflight.inc()
+    model_label = ""
+    try:
+        settings = app[SETTINGS]
+        try:
+            caller = await app[KEYS].caller(request.headers.get("Authorization"))
+            body = await read_body(request, settings.max_body_bytes)
+            model, message_count, stream = parse_chat(body)
+            unit_price = settings.pricing.unit_price(model)
+            if unit_price is None:
+                raise UnknownModel(
+                    f"Model {model[:200]!r} is not priced by this gateway. Priced models: "
+                    f"{', '.join(settings.pricing.models())}."
+                )
+            model_label = model
+            charge = Charge(
+                request_id=uuid.uuid4().hex,
+                caller=caller,
+                model=model,
+                message_count=message_count,
+                unit_price=unit_price,
+                credits=cost(message_count, unit_price),
+                stream=stream,
+            )
+            admission = await app[STORE].run(
+                metering.admit, charge, app[INSTANCE_ID], metering.now_us()
+            )
+        except GatewayError as exc:
+            if exc.outcome:
+                metrics.requests.labels(model_label, exc.outcome).inc()
+            raise
+        return await _forward(request, admission, body, started)
+    finally:
+        metrics.inflight.dec()
+
+
+@dataclass
+class _Progress:
+    """How far an admitted request got: what to settle, and when upstream was done with."""
+
+    settlement: Settlement
+    upstream_done: float
+
+
+async def _forward(
+    request: web.Request, admission: Admission, body: bytes, started: float
+) -> web.StreamResponse:
+    """Forward an admitted request and relay the answer; settle in `finally`, whatever happens."""
+    forwarded_at = time.perf_counter()
+    progress = _Progress(Settlement("upstream_unavailable"), forwarded_at)
+    try:
+        return await _exchange(request, admission, body, progress)
+    except GatewayError as exc:
+        progress.upstream_done = time.perf_counter()
+        if exc.outcome in ("upstream_timeout", "upstream_unavailable"):
+            progress.settlement = Settlement(exc.outcome, progress.settlement.upstream_status)
+        exc.headers = _credit_headers(admission.charge.request_id, 0, admission.remaining)
+        raise
+    finally:
+        await _settle(request.app, admission, progress, started, forwarded_at)
+
+
+async def _exchange(
+    request: web.Request, admission: Admission, body: bytes, progress: _Progress
+) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    charge = admission.charge
+    api_key = str(settings.upstream_api_key) if settings.upstream_api_key else None
+    forwarded_at = progress.upstream_done
+    async with open_upstream(
+        app[UPSTREAM],
+        settings.upstream_url,
+        body,
+        upstream_headers(request.headers, api_key),
+        settings.upstream_timeout_seconds,
+    ) as upstream:
+        app[METRICS].upstream_first_byte.labels(charge.model).observe(time.perf_counter() - forwarded_at)
+        status = upstream.status
+        ok = 200 <= status < 300
+        headers = relayed_headers(upstream)
+        headers.update(_credit_headers(charge.request_id, charge.credits if ok else 0, admission.remaining))
+        if ok and charge.stream:
+            # Charged from here on: upstream has answered 2xx, whatever becomes of the stream.
+            progress.settlement = Settlement("charged", status)
+            response = web.StreamResponse(status=status, headers=headers)
+            try:
+                await response.prepare(request)
+            except (ConnectionError, RuntimeError):
+                progress.upstream_done = time.perf_counter()
+                return response
+            scanner = SseUsageScanner()
+            result = await relay_stream(upstream, response, scanner, settings.stream_idle_timeout_seconds)
+            progress.upstream_done = result.upstream_done_at
+            usage = scanner.usage
+            progress.settlement = Settlement(
+                "charged", status, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+            )
+            return response
+        progress.settlement = Settlement("upstream_unavailable", status)
+        content = await read_upstream_body(upstream, settings.stream_idle_timeout_seconds)
+        progress.upstream_done = time.perf_counter()
+        if ok:
+            usage = usage_from_body(content)
+            progress.settlement = Settlement(
+                "charged", status, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+            )
+        else:
+            progress.settlement = Settlement("upstream_error", status)
+        return web.Response(body=content, status=status, headers=headers)
+
+
+SETTLE_RETRY_MAX_SECONDS = 5.0
+
+
+async def _settle(
+    app: web.Application, admission: Admission, progress: _Progress, started: float, forwarded_at: float
+) -> None:
+    """Write the settlement; if the database is down, keep retrying in the background."""
+    store = app[STORE]
+    settlement = progress.settlement
+    settled = time.perf_counter()
+    try:
+        done = await asyncio.shield(store.run(metering.settle, admission, settlement, metering.now_us()))
+    except LedgerUnavailable:
+        task = asyncio.get_running_loop().create_task(_settle_later(app, admission, settlement))
+        app[BACKGROUND].add(task)
+        task.add_done_callback(app[BACKGROUND].discard)
+        return
+    if not done:
+        log.warning("request %s settled after its hold expired; left as expired", admission.charge.request_id)
+        return
+    finished = time.perf_counter()
+    record_settlement(app, admission, settlement, finished - started)
+    app[METRICS].overhead.observe((forwarded_at - started) + (finished - settled))
+
+
+async def _settle_later(app: web.Application, admission: Admission, settlement: Settlement) -> None:
+    delay = 0.1
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            done = await app[STORE].run(metering.settle, admission, settlement, metering.now_us())
+        except LedgerUnavailable:
+            delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
+            continue
+        if done:
+            record_settlement(app, admission, settlement, None)
+        return
+
+
+def record_settlement(
+    app: web.Application, admission: Admission, settlement: Settlement, duration: float | None
+) -> None:
+    """Count a settled request in the metrics."""
+    metrics = app[METRICS]
+    charge = admission.charge
+    metrics.requests.labels(charge.model, settlement.outcome).inc()
+    if settlement.outcome == "charged":
+        team = charge.caller.team_name or ""
+        metrics.credits_charged.labels(charge.model, team).inc(charge.credits / 1_000_000)
+        metrics.messages_charged.labels(charge.model, team).inc(charge.message_count)
+        if settlement.prompt_tokens is not None:
+            metrics.tokens.labels(charge.model, "prompt").inc(settlement.prompt_tokens)
+        if settlement.completion_tokens is not None:
+            metrics.tokens.labels(charge.model, "completion").inc(settlement.completion_tokens)
+    if duration is not None:
+        metrics.request_duration.labels(charge.model, "true" if charge.stream else "false").observe(duration)

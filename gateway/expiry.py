@@ -1,0 +1,49 @@
+"""Hold expiry: this process beats in the `instances` table, and releases holds of processes that stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import metering
+from .errors import LedgerUnavailable
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Instances silent for this long are forgotten altogether.
+FORGET_AFTER_US = 24 * 3600 * 1_000_000
+
+
+def sweep_interval(ttl: float) -> float:
+    """How often to beat and sweep: a few times per TTL, at most every 15 seconds."""
+    return min(ttl / 4, 15.0)
+
+
+async def beat_and_sweep(store: Store, metrics: Metrics, instance_id: str, ttl: float) -> int:
+    """Mark this process alive, then release every hold older than the TTL whose process is silent."""
+    now = metering.now_us()
+    await store.run(metering.heartbeat, instance_id, now, now - FORGET_AFTER_US)
+    total = 0
+    while True:
+        expired = await store.run(metering.expire_holds, now - int(ttl * 1_000_000), metering.now_us())
+        total += expired
+        if expired:
+            metrics.holds_expired.inc(expired)
+            log.warning("released %d hold(s) left by stopped gateway processes", expired)
+        if expired < 500:
+            return total
+
+
+async def run_forever(store: Store, metrics: Metrics, instance_id: str, ttl: float) -> None:
+    """Beat and sweep every interval until cancelled; a database outage is logged and outlived."""
+    interval = sweep_interval(ttl)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await beat_and_sweep(store, metrics, instance_id, ttl)
+        except LedgerUnavailable:
+            log.warning("hold expiry skipped: database unavailable")
+        except Exception:
+            log.exception("hold expiry failed")

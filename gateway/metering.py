@@ -1,0 +1,319 @@
+"""Metering: holds placed at admission, settled into charges or releases, expired after a crash.
+
+Each function here is one unit of work for the store (`fn(conn, ...)`, one transaction). Counters
+change only through conditional updates, so admission is exact under any concurrency and across
+processes sharing one database: a counter row is updated only if `spent + held + cost <= limit`
+still holds when the database applies it. Budgets are always touched in id order, so concurrent
+transactions on PostgreSQL lock rows in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from .errors import BudgetExceeded
+from .pricing import credits_json, format_credits
+from .windows import from_key, isoformat, window_end, window_key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a gateway key belongs to."""
+
+    key_id: str
+    user_id: int
+    user_name: str
+    team_id: int | None
+    team_name: str | None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A priced request about to be admitted."""
+
+    request_id: str
+    caller: Caller
+    model: str
+    message_count: int
+    unit_price: int
+    credits: int
+    stream: bool
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted request: the budget windows it holds on and what they have left after it."""
+
+    charge: Charge
+    admitted_at: int  # microseconds since the epoch
+    allocations: tuple[tuple[int, int], ...]  # (budget_id, window_start), in lock order
+    remaining: int | None  # smallest remaining micro-credits across the budgets; None when none applies
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How an admitted request ended, as the ledger records it."""
+
+    outcome: str  # charged, upstream_error, upstream_unavailable, upstream_timeout, expired
+    upstream_status: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+def now_us() -> int:
+    """Now, in integer microseconds since the epoch."""
+    return int(datetime.now(UTC).timestamp() * 1_000_000)
+
+
+_BUDGETS_FOR = text(
+    "SELECT id, scope, subject, period, limit_micros FROM budgets "
+    "WHERE (scope = 'key' AND subject = :key) OR (scope = 'user' AND subject = :user) "
+    "OR (scope = 'team' AND subject = :team) ORDER BY id"
+)
+
+# Creates the window's counter with this hold, or adds the hold to it, only if it still fits.
+# The limit is read inside the statement so a concurrent budget change is never missed.
+_PLACE_HOLD = text(
+    "INSERT INTO budget_counters (budget_id, window_start, spent_micros, held_micros) "
+    "SELECT b.id, :window, 0, :credits FROM budgets b WHERE b.id = :budget AND :credits <= b.limit_micros "
+    "ON CONFLICT (budget_id, window_start) DO UPDATE "
+    "SET held_micros = budget_counters.held_micros + excluded.held_micros "
+    "WHERE budget_counters.spent_micros + budget_counters.held_micros + excluded.held_micros <= "
+    "(SELECT limit_micros FROM budgets WHERE id = excluded.budget_id) "
+    "RETURNING spent_micros, held_micros"
+)
+
+_COUNTER = text(
+    "SELECT spent_micros, held_micros FROM budget_counters WHERE budget_id = :budget AND window_start = :window"
+)
+
+_INSERT_HOLD = text(
+    "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
+    "unit_price_micros, credits_micros, stream, admitted_at) VALUES (:request_id, :instance_id, :key_id, "
+    ":user_id, :team_id, :model, :message_count, :unit_price, :credits, :stream, :admitted_at)"
+)
+
+_INSERT_ALLOCATION = text(
+    "INSERT INTO allocations (request_id, budget_id, window_start, credits_micros) "
+    "VALUES (:request_id, :budget, :window, :credits)"
+)
+
+_DELETE_HOLD = text("DELETE FROM holds WHERE request_id = :request_id RETURNING request_id")
+
+_SETTLE_COUNTER = text(
+    "UPDATE budget_counters SET held_micros = held_micros - :credits, spent_micros = spent_micros + :spent "
+    "WHERE budget_id = :budget AND window_start = :window"
+)
+
+_INSERT_LEDGER = text(
+    "INSERT INTO ledger (request_id, admitted_at, settled_at, team_id, user_id, key_id, model, "
+    "message_count, unit_price_micros, credits_micros, outcome, upstream_status, prompt_tokens, "
+    "completion_tokens, total_tokens, stream, duration_us) VALUES (:request_id, :admitted_at, "
+    ":settled_at, :team_id, :user_id, :key_id, :model, :message_count, :unit_price, :credits, :outcome, "
+    ":upstream_status, :prompt_tokens, :completion_tokens, :total_tokens, :stream, :duration_us)"
+)
+
+
+def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admission:
+    """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded."""
+    caller = charge.caller
+    budgets = conn.execute(
+        _BUDGETS_FOR,
+        {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
+    ).all()
+    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    allocations: list[tuple[int, int]] = []
+    remaining: int | None = None
+    for budget_id, scope, _subject, period, limit in budgets:
+        window = window_key(period, moment)
+        row = conn.execute(
+            _PLACE_HOLD, {"window": window, "credits": charge.credits, "budget": budget_id}
+        ).first()
+        if row is None:
+            raise _refusal(conn, charge, budget_id, scope, period, limit, window)
+        allocations.append((budget_id, window))
+        left = limit - row[0] - row[1]
+        remaining = left if remaining is None else min(remaining, left)
+    conn.execute(
+        _INSERT_HOLD,
+        {
+            "request_id": charge.request_id,
+            "instance_id": instance_id,
+            "key_id": caller.key_id,
+            "user_id": caller.user_id,
+            "team_id": caller.team_id,
+            "model": charge.model,
+            "message_count": charge.message_count,
+            "unit_price": charge.unit_price,
+            "credits": charge.credits,
+            "stream": charge.stream,
+            "admitted_at": at,
+        },
+    )
+    if allocations:
+        conn.execute(
+            _INSERT_ALLOCATION,
+            [
+                {"request_id": charge.request_id, "budget": b, "window": w, "credits": charge.credits}
+                for b, w in allocations
+            ],
+        )
+    return Admission(charge, at, tuple(allocations), remaining)
+
+
+def _refusal(
+    conn: Connection, charge: Charge, budget_id: int, scope: str, period: str, limit: int, window: int
+) -> BudgetExceeded:
+    counter = conn.execute(_COUNTER, {"budget": budget_id, "window": window}).first()
+    spent, held = (counter[0], counter[1]) if counter else (0, 0)
+    caller = charge.caller
+    subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
+    remaining = max(limit - spent - held, 0)
+    start = from_key(window)
+    return BudgetExceeded(
+        f"This request costs {format_credits(charge.credits)} credits but the {period} {scope} budget of "
+        f"{subject!r} has {format_credits(remaining)} of {format_credits(limit)} left. "
+        + ("It does not reset; ask an administrator to raise it." if period == "total"
+           else f"Wait until it resets at {isoformat(window_end(period, start))} or ask an administrator "
+           "to raise it."),
+        scope=scope,
+        subject=subject,
+        period=period,
+        limit=credits_json(limit),
+        spent=credits_json(spent),
+        held=credits_json(held),
+        remaining=credits_json(remaining),
+        cost=credits_json(charge.credits),
+        resets_at=isoformat(window_end(period, start)),
+    )
+
+
+def _write_settlement(
+    conn: Connection,
+    *,
+    request_id: str,
+    allocations: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+    credits: int,
+    settlement: Settlement,
+    ledger: dict[str, Any],
+) -> None:
+    spent = credits if settlement.outcome == "charged" else 0
+    if allocations:
+        conn.execute(
+            _SETTLE_COUNTER,
+            [{"credits": credits, "spent": spent, "budget": b, "window": w} for b, w in allocations],
+        )
+    conn.execute(
+        _INSERT_LEDGER,
+        {
+            **ledger,
+            "request_id": request_id,
+            "credits": spent,
+            "outcome": settlement.outcome,
+            "upstream_status": settlement.upstream_status,
+            "prompt_tokens": settlement.prompt_tokens,
+            "completion_tokens": settlement.completion_tokens,
+            "total_tokens": settlement.total_tokens,
+        },
+    )
+
+
+def settle(conn: Connection, admission: Admission, settlement: Settlement, at: int) -> bool:
+    """Turn the hold into a charge (outcome `charged`) or release it, and write the ledger row.
+
+    Returns False, changing nothing, if the hold is already gone (expired by another process).
+    """
+    charge = admission.charge
+    if conn.execute(_DELETE_HOLD, {"request_id": charge.request_id}).first() is None:
+        return False
+    caller = charge.caller
+    _write_settlement(
+        conn,
+        request_id=charge.request_id,
+        allocations=admission.allocations,
+        credits=charge.credits,
+        settlement=settlement,
+        ledger={
+            "admitted_at": admission.admitted_at,
+            "settled_at": at,
+            "team_id": caller.team_id,
+            "user_id": caller.user_id,
+            "key_id": caller.key_id,
+            "model": charge.model,
+            "message_count": charge.message_count,
+            "unit_price": charge.unit_price,
+            "stream": charge.stream,
+            "duration_us": max(at - admission.admitted_at, 0),
+        },
+    )
+    return True
+
+
+_STALE_HOLDS = text(
+    "SELECT request_id, key_id, user_id, team_id, model, message_count, unit_price_micros, "
+    "credits_micros, stream, admitted_at FROM holds h WHERE h.admitted_at < :cutoff AND NOT EXISTS "
+    "(SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.heartbeat_at >= :cutoff) "
+    "ORDER BY admitted_at LIMIT :limit"
+)
+_ALLOCATIONS_OF = text(
+    "SELECT budget_id, window_start FROM allocations WHERE request_id = :request_id ORDER BY budget_id"
+)
+
+
+def expire_holds(conn: Connection, cutoff: int, at: int, limit: int = 500) -> int:
+    """Release holds admitted before `cutoff` whose process stopped beating; returns how many.
+
+    Safe to run in many processes at once: a hold is released only by whoever deletes its row.
+    """
+    expired = 0
+    for row in conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all():
+        if conn.execute(_DELETE_HOLD, {"request_id": row["request_id"]}).first() is None:
+            continue
+        allocations = [
+            (b, w) for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all()
+        ]
+        _write_settlement(
+            conn,
+            request_id=row["request_id"],
+            allocations=allocations,
+            credits=row["credits_micros"],
+            settlement=Settlement("expired"),
+            ledger={
+                "admitted_at": row["admitted_at"],
+                "settled_at": at,
+                "team_id": row["team_id"],
+                "user_id": row["user_id"],
+                "key_id": row["key_id"],
+                "model": row["model"],
+                "message_count": row["message_count"],
+                "unit_price": row["unit_price_micros"],
+                "stream": bool(row["stream"]),
+                "duration_us": max(at - row["admitted_at"], 0),
+            },
+        )
+        expired += 1
+    return expired
+
+
+_UPSERT_INSTANCE = text(
+    "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (:id, :at, :at) "
+    "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+)
+_FORGET_INSTANCES = text("DELETE FROM instances WHERE heartbeat_at < :cutoff")
+
+
+def heartbeat(conn: Connection, instance_id: str, at: int, forget_before: int) -> None:
+    """Mark this process alive (its holds are not expired) and forget long-dead processes."""
+    conn.execute(_UPSERT_INSTANCE, {"id": instance_id, "at": at})
+    conn.execute(_FORGET_INSTANCES, {"cutoff": forget_before})
+
+
+def retire(conn: Connection, instance_id: str) -> None:
+    """Forget this process on a clean shutdown."""
+    conn.execute(text("DELETE FROM instances WHERE id = :id"), {"id": instance_id})
+

@@ -1,0 +1,90 @@
+"""Pricing: credits per message, held as exact integer micro-credits (pure, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+
+MICROS = 1_000_000
+
+DEFAULT_PRICES: Mapping[str, str] = {
+    "openai/gpt-oss-20b": "0.1",
+    "openai/gpt-oss-120b": "0.25",
+    "google/gemini-2.5-flash-lite": "0.15",
+    "google/gemini-2.5-flash": "1",
+    "google/gemini-2.5-pro": "3",
+}
+
+
+def parse_credits(value: object, *, allow_zero: bool = True) -> int:
+    """Turn a credit amount (number or decimal string, at most 6 decimals) into micro-credits.
+
+    Raises ValueError with a message fit for a person.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"expected a number of credits, got {value!r}")
+    try:
+        # str() first so that a float such as 0.1 means the decimal 0.1, not its binary neighbour.
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"expected a number of credits, got {value!r}") from None
+    if not amount.is_finite():
+        raise ValueError(f"expected a finite number of credits, got {value!r}")
+    micros = amount * MICROS
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{value!r} has more than 6 decimal places")
+    if micros < 0 or (micros == 0 and not allow_zero):
+        raise ValueError(f"{value!r} must be {'zero or more' if allow_zero else 'more than zero'}")
+    return int(micros)
+
+
+def format_credits(micros: int) -> str:
+    """Render micro-credits as the shortest exact decimal string, e.g. 750000 -> '0.75'."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:06d}".rstrip("0")
+
+
+def credits_json(micros: int) -> int | float:
+    """Render micro-credits as a JSON number: an int when whole, else the float of the exact decimal."""
+    whole, frac = divmod(micros, MICROS)
+    return whole if not frac else float(format_credits(micros))
+
+
+class PriceTable:
+    """Credits per message for each model, in micro-credits."""
+
+    def __init__(self, prices: Mapping[str, int]) -> None:
+        self._prices = dict(prices)
+
+    @classmethod
+    def from_config(cls, overrides: Mapping[str, object] | None = None) -> PriceTable:
+        """Defaults from the contract, extended or overridden by the TOML [pricing] table."""
+        merged: dict[str, object] = dict(DEFAULT_PRICES)
+        merged.update(overrides or {})
+        prices: dict[str, int] = {}
+        for model, price in merged.items():
+            try:
+                prices[model] = parse_credits(price)
+            except ValueError as exc:
+                raise ValueError(f"pricing.{model!r}: {exc}") from None
+        return cls(prices)
+
+    def unit_price(self, model: str) -> int | None:
+        """Micro-credits per message, or None for a model not in the table."""
+        return self._prices.get(model)
+
+    def models(self) -> list[str]:
+        """The priced models, sorted."""
+        return sorted(self._prices)
+
+    def items(self) -> list[tuple[str, int]]:
+        """(model, micro-credits per message) pairs, sorted by model."""
+        return sorted(self._prices.items())
+
+
+def cost(message_count: int, unit_price: int) -> int:
+    """Micro-credits for a request: every message counts, system messages included."""
+    return message_count * unit_price

@@ -1,0 +1,161 @@
+"""The database schema: teams, users, keys, budgets, window counters, holds and the ledger.
+
+Times are integer microseconds since the Unix epoch (UTC) and money is integer micro-credits,
+so both dialects store and compare them the same way.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention, so constraint names are stable across dialects."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the secret: keys are 256-bit random, so a fast hash is as safe as a slow one.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Budget(Base):
+    __tablename__ = "budgets"
+    __table_args__ = (
+        Index("uq_budgets_scope_subject_period", "scope", "subject", "period", unique=True),
+        CheckConstraint("scope IN ('team', 'user', 'key')", name="scope"),
+        CheckConstraint("period IN ('daily', 'weekly', 'monthly', 'total')", name="period"),
+        CheckConstraint("limit_micros >= 0", name="limit_micros"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    # The id of the team, user or key, as text.
+    subject: Mapped[str] = mapped_column(String(32))
+    period: Mapped[str] = mapped_column(String(8))
+    limit_micros: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class BudgetCounter(Base):
+    """Spent and held micro-credits of one budget in one window; changed only by conditional updates."""
+
+    __tablename__ = "budget_counters"
+    __table_args__ = (
+        CheckConstraint("spent_micros >= 0", name="spent_micros"),
+        CheckConstraint("held_micros >= 0", name="held_micros"),
+    )
+
+    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # seconds since the epoch
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    held_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Allocation(Base):
+    """Which budget windows an admitted request was held on; kept after settlement for verification."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (Index("ix_allocations_budget_window", "budget_id", "window_start"),)
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    budget_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    credits_micros: Mapped[int] = mapped_column(BigInteger)
+
+
+class Instance(Base):
+    """A live gateway process; holds of an instance that stopped beating are expired after the TTL."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    heartbeat_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Hold(Base):
+    """An admitted request not yet settled."""
+
+    __tablename__ = "holds"
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[int] = mapped_column(Integer)
+    team_id: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    message_count: Mapped[int] = mapped_column(Integer)
+    unit_price_micros: Mapped[int] = mapped_column(BigInteger)
+    credits_micros: Mapped[int] = mapped_column(BigInteger)
+    stream: Mapped[bool] = mapped_column(Boolean)
+    admitted_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class LedgerEntry(Base):
+    """One append-only row per admitted request, written when it settles (or expires)."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        Index("ix_ledger_admitted_at", "admitted_at", "request_id"),
+        Index("ix_ledger_user_admitted_at", "user_id", "admitted_at"),
+        Index("ix_ledger_team_admitted_at", "team_id", "admitted_at"),
+        CheckConstraint(
+            "outcome IN ('charged', 'upstream_error', 'upstream_unavailable', 'upstream_timeout', 'expired')",
+            name="outcome",
+        ),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    admitted_at: Mapped[int] = mapped_column(BigInteger)
+    settled_at: Mapped[int] = mapped_column(BigInteger)
+    team_id: Mapped[int | None] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(Integer)
+    key_id: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(200))
+    message_count: Mapped[int] = mapped_column(Integer)
+    unit_price_micros: Mapped[int] = mapped_column(BigInteger)
+    credits_micros: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(24))
+    upstream_status: Mapped[int | None] = mapped_column(Integer)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    total_tokens: Mapped[int | None] = mapped_column(Integer)
+    stream: Mapped[bool] = mapped_column(Boolean)
+    duration_us: Mapped[int] = mapped_column(BigInteger)

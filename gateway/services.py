@@ -1,0 +1,273 @@
+"""Administration: teams, users, keys and budgets, shared by the CLI and the admin HTTP API.
+
+Each function is a unit of work for the store (`fn(conn, ...)`) and returns the JSON the HTTP API
+answers with, so `gateway ... --json` prints exactly the HTTP body.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
+
+from .auth import new_key
+from .errors import Conflict, InvalidRequest, NotFound
+from .pricing import credits_json, parse_credits
+from .windows import PERIODS, from_key, isoformat, window_end, window_key
+
+SCOPES = ("team", "user", "key")
+MAX_NAME = 200
+
+
+def _iso_us(us: int | None) -> str | None:
+    return None if us is None else isoformat(datetime.fromtimestamp(us / 1_000_000, UTC))
+
+
+def check_name(field: str, name: object) -> str:
+    """A team, user or key name: 1-200 printable characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"`{field}` must be a non-empty string.", field=field)
+    if len(name) > MAX_NAME or not name.isprintable():
+        raise InvalidRequest(f"`{field}` must be at most {MAX_NAME} printable characters.", field=field)
+    return name
+
+
+def check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of a fixed set of words."""
+    if value not in choices:
+        raise InvalidRequest(f"`{field}` must be one of {', '.join(choices)}; got {value!r}.", field=field)
+    return str(value)
+
+
+def _team_id(conn: Connection, name: str) -> int:
+    row = conn.execute(text("SELECT id FROM teams WHERE name = :name"), {"name": name}).first()
+    if row is None:
+        raise NotFound(f"No team named {name!r}. Create it with 'gateway teams create'.", field="team")
+    return int(row[0])
+
+
+def _user_id(conn: Connection, name: str) -> int:
+    row = conn.execute(text("SELECT id FROM users WHERE name = :name"), {"name": name}).first()
+    if row is None:
+        raise NotFound(f"No user named {name!r}. Create it with 'gateway users create'.", field="user")
+    return int(row[0])
+
+
+def create_team(conn: Connection, name: str, at: int) -> dict[str, Any]:
+    """A new team; Conflict if the name is taken."""
+    name = check_name("name", name)
+    if conn.execute(text("SELECT 1 FROM teams WHERE name = :name"), {"name": name}).first():
+        raise Conflict(f"A team named {name!r} already exists.", field="name")
+    try:
+        team_id = conn.execute(
+            text("INSERT INTO teams (name, created_at) VALUES (:name, :at) RETURNING id"),
+            {"name": name, "at": at},
+        ).scalar_one()
+    except IntegrityError:
+        raise Conflict(f"A team named {name!r} already exists.", field="name") from None
+    return {"id": team_id, "name": name, "created_at": _iso_us(at)}
+
+
+def list_teams(conn: Connection) -> list[dict[str, Any]]:
+    """Every team."""
+    rows = conn.execute(text("SELECT id, name, created_at FROM teams ORDER BY name")).all()
+    return [{"id": r[0], "name": r[1], "created_at": _iso_us(r[2])} for r in rows]
+
+
+def create_user(conn: Connection, name: str, team: str | None, at: int) -> dict[str, Any]:
+    """A new user, optionally in a team; NotFound for an unknown team, Conflict if the name is taken."""
+    name = check_name("name", name)
+    team_id = _team_id(conn, check_name("team", team)) if team is not None else None
+    if conn.execute(text("SELECT 1 FROM users WHERE name = :name"), {"name": name}).first():
+        raise Conflict(f"A user named {name!r} already exists.", field="name")
+    try:
+        user_id = conn.execute(
+            text("INSERT INTO users (name, team_id, created_at) VALUES (:name, :team, :at) RETURNING id"),
+            {"name": name, "team": team_id, "at": at},
+        ).scalar_one()
+    except IntegrityError:
+        raise Conflict(f"A user named {name!r} already exists.", field="name") from None
+    return {"id": user_id, "name": name, "team": team, "created_at": _iso_us(at)}
+
+
+def list_users(conn: Connection) -> list[dict[str, Any]]:
+    """Every user with their team."""
+    rows = conn.execute(
+        text(
+            "SELECT u.id, u.name, t.name, u.created_at FROM users u LEFT JOIN teams t ON t.id = u.team_id "
+            "ORDER BY u.name"
+        )
+    ).all()
+    return [{"id": r[0], "name": r[1], "team": r[2], "created_at": _iso_us(r[3])} for r in rows]
+
+
+def create_key(conn: Connection, user: str, name: str | None, at: int) -> dict[str, Any]:
+    """A new key for a user. The secret is in this answer only; the database keeps its hash."""
+    user_id = _user_id(conn, check_name("user", user))
+    if name is not None:
+        name = check_name("name", name)
+    key_id, secret, digest = new_key()
+    conn.execute(
+        text(
+            "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, created_at) "
+            "VALUES (:id, :user, :name, :hash, :prefix, :at)"
+        ),
+        {"id": key_id, "user": user_id, "name": name, "hash": digest, "prefix": secret[:8], "at": at},
+    )
+    return {
+        "id": key_id,
+        "key": secret,
+        "user": user,
+        "name": name,
+        "prefix": secret[:8],
+        "created_at": _iso_us(at),
+        "revoked_at": None,
+    }
+
+
+def list_keys(conn: Connection, user: str | None = None) -> list[dict[str, Any]]:
+    """Keys (no secrets), optionally of one user."""
+    query = (
+        "SELECT k.id, u.name, k.name, k.prefix, k.created_at, k.revoked_at FROM api_keys k "
+        "JOIN users u ON u.id = k.user_id"
+    )
+    params: dict[str, Any] = {}
+    if user is not None:
+        params["user"] = _user_id(conn, user)
+        query += " WHERE k.user_id = :user"
+    rows = conn.execute(text(query + " ORDER BY k.created_at, k.id"), params).all()
+    return [
+        {
+            "id": r[0],
+            "user": r[1],
+            "name": r[2],
+            "prefix": r[3],
+            "created_at": _iso_us(r[4]),
+            "revoked_at": _iso_us(r[5]),
+        }
+        for r in rows
+    ]
+
+
+def revoke_key(conn: Connection, key_id: str, at: int) -> None:
+    """Revoke a key; revoking it again changes nothing. NotFound for an unknown id."""
+    if conn.execute(text("SELECT 1 FROM api_keys WHERE id = :id"), {"id": key_id}).first() is None:
+        raise NotFound(f"No key with id {key_id!r}. List keys with 'gateway keys list'.", field="id")
+    conn.execute(
+        text("UPDATE api_keys SET revoked_at = :at WHERE id = :id AND revoked_at IS NULL"),
+        {"id": key_id, "at": at},
+    )
+
+
+def _subject_id(conn: Connection, scope: str, subject: object) -> str:
+    """The stored subject (an id, as text) of a team or user name, or a key id."""
+    subject = check_name("subject", subject)
+    if scope == "team":
+        return str(_team_id(conn, subject))
+    if scope == "user":
+        return str(_user_id(conn, subject))
+    if conn.execute(text("SELECT 1 FROM api_keys WHERE id = :id"), {"id": subject}).first() is None:
+        raise NotFound(f"No key with id {subject!r}.", field="subject")
+    return subject
+
+
+def set_budget(
+    conn: Connection, scope: object, subject: object, period: object, limit: object, at: int
+) -> dict[str, Any]:
+    """Create a budget or change its limit; a lower limit blocks requests once spending reaches it."""
+    scope = check_choice("scope", scope, SCOPES)
+    period = check_choice("period", period, PERIODS)
+    try:
+        limit_micros = parse_credits(limit)
+    except ValueError as exc:
+        raise InvalidRequest(f"`limit`: {exc}", field="limit") from None
+    subject_id = _subject_id(conn, scope, subject)
+    conn.execute(
+        text(
+            "INSERT INTO budgets (scope, subject, period, limit_micros, created_at, updated_at) "
+            "VALUES (:scope, :subject, :period, :limit, :at, :at) ON CONFLICT (scope, subject, period) "
+            "DO UPDATE SET limit_micros = excluded.limit_micros, updated_at = excluded.updated_at"
+        ),
+        {"scope": scope, "subject": subject_id, "period": period, "limit": limit_micros, "at": at},
+    )
+    return list_budgets(conn, scope, str(subject), at, period=period)[0]
+
+
+def delete_budget(conn: Connection, scope: object, subject: object, period: object) -> None:
+    """Remove a budget: no limit applies to that subject and period afterwards."""
+    scope = check_choice("scope", scope, SCOPES)
+    period = check_choice("period", period, PERIODS)
+    subject_id = _subject_id(conn, scope, subject)
+    deleted = conn.execute(
+        text("DELETE FROM budgets WHERE scope = :scope AND subject = :subject AND period = :period RETURNING id"),
+        {"scope": scope, "subject": subject_id, "period": period},
+    ).first()
+    if deleted is None:
+        raise NotFound(f"No {period} {scope} budget for {subject!r}.", field="subject")
+
+
+_BUDGET_ROWS = (
+    "SELECT b.id, b.scope, b.period, b.limit_micros, COALESCE(t.name, u.name, b.subject) "
+    "FROM budgets b LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
+    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject"
+)
+
+
+def list_budgets(
+    conn: Connection,
+    scope: str | None = None,
+    subject: str | None = None,
+    at: int | None = None,
+    *,
+    period: str | None = None,
+    ids: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Budgets with their current window's spent, held and remaining."""
+    from .metering import now_us
+
+    at = now_us() if at is None else at
+    clauses, params = [], {}
+    if scope is not None:
+        clauses.append("b.scope = :scope")
+        params["scope"] = check_choice("scope", scope, SCOPES)
+        if subject is not None:
+            clauses.append("b.subject = :subject")
+            params["subject"] = _subject_id(conn, scope, subject)
+    elif subject is not None:
+        raise InvalidRequest("`subject` needs `scope` beside it.", field="subject")
+    if period is not None:
+        clauses.append("b.period = :period")
+        params["period"] = period
+    query = _BUDGET_ROWS + (" WHERE " + " AND ".join(clauses) if clauses else "")
+    rows = conn.execute(text(query + " ORDER BY b.scope, b.subject, b.period"), params).all()
+    if ids is not None:
+        rows = [r for r in rows if r[0] in ids]
+    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    out = []
+    for budget_id, scope_, period_, limit, subject_name in rows:
+        window = window_key(period_, moment)
+        counter = conn.execute(
+            text(
+                "SELECT spent_micros, held_micros FROM budget_counters "
+                "WHERE budget_id = :budget AND window_start = :window"
+            ),
+            {"budget": budget_id, "window": window},
+        ).first()
+        spent, held = (counter[0], counter[1]) if counter else (0, 0)
+        start = from_key(window)
+        out.append(
+            {
+                "scope": scope_,
+                "subject": subject_name,
+                "period": period_,
+                "limit": credits_json(limit),
+                "spent": credits_json(spent),
+                "held": credits_json(held),
+                "remaining": credits_json(max(limit - spent - held, 0)),
+                "window_start": isoformat(start),
+                "resets_at": isoformat(window_end(period_, start)),
+            }
+        )
+    return out

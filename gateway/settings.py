@@ -1,0 +1,167 @@
+"""Settings: an optional TOML file, overridden by GATEWAY_* environment variables, validated up front."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .pricing import PriceTable
+
+
+class ConfigError(Exception):
+    """A bad setting; its message is the one line shown to the operator."""
+
+
+class Secret:
+    """A string that never shows itself in a repr or a log line."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.path):
+        raise ConfigError(f"{name}: {value!r} is not a valid URL (expected {' or '.join(schemes)})")
+    return value
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str, object], Any]:
+    def cast(name: str, value: object) -> Any:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = kind(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+        if number <= 0:
+            raise ConfigError(f"{name}: must be greater than 0, got {value!r}")
+        return number
+
+    return cast
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _port(name: str, value: object) -> int:
+    port: int = _positive(int)(name, value)
+    if port > 65535:
+        raise ConfigError(f"{name}: {value!r} is not a valid port (1-65535)")
+    return port
+
+
+def _database_url(name: str, value: object) -> str:
+    return _url(name, _text(name, value), ("sqlite+aiosqlite", "postgresql+asyncpg"))
+
+
+def _upstream_url(name: str, value: object) -> str:
+    url = _url(name, _text(name, value), ("http", "https"))
+    if not urlsplit(url).netloc:
+        raise ConfigError(f"{name}: {value!r} has no host")
+    return url
+
+
+# setting -> (cast, default). The environment variable is GATEWAY_<SETTING upper-cased>.
+_FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
+    "host": (_text, "127.0.0.1"),
+    "port": (_port, 8080),
+    "database_url": (_database_url, "sqlite+aiosqlite:///gateway.db"),
+    "upstream_url": (_upstream_url, "https://axerity.com/api/v1/chat"),
+    "upstream_api_key": (_text, None),
+    "admin_token": (_text, None),
+    "upstream_timeout_seconds": (_positive(float), 300.0),
+    "hold_ttl_seconds": (_positive(float), 360.0),
+    "max_body_bytes": (_positive(int), 4 * 1024 * 1024),
+    "stream_idle_timeout_seconds": (_positive(float), 120.0),
+    "cache_ttl_seconds": (_positive(float), 2.0),
+    "db_pool_size": (_positive(int), 10),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = "sqlite+aiosqlite:///gateway.db"
+    upstream_url: str = "https://axerity.com/api/v1/chat"
+    upstream_api_key: Secret | None = None
+    admin_token: Secret | None = None
+    upstream_timeout_seconds: float = 300.0
+    hold_ttl_seconds: float = 360.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    # How long a started stream may go without a chunk from upstream before it is ended.
+    stream_idle_timeout_seconds: float = 120.0
+    # How long key and budget lookups are cached; revocation takes effect on every replica within it.
+    cache_ttl_seconds: float = 2.0
+    db_pool_size: int = 10
+    pricing: PriceTable = field(default_factory=PriceTable.from_config)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read the TOML file (if any), apply GATEWAY_* variables over it, and validate."""
+        env = os.environ if environ is None else environ
+        path = path or env.get("GATEWAY_CONFIG") or None
+        raw: dict[str, Any] = {}
+        if path:
+            try:
+                raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"config file {str(path)!r} does not exist") from None
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+        pricing = raw.pop("pricing", {})
+        if not isinstance(pricing, dict):
+            raise ConfigError("pricing: expected a table of model = credits per message")
+        unknown = sorted(set(raw) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]}: unknown setting in {path}; known settings are {', '.join(_FIELDS)}, [pricing]"
+            )
+        values: dict[str, Any] = {}
+        for name, (cast, default) in _FIELDS.items():
+            env_name = f"GATEWAY_{name.upper()}"
+            if env_name in env and env[env_name] != "":
+                values[name] = cast(env_name, env[env_name])
+            elif name in raw:
+                values[name] = cast(name, raw[name])
+            else:
+                values[name] = default
+        for name in ("upstream_api_key", "admin_token"):
+            if values[name] is not None:
+                values[name] = Secret(values[name])
+        if values["hold_ttl_seconds"] <= values["upstream_timeout_seconds"]:
+            raise ConfigError(
+                f"GATEWAY_HOLD_TTL_SECONDS ({values['hold_ttl_seconds']:g}) must be greater than "
+                f"GATEWAY_UPSTREAM_TIMEOUT_SECONDS ({values['upstream_timeout_seconds']:g}), "
+                "or live requests would lose their holds"
+            )
+        try:
+            values["pricing"] = PriceTable.from_config(pricing)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(**values)

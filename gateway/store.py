@@ -1,0 +1,261 @@
+"""Database access: every unit of work is one plain function run in one transaction.
+
+A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. The store runs it:
+
+- SQLite: in one dedicated thread that owns the connection. Work that arrives while a transaction
+  is running is batched into the next one (group commit): one `BEGIN IMMEDIATE`, a savepoint per
+  unit so a refused admission rolls back alone, one `COMMIT`, then every caller is answered. Each
+  request still gets its answer only after its own commit. This avoids aiosqlite's thread hop per
+  statement, which costs more than the statements themselves.
+- PostgreSQL: on an asyncpg pool, through `AsyncConnection.run_sync`, one transaction per unit,
+  retried on serialization failures and deadlocks.
+
+A database that cannot be reached raises `LedgerUnavailable`; a `GatewayError` raised by a unit
+rolls back that unit and reaches its caller unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from .errors import GatewayError, LedgerUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Work = Callable[..., T]
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
+PG_RETRY_SQLSTATES = {"40001", "40P01"}
+PG_MAX_ATTEMPTS = 5
+
+
+class Store(Protocol):
+    """What the rest of the gateway needs of the database."""
+
+    dialect: str
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def sqlite_path(url: str) -> str:
+    """The file path of a sqlite URL (relative paths resolve against the working directory)."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise ValueError("GATEWAY_DATABASE_URL: an in-memory SQLite database cannot be shared; name a file")
+    return database
+
+
+def open_store(url: str, *, pool_size: int = 10) -> Store:
+    """The store for a configured database URL."""
+    if url.startswith("sqlite"):
+        return SqliteStore(sqlite_path(url))
+    return PostgresStore(url, pool_size=pool_size)
+
+
+def _unavailable(exc: BaseException) -> LedgerUnavailable:
+    log.warning("database unavailable: %s", exc)
+    return LedgerUnavailable(
+        "The gateway's ledger database cannot be reached, so nothing was forwarded. Retry shortly."
+    )
+
+
+class SqliteStore:
+    """SQLite in one thread with group commit; several processes may share the file (WAL, BEGIN IMMEDIATE)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._engine: Engine | None = None
+        self._conn: Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._busy = False
+
+    def _make_engine(self) -> Engine:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            f"sqlite:///{self.path}",
+            poolclass=NullPool,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+            # Take transaction control from the driver so BEGIN IMMEDIATE and savepoints work.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: commits survive a process crash; a power cut may lose the last
+            # commits, but never half of one, so counters and ledger stay consistent.
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # Take the write lock up front: a deferred transaction that reads then writes fails
+            # with "database is locked" under contention, whatever the busy timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            if self._engine is None:
+                self._engine = self._make_engine()
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except SQLAlchemyError:
+                pass
+            self._conn = None
+
+    def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+        """In the database thread: run every unit in one transaction; (ok, result or error) each."""
+        try:
+            conn = self._connection()
+            if len(batch) == 1:
+                fn, args = batch[0]
+                try:
+                    with conn.begin():
+                        return [(True, fn(conn, *args))]
+                except GatewayError as exc:
+                    return [(False, exc)]
+            results: list[tuple[bool, Any]] = []
+            with conn.begin():
+                for fn, args in batch:
+                    savepoint = conn.begin_nested()
+                    try:
+                        result = fn(conn, *args)
+                    except GatewayError as exc:
+                        savepoint.rollback()
+                        results.append((False, exc))
+                    else:
+                        savepoint.commit()
+                        results.append((True, result))
+            return results
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            self._drop_connection()
+            error = _unavailable(exc)
+            return [(False, error)] * len(batch)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in a transaction, batched with whatever else is waiting."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, args, future))
+        if not self._busy:
+            self._start_batch()
+        # shield: a caller that is cancelled must not lose the answer of a unit that commits anyway.
+        return await asyncio.shield(future)
+
+    def _start_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self._executor, self._run_batch, [(fn, args) for fn, args, _ in batch])
+        futures = [future for _, _, future in batch]
+        done.add_done_callback(lambda task: self._finish_batch(futures, task))
+
+    def _finish_batch(self, futures: list[asyncio.Future[Any]], task: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+        self._busy = False
+        exc = task.exception()
+        results = [(False, _unavailable(exc))] * len(futures) if exc else task.result()
+        for future, (ok, value) in zip(futures, results, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        if self._pending:
+            self._start_batch()
+
+    async def ping(self) -> None:
+        """Raise LedgerUnavailable unless the database answers."""
+        await self.run(_select_one)
+
+    async def close(self) -> None:
+        """Wait for queued work, then close the connection and the thread."""
+        while self._busy or self._pending:
+            await asyncio.sleep(0.005)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_connection)
+        self._executor.shutdown(wait=True)
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def _select_one(conn: Connection) -> None:
+    conn.execute(text("SELECT 1"))
+
+
+def _in_transaction(conn: Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    with conn.begin():
+        return fn(conn, *args)
+
+
+class PostgresStore:
+    """PostgreSQL on an asyncpg pool; each unit is one READ COMMITTED transaction."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.engine: AsyncEngine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=2,
+            pool_pre_ping=False,
+            connect_args={"timeout": 2, "command_timeout": 10},
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in its own transaction, retrying serialization failures."""
+        for attempt in range(1, PG_MAX_ATTEMPTS + 1):
+            try:
+                async with self.engine.connect() as conn:
+                    return await conn.run_sync(_in_transaction, fn, args)
+            except DBAPIError as exc:
+                sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+                    getattr(exc.orig, "__cause__", None), "sqlstate", None
+                )
+                if sqlstate in PG_RETRY_SQLSTATES and attempt < PG_MAX_ATTEMPTS:
+                    await asyncio.sleep(0.005 * attempt)
+                    continue
+                if exc.connection_invalidated or sqlstate is None or sqlstate.startswith(("08", "57")):
+                    raise _unavailable(exc) from None
+                raise
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                raise _unavailable(exc) from None
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> None:
+        """Raise LedgerUnavailable unless the database answers."""
+        await self.run(_select_one)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self.engine.dispose()

@@ -1,0 +1,197 @@
+"""The upstream client: one shared session, header filtering, timeouts, and the response relay.
+
+Upstream read errors and client write errors are caught in separate `try` blocks: a client write
+to a closed peer raises an exception that is also an `aiohttp.ClientError`, and the two mean
+different things for the charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 1000
+# Headers relayed from upstream's response to the client; everything else is upstream's business.
+RELAYED_HEADERS = ("Content-Type", "Cache-Control", "Retry-After")
+# Headers copied from the client's request to upstream. The caller's Authorization never is.
+FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
+# A stream's partial line is kept only this long while looking for a usage chunk.
+MAX_USAGE_LINE = 1 << 20
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The one client session used for every upstream call."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def upstream_headers(client_headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    """The headers sent upstream: a few of the client's, and the gateway's own key."""
+    headers = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
+    headers.setdefault("Content-Type", "application/json")
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+@asynccontextmanager
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST to upstream and yield its response once the headers are in (504 / 502 otherwise)."""
+    try:
+        async with asyncio.timeout(timeout):
+            response = await session.post(url, data=body, headers=headers, allow_redirects=False)
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The upstream API sent no response headers within {timeout:g} seconds; nothing was charged."
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(
+            f"The upstream API could not be reached ({type(exc).__name__}); nothing was charged. Retry later."
+        ) from None
+    try:
+        yield response
+    finally:
+        response.release()
+
+
+def relayed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    """The upstream response headers the client gets."""
+    return {name: upstream.headers[name] for name in RELAYED_HEADERS if name in upstream.headers}
+
+
+@dataclass
+class Usage:
+    """Token counts reported by upstream, if any."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    def take(self, document: Any) -> None:
+        """Record the `usage` object of a response or stream chunk, when it has one."""
+        usage = document.get("usage") if isinstance(document, dict) else None
+        if not isinstance(usage, dict):
+            return
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(self, name, value)
+
+
+def usage_from_body(body: bytes) -> Usage:
+    """Token usage from a whole JSON body; empty when there is none or the body is not JSON."""
+    usage = Usage()
+    if b'"usage"' in body:
+        try:
+            usage.take(json.loads(body))
+        except (ValueError, RecursionError):
+            pass
+    return usage
+
+
+@dataclass
+class SseUsageScanner:
+    """Finds the usage chunk in an SSE stream without holding the stream back."""
+
+    usage: Usage = field(default_factory=Usage)
+    _partial: bytes = b""
+
+    def feed(self, chunk: bytes) -> None:
+        """Look at one relayed chunk; only lines mentioning "usage" are parsed."""
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._partial = data if len(data) <= MAX_USAGE_LINE else b""
+            return
+        self._partial = data[end + 1 :] if len(data) - end - 1 <= MAX_USAGE_LINE else b""
+        complete = data[: end + 1]
+        if b'"usage"' not in complete:
+            return
+        for line in complete.splitlines():
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    self.usage.take(json.loads(line[5:]))
+                except (ValueError, RecursionError):
+                    continue
+
+
+async def read_upstream_body(upstream: aiohttp.ClientResponse, timeout: float) -> bytes:
+    """A whole non-streamed upstream body; a body that breaks off is 502 (and not charged)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await upstream.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        log.warning("upstream body broke off: %r", exc)
+        raise UpstreamUnavailable(
+            "The upstream API broke off its answer before it was complete; nothing was charged. Retry later."
+        ) from None
+
+
+@dataclass
+class StreamResult:
+    """What happened while relaying a stream."""
+
+    client_gone: bool = False
+    upstream_failed: bool = False
+    upstream_done_at: float = 0.0
+
+
+async def relay_stream(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    scanner: SseUsageScanner,
+    idle_timeout: float,
+) -> StreamResult:
+    """Relay upstream's body chunk by chunk as it arrives; end cleanly whichever side fails."""
+    result = StreamResult()
+    content = upstream.content
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            log.warning("upstream stream idle for %ss; ending it", idle_timeout)
+            result.upstream_failed = True
+            break
+        except aiohttp.ClientError as exc:
+            log.warning("upstream stream broke: %s", exc)
+            result.upstream_failed = True
+            break
+        if not chunk:
+            break
+        scanner.feed(chunk)
+        try:
+            await response.write(chunk)
+        except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError):
+            result.client_gone = True
+            break
+    result.upstream_done_at = time.perf_counter()
+    if not result.client_gone:
+        try:
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError):
+            result.client_gone = True
+    return result

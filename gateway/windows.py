@@ -1,0 +1,56 @@
+"""Budget windows: UTC calendar periods (pure, no I/O)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+PERIODS = ("daily", "weekly", "monthly", "total")
+
+# The `total` window never resets; it starts at the epoch.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def window_start(period: str, now: datetime) -> datetime:
+    """The start of the window of `period` that contains `now` (a UTC datetime)."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return day
+    if period == "weekly":
+        return day - timedelta(days=day.weekday())
+    if period == "monthly":
+        return day.replace(day=1)
+    if period == "total":
+        return EPOCH
+    raise ValueError(f"unknown period {period!r}; expected one of {', '.join(PERIODS)}")
+
+
+def window_end(period: str, start: datetime) -> datetime | None:
+    """When the window starting at `start` resets; None for `total`."""
+    if period == "daily":
+        return start + timedelta(days=1)
+    if period == "weekly":
+        return start + timedelta(days=7)
+    if period == "monthly":
+        return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
+            month=start.month + 1
+        )
+    if period == "total":
+        return None
+    raise ValueError(f"unknown period {period!r}; expected one of {', '.join(PERIODS)}")
+
+
+def window_key(period: str, now: datetime) -> int:
+    """The window's start as integer seconds since the epoch: the counters' key."""
+    return int(window_start(period, now).timestamp())
+
+
+def from_key(key: int) -> datetime:
+    """A window key back to an aware UTC datetime."""
+    return datetime.fromtimestamp(key, UTC)
+
+
+def isoformat(moment: datetime | None) -> str | None:
+    """ISO 8601 with a Z suffix, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

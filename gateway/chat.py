@@ -18,6 +18,7 @@ from .pricing import cost, format_credits
 from .state import BACKGROUND, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
 from .upstream import (
     SseUsageScanner,
+    end_stream,
     open_upstream,
     read_upstream_body,
     relay_stream,
@@ -67,9 +68,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.") from None
 
 
-def _credit_headers(request_id: str, charged: int, remaining: int | None) -> dict[str, str]:
-    headers = {"X-Request-Id": request_id, "X-Credits-Charged": format_credits(charged)}
-    if remaining is not None:
+def _credit_headers(admission: Admission, charged: bool) -> dict[str, str]:
+    """X-Request-Id, X-Credits-Charged and (when a budget applies) X-Credits-Remaining after this request."""
+    charge = admission.charge
+    headers = {
+        "X-Request-Id": charge.request_id,
+        "X-Credits-Charged": format_credits(charge.credits if charged else 0),
+    }
+    if admission.remaining is not None:
+        # The admission's figure counts this request's hold; a request not charged gives it back.
+        remaining = admission.remaining + (0 if charged else charge.credits)
         headers["X-Credits-Remaining"] = format_credits(max(remaining, 0))
     return headers
 
@@ -120,7 +128,10 @@ class _Progress:
     """How far an admitted request got: what to settle, and when upstream was done with."""
 
     settlement: Settlement
+    started: float
+    forwarded_at: float
     upstream_done: float
+    settled: bool = False
 
 
 async def _forward(
@@ -128,17 +139,18 @@ async def _forward(
 ) -> web.StreamResponse:
     """Forward an admitted request and relay the answer; settle in `finally`, whatever happens."""
     forwarded_at = time.perf_counter()
-    progress = _Progress(Settlement("upstream_unavailable"), forwarded_at)
+    progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at)
     try:
         return await _exchange(request, admission, body, progress)
     except GatewayError as exc:
         progress.upstream_done = time.perf_counter()
         if exc.outcome in ("upstream_timeout", "upstream_unavailable"):
             progress.settlement = Settlement(exc.outcome, progress.settlement.upstream_status)
-        exc.headers = _credit_headers(admission.charge.request_id, 0, admission.remaining)
+        exc.headers = _credit_headers(admission, charged=False)
         raise
     finally:
-        await _settle(request.app, admission, progress, started, forwarded_at)
+        if not progress.settled:
+            await _settle(request.app, admission, progress)
 
 
 async def _exchange(
@@ -148,7 +160,7 @@ async def _exchange(
     settings = app[SETTINGS]
     charge = admission.charge
     api_key = str(settings.upstream_api_key) if settings.upstream_api_key else None
-    forwarded_at = progress.upstream_done
+    forwarded_at = progress.forwarded_at
     async with open_upstream(
         app[UPSTREAM],
         settings.upstream_url,
@@ -160,7 +172,7 @@ async def _exchange(
         status = upstream.status
         ok = 200 <= status < 300
         headers = relayed_headers(upstream)
-        headers.update(_credit_headers(charge.request_id, charge.credits if ok else 0, admission.remaining))
+        headers.update(_credit_headers(admission, charged=ok))
         if ok and charge.stream:
             # Charged from here on: upstream has answered 2xx, whatever becomes of the stream.
             progress.settlement = Settlement("charged", status)
@@ -177,6 +189,10 @@ async def _exchange(
             progress.settlement = Settlement(
                 "charged", status, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
             )
+            # Settle before the end of the stream, so a client that has read it all sees its ledger row.
+            await _settle(app, admission, progress)
+            if not result.client_gone:
+                await end_stream(response)
             return response
         progress.settlement = Settlement("upstream_unavailable", status)
         content = await read_upstream_body(upstream, settings.stream_idle_timeout_seconds)
@@ -194,12 +210,11 @@ async def _exchange(
 SETTLE_RETRY_MAX_SECONDS = 5.0
 
 
-async def _settle(
-    app: web.Application, admission: Admission, progress: _Progress, started: float, forwarded_at: float
-) -> None:
+async def _settle(app: web.Application, admission: Admission, progress: _Progress) -> None:
     """Write the settlement; if the database is down, keep retrying in the background."""
     store = app[STORE]
     settlement = progress.settlement
+    progress.settled = True
     settled = time.perf_counter()
     try:
         done = await asyncio.shield(store.run(metering.settle, admission, settlement, metering.now_us()))
@@ -212,8 +227,8 @@ async def _settle(
         log.warning("request %s settled after its hold expired; left as expired", admission.charge.request_id)
         return
     finished = time.perf_counter()
-    record_settlement(app, admission, settlement, finished - started)
-    app[METRICS].overhead.observe((forwarded_at - started) + (finished - settled))
+    record_settlement(app, admission, settlement, finished - progress.started)
+    app[METRICS].overhead.observe((progress.forwarded_at - progress.started) + (finished - settled))
 
 
 async def _settle_later(app: web.Application, admission: Admission, settlement: Settlement) -> None:

@@ -165,7 +165,7 @@ async def relay_stream(
     scanner: SseUsageScanner,
     idle_timeout: float,
 ) -> StreamResult:
-    """Relay upstream's body chunk by chunk as it arrives; end cleanly whichever side fails."""
+    """Relay upstream's body chunk by chunk as it arrives, until it ends or either side fails."""
     result = StreamResult()
     content = upstream.content
     while True:
@@ -189,9 +189,12 @@ async def relay_stream(
             result.client_gone = True
             break
     result.upstream_done_at = time.perf_counter()
-    if not result.client_gone:
-        try:
-            await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError):
-            result.client_gone = True
     return result
+
+
+async def end_stream(response: web.StreamResponse) -> None:
+    """Finish a relayed stream; a client already gone is not an error."""
+    try:
+        await response.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError):
+        log.debug("client left before the end of the stream")

@@ -15,10 +15,11 @@ from . import expiry, metering
 from .auth import KeyCache, lookup_caller
 from .chat import chat
 from .errors import LedgerUnavailable
+from .gauges import BudgetGauges
 from .metrics import Metrics
 from .middlewares import error_middleware
 from .settings import Settings
-from .state import BACKGROUND, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
 from .store import Store, open_store
 from .upstream import new_session
 
@@ -52,16 +53,20 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None
+) -> web.Application:
     """The gateway application; `store` and `metrics` may be injected (tests share them)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app[INSTANCE_ID] = secrets.token_hex(8)
     app[BACKGROUND] = set()
+    app[GAUGES] = BudgetGauges(app[METRICS])
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_expiry_ctx)
+    app.cleanup_ctx.append(_gauges_ctx)
     app.router.add_post("/api/v1/chat", chat)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/healthz", healthz)
@@ -77,9 +82,10 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
         app[STORE] = store
         app[KEYS] = KeyCache(lambda digest: store.run(lookup_caller, digest), settings.cache_ttl_seconds)
         yield
-        if app[BACKGROUND]:
+        retrying: set[asyncio.Task[None]] = app[BACKGROUND]
+        if retrying:
             # Settlements still retrying get a last chance; the TTL covers the rest.
-            await asyncio.wait(app[BACKGROUND], timeout=5)
+            await asyncio.wait(retrying, timeout=5)
         if injected is None:
             await store.close()
 
@@ -106,3 +112,11 @@ async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
     with contextlib.suppress(LedgerUnavailable):
         await store.run(metering.retire, instance)
+
+
+async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(app[GAUGES].run_forever(app[STORE]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -77,7 +77,9 @@ class KeyCache:
         caller = await self._load(digest)
         if caller is None:
             self._entries.pop(digest, None)
-            raise Unauthorized("This gateway key is unknown or has been revoked. Ask an administrator for a key.")
+            raise Unauthorized(
+                "This gateway key is unknown or has been revoked. Ask an administrator for a key."
+            )
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries.clear()
         self._entries[digest] = (now + self._ttl, caller)

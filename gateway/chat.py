@@ -15,7 +15,7 @@ from . import metering
 from .errors import GatewayError, InvalidRequest, LedgerUnavailable, RequestTooLarge, UnknownModel
 from .metering import Admission, Charge, Settlement
 from .pricing import cost, format_credits
-from .state import BACKGROUND, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
 from .upstream import (
     SseUsageScanner,
     end_stream,
@@ -42,10 +42,10 @@ def parse_chat(body: bytes) -> tuple[str, int, bool]:
         raise InvalidRequest("The request body must be a JSON object with `model` and `messages`.")
     model = payload.get("model")
     if not isinstance(model, str):
-        raise InvalidRequest("`model` must be a string naming a priced model, e.g. \"openai/gpt-oss-20b\".")
+        raise InvalidRequest('`model` must be a string naming a priced model, e.g. "openai/gpt-oss-20b".')
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("`messages` must be a non-empty list of {\"role\", \"content\"} objects.")
+        raise InvalidRequest('`messages` must be a non-empty list of {"role", "content"} objects.')
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"`messages[{index}]` must be an object with a string `role`.")
@@ -65,7 +65,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise RequestTooLarge(f"The request body is over {limit} bytes, the most this gateway accepts.") from None
+        raise RequestTooLarge(
+            f"The request body is over {limit} bytes, the most this gateway accepts."
+        ) from None
 
 
 def _credit_headers(admission: Admission, charged: bool) -> dict[str, str]:
@@ -111,9 +113,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 credits=cost(message_count, unit_price),
                 stream=stream,
             )
-            admission = await app[STORE].run(
-                metering.admit, charge, app[INSTANCE_ID], metering.now_us()
-            )
+            admission = await app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
         except GatewayError as exc:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
@@ -262,3 +262,6 @@ def record_settlement(
             metrics.tokens.labels(charge.model, "completion").inc(settlement.completion_tokens)
     if duration is not None:
         metrics.request_duration.labels(charge.model, "true" if charge.stream else "false").observe(duration)
+    if admission.allocations:
+        # The budget gauges refresh soon after, once for a burst of settlements.
+        app[GAUGES].mark_dirty()

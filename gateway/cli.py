@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
-    demo = sub.add_parser("demo", parents=[common], help="run the gateway with a fake upstream and a demo key")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the gateway with a fake upstream and a demo key"
+    )
     demo.add_argument("--no-migrate", action="store_true", help=argparse.SUPPRESS)
     fake = sub.add_parser("fake-upstream", help="run an Axerity-compatible fake upstream")
     fake.add_argument("--host", default="127.0.0.1")
@@ -141,15 +143,18 @@ def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Calla
     if command == ("teams", "list"):
         return services.list_teams, lambda rows: _table(rows, ["name", "created_at"])
     if command == ("users", "create"):
-        return (lambda c: services.create_user(c, args.name, args.team, at)), lambda r: (
-            f"created user {r['name']}" + (f" in team {r['team']}" if r["team"] else "")
-        )
+        return (
+            lambda c: services.create_user(c, args.name, args.team, at)
+        ), lambda r: f"created user {r['name']}" + (f" in team {r['team']}" if r["team"] else "")
     if command == ("users", "list"):
         return services.list_users, lambda rows: _table(rows, ["name", "team", "created_at"])
     if command == ("keys", "create"):
-        return (lambda c: services.create_key(c, args.user, args.name, at)), lambda r: (
-            f"created key {r['id']} for {r['user']}\n{r['key']}\n"
-            "(this secret is shown only now: store it safely)"
+        return (
+            (lambda c: services.create_key(c, args.user, args.name, at)),
+            lambda r: (
+                f"created key {r['id']} for {r['user']}\n{r['key']}\n"
+                "(this secret is shown only now: store it safely)"
+            ),
         )
     if command == ("keys", "list"):
         return (lambda c: services.list_keys(c, args.user)), lambda rows: _table(
@@ -159,15 +164,16 @@ def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Calla
         return (lambda c: services.revoke_key(c, args.id, at)), lambda _: f"revoked key {args.id}"
     if command == ("budgets", "set"):
         return (
-            lambda c: services.set_budget(c, args.scope, args.subject, args.period, args.limit, at)
-        ), lambda r: (
-            f"{r['period']} {r['scope']} budget of {r['subject']}: limit {r['limit']}, "
-            f"spent {r['spent']}, remaining {r['remaining']}"
+            (lambda c: services.set_budget(c, args.scope, args.subject, args.period, args.limit, at)),
+            lambda r: (
+                f"{r['period']} {r['scope']} budget of {r['subject']}: limit {r['limit']}, "
+                f"spent {r['spent']}, remaining {r['remaining']}"
+            ),
         )
     if command == ("budgets", "delete"):
-        return (lambda c: services.delete_budget(c, args.scope, args.subject, args.period)), lambda _: (
-            f"deleted the {args.period} {args.scope} budget of {args.subject}"
-        )
+        return (
+            lambda c: services.delete_budget(c, args.scope, args.subject, args.period)
+        ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
         return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
             rows, ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
@@ -208,8 +214,12 @@ async def _run_servers(settings: Settings, fake: FakeUpstream | None = None, fak
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, settings.host, settings.port).start()
-        log.info("gateway serving on http://%s:%d, forwarding to %s", settings.host, settings.port,
-                 settings.upstream_url)
+        log.info(
+            "gateway serving on http://%s:%d, forwarding to %s",
+            settings.host,
+            settings.port,
+            settings.upstream_url,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -274,4 +284,3 @@ def _fake_upstream(args: argparse.Namespace) -> int:
     print(f"fake upstream on http://{args.host}:{args.port}/api/v1/chat", flush=True)
     web.run_app(fake.app(), host=args.host, port=args.port, print=None, access_log=None)
     return 0
-

@@ -1,17 +1,17 @@
 """The gateway's own errors: one class per status and type, rendered as {"error": {...}}.
 
-    GatewayError
-     ├── InvalidRequest        400 invalid_request
-     ├── UnknownModel          400 unknown_model
-     ├── Unauthorized          401 unauthorized
-     ├── BudgetExceeded        402 budget_exceeded
-     ├── AdminDisabled         403 admin_disabled
-     ├── NotFound              404 not_found
-     ├── Conflict              409 conflict
-     ├── RequestTooLarge       413 request_too_large
-     ├── UpstreamUnavailable   502 upstream_unavailable
-     ├── LedgerUnavailable     503 ledger_unavailable
-     └── UpstreamTimeout       504 upstream_timeout
+GatewayError
+ ├── InvalidRequest        400 invalid_request
+ ├── UnknownModel          400 unknown_model
+ ├── Unauthorized          401 unauthorized
+ ├── BudgetExceeded        402 budget_exceeded
+ ├── AdminDisabled         403 admin_disabled
+ ├── NotFound              404 not_found
+ ├── Conflict              409 conflict
+ ├── RequestTooLarge       413 request_too_large
+ ├── UpstreamUnavailable   502 upstream_unavailable
+ ├── LedgerUnavailable     503 ledger_unavailable
+ └── UpstreamTimeout       504 upstream_timeout
 """
 
 from __future__ import annotations

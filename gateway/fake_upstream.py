@@ -63,9 +63,7 @@ class FakeUpstream:
             body = await request.json()
         except ValueError:
             return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
-        self.received.append(
-            Received(body, request.headers.get("Authorization"), dict(request.headers))
-        )
+        self.received.append(Received(body, request.headers.get("Authorization"), dict(request.headers)))
         behaviour = _behaviour(body)
         if self.header_delay:
             await asyncio.sleep(self.header_delay)
@@ -83,7 +81,9 @@ class FakeUpstream:
         elif behaviour[0] == "badjson":
             return web.Response(body=b"{not json", content_type="application/json")
         elif behaviour[0] == "truncate":
-            response = web.StreamResponse(headers={"Content-Length": "1000", "Content-Type": "application/json"})
+            response = web.StreamResponse(
+                headers={"Content-Length": "1000", "Content-Type": "application/json"}
+            )
             await response.prepare(request)
             await response.write(b'{"id": "x", "choi')
             assert request.transport is not None
@@ -134,7 +134,11 @@ def _behaviour(body: dict[str, Any]) -> tuple[str, ...]:
 
 def _usage(prompt_tokens: int) -> dict[str, int]:
     completion = len(CHUNK_WORDS)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
 
 
 def _completion(model: str, prompt_tokens: int) -> dict[str, Any]:

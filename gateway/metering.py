@@ -89,7 +89,8 @@ _PLACE_HOLD = text(
 )
 
 _COUNTER = text(
-    "SELECT spent_micros, held_micros FROM budget_counters WHERE budget_id = :budget AND window_start = :window"
+    "SELECT spent_micros, held_micros FROM budget_counters "
+    "WHERE budget_id = :budget AND window_start = :window"
 )
 
 _INSERT_HOLD = text(
@@ -178,9 +179,12 @@ def _refusal(
     return BudgetExceeded(
         f"This request costs {format_credits(charge.credits)} credits but the {period} {scope} budget of "
         f"{subject!r} has {format_credits(remaining)} of {format_credits(limit)} left. "
-        + ("It does not reset; ask an administrator to raise it." if period == "total"
-           else f"Wait until it resets at {isoformat(window_end(period, start))} or ask an administrator "
-           "to raise it."),
+        + (
+            "It does not reset; ask an administrator to raise it."
+            if period == "total"
+            else f"Wait until it resets at {isoformat(window_end(period, start))} or ask an administrator "
+            "to raise it."
+        ),
         scope=scope,
         subject=subject,
         period=period,
@@ -316,4 +320,3 @@ def heartbeat(conn: Connection, instance_id: str, at: int, forget_before: int) -
 def retire(conn: Connection, instance_id: str) -> None:
     """Forget this process on a clean shutdown."""
     conn.execute(text("DELETE FROM instances WHERE id = :id"), {"id": instance_id})
-

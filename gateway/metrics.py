@@ -5,7 +5,24 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -31,7 +48,10 @@ class Metrics:
         labels = ["scope", "subject", "period"]
         self.budget_limit = Gauge("gateway_budget_limit_credits", "Budget limit.", labels, registry=r)
         self.budget_spent = Gauge(
-            "gateway_budget_spent_credits", "Credits spent in the budget's current window.", labels, registry=r
+            "gateway_budget_spent_credits",
+            "Credits spent in the budget's current window.",
+            labels,
+            registry=r,
         )
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_credits",
@@ -61,5 +81,7 @@ class Metrics:
         )
         self.inflight = Gauge("gateway_inflight_requests", "Chat requests in flight.", registry=r)
         self.holds_expired = Counter(
-            "gateway_holds_expired_total", "Holds released by expiry (a sign of crashed processes).", registry=r
+            "gateway_holds_expired_total",
+            "Holds released by expiry (a sign of crashed processes).",
+            registry=r,
         )

@@ -201,7 +201,10 @@ def delete_budget(conn: Connection, scope: object, subject: object, period: obje
     period = check_choice("period", period, PERIODS)
     subject_id = _subject_id(conn, scope, subject)
     deleted = conn.execute(
-        text("DELETE FROM budgets WHERE scope = :scope AND subject = :subject AND period = :period RETURNING id"),
+        text(
+            "DELETE FROM budgets WHERE scope = :scope AND subject = :subject AND period = :period "
+            "RETURNING id"
+        ),
         {"scope": scope, "subject": subject_id, "period": period},
     ).first()
     if deleted is None:

@@ -48,7 +48,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str, object], Any]:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            number = kind(value)  # type: ignore[arg-type]
+            number = kind(str(value))
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
         if number <= 0:

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import ClientSession, web
 
 from .auth import KeyCache
+from .gauges import BudgetGauges
 from .metrics import Metrics
 from .settings import Settings
 from .store import Store
@@ -17,4 +18,5 @@ METRICS = web.AppKey("metrics", Metrics)
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", ClientSession)
 INSTANCE_ID = web.AppKey("instance_id", str)
-BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+BACKGROUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("background")
+GAUGES = web.AppKey("gauges", BudgetGauges)

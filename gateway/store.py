@@ -180,7 +180,9 @@ class SqliteStore:
         futures = [future for _, _, future in batch]
         done.add_done_callback(lambda task: self._finish_batch(futures, task))
 
-    def _finish_batch(self, futures: list[asyncio.Future[Any]], task: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+    def _finish_batch(
+        self, futures: list[asyncio.Future[Any]], task: asyncio.Future[list[tuple[bool, Any]]]
+    ) -> None:
         self._busy = False
         exc = task.exception()
         results = [(False, _unavailable(exc))] * len(futures) if exc else task.result()

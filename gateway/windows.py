@@ -31,8 +31,10 @@ def window_end(period: str, start: datetime) -> datetime | None:
     if period == "weekly":
         return start + timedelta(days=7)
     if period == "monthly":
-        return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
-            month=start.month + 1
+        return (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
         )
     if period == "total":
         return None

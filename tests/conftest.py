@@ -133,7 +133,9 @@ class World:
         """Replace the gateway with one whose settings differ (same database, same upstream)."""
         self.settings = replace(self.settings, **overrides)
         self.metrics = Metrics()
-        self.client = await self.make_client(create_app(self.settings, store=self.store, metrics=self.metrics))
+        self.client = await self.make_client(
+            create_app(self.settings, store=self.store, metrics=self.metrics)
+        )
 
     async def admin(self, fn: Any, *args: Any) -> Any:
         """Run a service function on the gateway's database."""
@@ -204,10 +206,12 @@ def counters_equal_ledger_sql() -> str:
     """Rows where a window counter differs from what the ledger and open holds say."""
     return (
         "SELECT c.budget_id, c.window_start, c.spent_micros, c.held_micros, "
-        "COALESCE((SELECT SUM(a.credits_micros) FROM allocations a JOIN ledger l ON l.request_id = a.request_id "
-        "  WHERE a.budget_id = c.budget_id AND a.window_start = c.window_start AND l.outcome = 'charged'), 0), "
-        "COALESCE((SELECT SUM(a.credits_micros) FROM allocations a JOIN holds h ON h.request_id = a.request_id "
-        "  WHERE a.budget_id = c.budget_id AND a.window_start = c.window_start), 0) "
+        "COALESCE((SELECT SUM(a.credits_micros) FROM allocations a "
+        "  JOIN ledger l ON l.request_id = a.request_id WHERE a.budget_id = c.budget_id "
+        "  AND a.window_start = c.window_start AND l.outcome = 'charged'), 0), "
+        "COALESCE((SELECT SUM(a.credits_micros) FROM allocations a "
+        "  JOIN holds h ON h.request_id = a.request_id WHERE a.budget_id = c.budget_id "
+        "  AND a.window_start = c.window_start), 0) "
         "FROM budget_counters c"
     )
 
@@ -215,7 +219,9 @@ def counters_equal_ledger_sql() -> str:
 async def assert_counters_match_ledger(w: World) -> None:
     """The money invariant: every counter equals the ledger's charges and the open holds."""
     for row in await w.sql(counters_equal_ledger_sql()):
-        assert (row[2], row[3]) == (row[4], row[5]), f"counter {row[0]}@{row[1]} differs from the ledger: {row}"
+        assert (row[2], row[3]) == (row[4], row[5]), (
+            f"counter {row[0]}@{row[1]} differs from the ledger: {row}"
+        )
 
 
 def sync_sqlite(url: str) -> Any:

@@ -189,7 +189,14 @@ async def test_charge_is_messages_times_price(
     )
     assert len(rows) == 1
     row = rows[0]
-    assert (row[0], row[1], row[3], row[4], row[5], bool(row[6])) == (model, messages, micros, "charged", 200, stream)
+    assert (row[0], row[1], row[3], row[4], row[5], bool(row[6])) == (
+        model,
+        messages,
+        micros,
+        "charged",
+        200,
+        stream,
+    )
     assert row[2] * messages == micros
     assert (row[7], row[8], row[9]) == (7 * messages, 6, 7 * messages + 6)
     if stream:
@@ -241,7 +248,10 @@ async def test_openai_path_behaves_the_same(world: World) -> None:
     key = await world.key("alice")
     resp = await world.client.post(
         "/v1/chat/completions",
-        json={"model": "openai/gpt-oss-120b", "messages": [{"role": "system", "content": "s"}, {"role": "user"}]},
+        json={
+            "model": "openai/gpt-oss-120b",
+            "messages": [{"role": "system", "content": "s"}, {"role": "user"}],
+        },
         headers={"Authorization": f"Bearer {key['key']}"},
     )
     assert resp.status == 200
@@ -271,8 +281,14 @@ async def test_upstream_error_is_relayed_and_not_charged(
 ) -> None:
     key = await world.key("alice")
     await world.budget("user", "alice", "1")
-    body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": trigger}], "stream": stream}
-    resp = await world.client.post("/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key['key']}"})
+    body = {
+        "model": "openai/gpt-oss-20b",
+        "messages": [{"role": "user", "content": trigger}],
+        "stream": stream,
+    }
+    resp = await world.client.post(
+        "/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key['key']}"}
+    )
     assert resp.status == status
     assert (await resp.json())["error"]["message"] == f"fake upstream error {status}"
     assert resp.headers["X-Credits-Charged"] == "0"
@@ -310,7 +326,9 @@ async def test_upstream_timeout_before_headers(world: World) -> None:
 async def test_upstream_reset_before_headers(world: World) -> None:
     key = await world.key("alice")
     body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "fake:reset"}]}
-    resp = await world.client.post("/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key['key']}"})
+    resp = await world.client.post(
+        "/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key['key']}"}
+    )
     await _error(resp, 502, "upstream_unavailable")
     assert await world.sql("SELECT outcome, credits_micros FROM ledger") == [("upstream_unavailable", 0)]
     await assert_counters_match_ledger(world)

@@ -1,0 +1,122 @@
+"""Budget gauges: every budget's limit, spent and remaining, refreshed from the database.
+
+Each process exports every budget, not only those its own traffic touched, so a dashboard shows
+all of them whichever replica it scrapes. The gauges are read with one query for all budgets:
+every `REFRESH_INTERVAL_SECONDS` (to see other replicas' spend and admin changes), and shortly
+after this process settles a request on a budget (`mark_dirty`), coalescing a burst of
+settlements into one refresh rather than a query per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, text
+
+from . import metering
+from .errors import LedgerUnavailable
+from .metrics import Metrics
+from .store import Store
+from .windows import PERIODS, window_key
+
+log = logging.getLogger(__name__)
+
+REFRESH_INTERVAL_SECONDS = 5.0
+# After a settlement, wait this long for more before reading: one query per burst.
+DEBOUNCE_SECONDS = 0.5
+
+# One row per budget, with its counter in the current window of its period (if any).
+_BUDGETS_NOW = text(
+    "SELECT b.scope, COALESCE(t.name, u.name, b.subject), b.period, b.limit_micros, "
+    "COALESCE(c.spent_micros, 0), COALESCE(c.held_micros, 0) "
+    "FROM budgets b "
+    "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
+    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
+    "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
+    "WHEN 'daily' THEN :daily WHEN 'weekly' THEN :weekly WHEN 'monthly' THEN :monthly ELSE :total END"
+)
+
+Labels = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class BudgetNow:
+    """A budget in its current window, in micro-credits."""
+
+    scope: str
+    subject: str  # team name, user name, or key id
+    period: str
+    limit: int
+    spent: int
+    held: int
+
+    @property
+    def remaining(self) -> int:
+        """What is left to admit, as the admin API reports it (never below zero)."""
+        return max(self.limit - self.spent - self.held, 0)
+
+
+def budgets_now(conn: Connection, at: int) -> list[BudgetNow]:
+    """Unit of work: every budget with its spent and held in the window containing `at` (µs)."""
+    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    windows = {period: window_key(period, moment) for period in PERIODS}
+    rows = conn.execute(_BUDGETS_NOW, windows).all()
+    return [BudgetNow(r[0], str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+
+class BudgetGauges:
+    """Keeps the budget gauges of one `Metrics` equal to the database."""
+
+    def __init__(self, metrics: Metrics, interval: float = REFRESH_INTERVAL_SECONDS) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        self._dirty = asyncio.Event()
+        self._shown: set[Labels] = set()
+        # Refreshes are serialized, so an older reading never overwrites a newer one.
+        self._lock = asyncio.Lock()
+
+    def mark_dirty(self) -> None:
+        """This process changed a budget's counters: refresh soon (many calls, one refresh)."""
+        self._dirty.set()
+
+    async def refresh(self, store: Store) -> None:
+        """Read every budget now and show exactly those."""
+        async with self._lock:
+            self.show(await store.run(budgets_now, metering.now_us()))
+
+    def show(self, budgets: list[BudgetNow]) -> None:
+        """Set the gauges to `budgets`, removing the series of budgets no longer there."""
+        m = self.metrics
+        shown: set[Labels] = set()
+        for b in budgets:
+            labels = (b.scope, b.subject, b.period)
+            shown.add(labels)
+            m.budget_limit.labels(*labels).set(b.limit / 1_000_000)
+            m.budget_spent.labels(*labels).set(b.spent / 1_000_000)
+            m.budget_remaining.labels(*labels).set(b.remaining / 1_000_000)
+        for labels in self._shown - shown:
+            for gauge in (m.budget_limit, m.budget_spent, m.budget_remaining):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self._shown = shown
+
+    async def run_forever(self, store: Store) -> None:
+        """Refresh now, then every interval and soon after `mark_dirty`, until cancelled."""
+        while True:
+            try:
+                await self.refresh(store)
+            except LedgerUnavailable:
+                log.warning("budget gauges not refreshed: database unavailable")
+            except Exception:
+                log.exception("budget gauges refresh failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._dirty.wait()
+            if self._dirty.is_set():
+                await asyncio.sleep(DEBOUNCE_SECONDS)
+            # Cleared before reading, so a settlement during the read triggers the next refresh.
+            self._dirty.clear()

@@ -1,0 +1,116 @@
+"""Crashes: holds left by a killed process are released by a live one after the TTL, never twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import text
+
+from gateway import services
+from gateway.metering import now_us
+from gateway.store import open_store
+
+from .conftest import Backend, counters_equal_ledger_sql
+from .procs import start_gateway, wait_ready
+
+TTL = 4.0
+ENV = {"GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "3", "GATEWAY_HOLD_TTL_SECONDS": str(TTL)}
+
+
+async def _count(store: Any, query: str) -> int:
+    return int(await store.run(lambda conn: conn.execute(text(query)).scalar_one()))
+
+
+@pytest.mark.slow
+async def test_holds_of_a_killed_process_expire(backend: Backend, fake: Any, tmp_path: Any) -> None:
+    upstream, upstream_url = fake
+    upstream.header_delay = 2.5  # requests stay in flight long enough to kill the process under them
+    store = open_store(backend.url)
+    try:
+        at = now_us()
+        await store.run(services.create_team, "eng", at)
+        await store.run(services.create_user, "alice", "eng", at)
+        key = (await store.run(services.create_key, "alice", None, at))["key"]
+        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+        await store.run(services.set_budget, "user", "alice", "daily", "100", at)
+
+        doomed = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
+        survivor = None
+        try:
+            await wait_ready(doomed)
+            session = aiohttp.ClientSession()
+            body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "x"}] * 2}
+            calls = [
+                asyncio.ensure_future(
+                    session.post(
+                        doomed.url + "/api/v1/chat",
+                        json=dict(body, stream=i % 2 == 0),
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                )
+                for i in range(50)
+            ]
+            deadline = time.monotonic() + 10
+            while await _count(store, "SELECT COUNT(*) FROM holds") < 50:
+                assert time.monotonic() < deadline, "requests never got their holds"
+                await asyncio.sleep(0.05)
+            doomed.kill()
+            await asyncio.gather(*calls, return_exceptions=True)
+            await session.close()
+            held = await store.run(
+                lambda c: c.execute(text("SELECT SUM(held_micros) FROM budget_counters")).scalar()
+            )
+            assert held == 2 * 50 * 200_000  # both budgets still hold every request
+
+            killed_at = time.monotonic()
+            survivor = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
+            await wait_ready(survivor)
+            while await _count(store, "SELECT COUNT(*) FROM holds") > 0:
+                assert time.monotonic() - killed_at < TTL + 10, "holds were never released"
+                await asyncio.sleep(0.1)
+            assert time.monotonic() - killed_at >= TTL * 0.9, "holds were released before the TTL"
+        finally:
+            doomed.stop()
+            if survivor is not None:
+                survivor.stop()
+
+        rows = await store.run(
+            lambda c: c.execute(
+                text("SELECT outcome, COUNT(*), SUM(credits_micros) FROM ledger GROUP BY outcome")
+            ).all()
+        )
+        assert [tuple(r) for r in rows] == [("expired", 50, 0)]
+        assert await _count(store, "SELECT COUNT(*) FROM ledger") == 50  # one row each, never two
+        for row in await store.run(lambda c: c.execute(text(counters_equal_ledger_sql())).all()):
+            assert (row[2], row[3]) == (row[4], row[5]) == (0, 0), row
+    finally:
+        await store.close()
+
+
+async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
+    """A hold of a process that still beats is kept past the TTL; two sweepers release a dead one once."""
+    from gateway import metering
+    from gateway.metering import Caller, Charge
+
+    at = now_us()
+    await store.run(services.create_team, "eng", at)
+    user = await store.run(services.create_user, "alice", "eng", at)
+    key = await store.run(services.create_key, "alice", None, at)
+    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    caller = Caller(key["id"], user["id"], "alice", None, None)
+    old = at - 3_600_000_000
+    for request_id, instance in (("live-one", "live"), ("dead-one", "dead")):
+        charge = Charge(request_id, caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
+        await store.run(metering.admit, charge, instance, old)
+    await store.run(metering.heartbeat, "live", at, 0)
+    cutoff = at - 60_000_000
+    results = await asyncio.gather(*(store.run(metering.expire_holds, cutoff, at) for _ in range(4)))
+    assert sum(results) == 1
+    assert await _count(store, "SELECT COUNT(*) FROM holds") == 1
+    assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE outcome = 'expired'") == 1
+    budget = (await store.run(services.list_budgets, "user", "alice"))[0]
+    assert budget["held"] == 0.1 and budget["spent"] == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -21,9 +24,28 @@ def alembic_config(database_url: str, connection: Connection | None = None) -> C
     return config
 
 
+@contextlib.contextmanager
+def _one_at_a_time(database_url: str) -> Iterator[None]:
+    """Processes sharing a SQLite file migrate it one after another (PostgreSQL: see env.py)."""
+    if not database_url.startswith("sqlite"):
+        yield
+        return
+    from .store import sqlite_path
+
+    lock_path = Path(sqlite_path(database_url) + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Migrate the database up to `revision`. Call it with no event loop running in this thread."""
-    command.upgrade(alembic_config(database_url), revision)
+    with _one_at_a_time(database_url):
+        command.upgrade(alembic_config(database_url), revision)
 
 
 def downgrade(database_url: str, revision: str) -> None:

@@ -29,6 +29,10 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Replicas that start together migrate one at a time: the others wait, then find nothing to do.
+MIGRATION_LOCK_ID = 0x6761_7465  # "gate"
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -36,6 +40,8 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
 
 

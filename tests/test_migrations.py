@@ -60,3 +60,25 @@ def test_head_matches_the_models(backend: Backend) -> None:
             await engine.dispose()
 
     assert asyncio.run(diff()) == []
+
+
+def test_replicas_migrating_at_once(backend: Backend) -> None:
+    """Several `gateway db upgrade` at the same moment on an empty database all succeed."""
+    import os
+    import subprocess
+    import sys
+
+    migrate.downgrade(backend.url, "base")
+    env = {**os.environ, "GATEWAY_DATABASE_URL": backend.url}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "db", "upgrade"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
+    outputs = [run.communicate(timeout=60)[0].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    assert asyncio.run(_tables(backend.url)) == set(Base.metadata.tables) | {"alembic_version"}

@@ -6,7 +6,17 @@ so both dialects store and compare them the same way.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -61,6 +71,8 @@ class Budget(Base):
         CheckConstraint("scope IN ('team', 'user', 'key')", name="scope"),
         CheckConstraint("period IN ('daily', 'weekly', 'monthly', 'total')", name="period"),
         CheckConstraint("limit_micros >= 0", name="limit_micros"),
+        # Never reuse the id of a deleted budget: holds still open name their budgets by id.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -128,6 +140,21 @@ class Hold(Base):
     admitted_at: Mapped[int] = mapped_column(BigInteger, index=True)
 
 
+# A covering index of charged rows for billing reports; `outcome` last so SQLite treats it as covering.
+REPORT_COLUMNS = (
+    "admitted_at",
+    "team_id",
+    "user_id",
+    "key_id",
+    "model",
+    "message_count",
+    "credits_micros",
+    "prompt_tokens",
+    "completion_tokens",
+    "outcome",
+)
+
+
 class LedgerEntry(Base):
     """One append-only row per admitted request, written when it settles (or expires)."""
 
@@ -136,6 +163,13 @@ class LedgerEntry(Base):
         Index("ix_ledger_admitted_at", "admitted_at", "request_id"),
         Index("ix_ledger_user_admitted_at", "user_id", "admitted_at"),
         Index("ix_ledger_team_admitted_at", "team_id", "admitted_at"),
+        # Billing reports read only this index (see gateway/reports.py and bench/report.py).
+        Index(
+            "ix_ledger_charged_report",
+            *REPORT_COLUMNS,
+            sqlite_where=text("outcome = 'charged'"),
+            postgresql_where=text("outcome = 'charged'"),
+        ),
         CheckConstraint(
             "outcome IN ('charged', 'upstream_error', 'upstream_unavailable', 'upstream_timeout', 'expired')",
             name="outcome",

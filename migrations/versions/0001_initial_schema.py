@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.CheckConstraint("scope IN ('team', 'user', 'key')", name=op.f("ck_budgets_scope")),
         sa.CheckConstraint("limit_micros >= 0", name=op.f("ck_budgets_limit_micros")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_budgets")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("budgets", schema=None) as batch_op:
         batch_op.create_index("uq_budgets_scope_subject_period", ["scope", "subject", "period"], unique=True)

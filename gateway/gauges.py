@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, text
+from sqlalchemy import BigInteger, Connection, bindparam, text
 
 from . import metering
 from .errors import LedgerUnavailable
@@ -38,7 +38,7 @@ _BUDGETS_NOW = text(
     "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
     "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
     "WHEN 'daily' THEN :daily WHEN 'weekly' THEN :weekly WHEN 'monthly' THEN :monthly ELSE :total END"
-)
+).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
 
 Labels = tuple[str, str, str]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import migrate, services
+from . import ledger, migrate, reports, services
 from .errors import GatewayError
 from .fake_upstream import FakeUpstream
 from .metering import now_us
@@ -85,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     p = budgets.add_parser("list", parents=[common, as_json], help="budgets with spent, held, remaining")
     p.add_argument("--scope", choices=services.SCOPES)
     p.add_argument("--subject")
+
+    p = sub.add_parser("report", parents=[common, as_json], help="billing report of charged requests")
+    p.set_defaults(action=None)
+    p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
+    p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
+    p.add_argument("--group-by", default="", help=f"comma-separated: {','.join(reports.GROUPS)}")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    books = sub.add_parser("ledger", help="the ledger").add_subparsers(dest="action", required=True)
+    p = books.add_parser("list", parents=[common, as_json], help="ledger rows, oldest first, one page")
+    for name in ("user", "team", "key", "model", "outcome", "limit", "cursor"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
+    p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
+    books.add_parser("verify", parents=[common, as_json], help="check budget counters against the ledger")
     return parser
 
 
@@ -131,7 +145,8 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
     else:
         print(show(result))
-    return 0
+    # `ledger verify` found a difference.
+    return 1 if isinstance(result, dict) and result.get("ok") is False else 0
 
 
 def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Callable[[Any], str]]:
@@ -178,7 +193,31 @@ def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Calla
         return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
             rows, ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
         )
+    if command == ("report", None):
+        report = reports.parse_query(args.start, args.end, args.group_by)
+        if args.format == "json":
+            args.json = True
+        if args.json:
+            return (lambda c: reports.usage_report(c, report).json()), str
+        if args.format == "csv":
+            return (lambda c: reports.usage_report(c, report)), lambda r: r.csv("\n").rstrip("\n")
+        return (lambda c: reports.usage_report(c, report)), lambda r: _table(r.table(), r.columns())
+    if command == ("ledger", "list"):
+        page = ledger.parse_query(
+            **{k: getattr(args, k) for k in ("user", "team", "key", "model", "outcome", "limit", "cursor")},
+            start=args.start,
+            end=args.end,
+        )
+        return (lambda c: ledger.list_entries(c, page)), _ledger_page
+    if command == ("ledger", "verify"):
+        return ledger.verify, ledger.describe
     raise AssertionError(f"unhandled command {command}")
+
+
+def _ledger_page(page: dict[str, Any]) -> str:
+    columns = ["request_id", "admitted_at", "team", "user", "model", "credits", "outcome"]
+    more = f"\nnext page: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
+    return _table(page["entries"], columns) + more
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from .auth import new_key
 from .errors import Conflict, InvalidRequest, NotFound
-from .pricing import credits_json, parse_credits
+from .pricing import MICROS, credits_json, parse_credits
 from .windows import PERIODS, from_key, isoformat, window_end, window_key
 
 SCOPES = ("team", "user", "key")
 MAX_NAME = 200
+MAX_LIMIT_MICROS = 10**18
 
 
 def _iso_us(us: int | None) -> str | None:
@@ -183,6 +184,9 @@ def set_budget(
         limit_micros = parse_credits(limit)
     except ValueError as exc:
         raise InvalidRequest(f"`limit`: {exc}", field="limit") from None
+    if limit_micros > MAX_LIMIT_MICROS:
+        # Beyond a 64-bit column: the database would refuse it with an error that is no 400.
+        raise InvalidRequest(f"`limit` must be at most {MAX_LIMIT_MICROS // MICROS} credits.", field="limit")
     subject_id = _subject_id(conn, scope, subject)
     conn.execute(
         text(

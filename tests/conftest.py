@@ -196,6 +196,16 @@ async def world(
     yield w
 
 
+ADMIN_TOKEN = "admin-token-for-tests"
+
+
+@pytest.fixture
+async def admin_world(world: World) -> World:
+    """The `world` gateway with the admin HTTP API enabled: its token is ADMIN_TOKEN."""
+    await world.reconfigure(admin_token=_secret(ADMIN_TOKEN))
+    return world
+
+
 def _secret(value: str) -> Any:
     from gateway.settings import Secret
 

@@ -1,0 +1,229 @@
+"""The admin HTTP API, `/admin/v1/*`: the CLI's administration over HTTP, behind GATEWAY_ADMIN_TOKEN.
+
+Every handler checks the token first (403 `admin_disabled` when none is configured, 401
+`unauthorized` when it is missing or wrong; compared in constant time), then validates its
+parameters (400 naming the field; unknown body fields and query parameters are refused, so a typo
+never silently widens a report) and runs one `services`, `reports` or `ledger` unit of work. The
+JSON answered is the one `gateway ... --json` prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import ledger, reports, services
+from .auth import bearer_token
+from .chat import read_body
+from .errors import AdminDisabled, InvalidRequest, Unauthorized
+from .metering import now_us
+from .state import GAUGES, KEYS, SETTINGS, STORE
+
+PREFIX = "/admin/v1"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """Register every admin endpoint."""
+    router.add_post(f"{PREFIX}/teams", create_team)
+    router.add_get(f"{PREFIX}/teams", list_teams)
+    router.add_post(f"{PREFIX}/users", create_user)
+    router.add_get(f"{PREFIX}/users", list_users)
+    router.add_post(f"{PREFIX}/keys", create_key)
+    router.add_get(f"{PREFIX}/keys", list_keys)
+    router.add_delete(f"{PREFIX}/keys/{{id}}", revoke_key)
+    router.add_put(f"{PREFIX}/budgets", set_budget)
+    router.add_delete(f"{PREFIX}/budgets", delete_budget)
+    router.add_get(f"{PREFIX}/budgets", list_budgets)
+    router.add_get(f"{PREFIX}/usage", usage_report)
+    router.add_get(f"{PREFIX}/ledger", list_ledger)
+
+
+def authorize(request: web.Request) -> None:
+    """Raise AdminDisabled or Unauthorized unless the request carries the admin token."""
+    token = request.app[SETTINGS].admin_token
+    if token is None:
+        raise AdminDisabled(
+            "The admin HTTP API is disabled: set GATEWAY_ADMIN_TOKEN to enable it, or administer "
+            "with the `gateway` command on the database."
+        )
+    given = bearer_token(request.headers.get("Authorization"))
+    if given is None or not hmac.compare_digest(given.encode(), str(token).encode()):
+        raise Unauthorized("The admin API needs 'Authorization: Bearer <GATEWAY_ADMIN_TOKEN>'.")
+
+
+def _admin(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.StreamResponse:
+        authorize(request)
+        return await handler(request)
+
+    return checked
+
+
+def query_params(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query string's parameters; InvalidRequest naming one this endpoint does not take."""
+    for name in request.query:
+        if name not in allowed:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no query parameters"
+            raise InvalidRequest(
+                f"Unknown query parameter `{name[:100]}`; this endpoint {takes}.", field=name[:100]
+            )
+    return {name: request.query[name] for name in allowed if name in request.query}
+
+
+async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise InvalidRequest(f"The request body must be a JSON object with {', '.join(allowed)}.")
+    for name in payload:
+        if name not in allowed:
+            raise InvalidRequest(
+                f"Unknown field `{name[:100]}`; this endpoint takes {', '.join(allowed)}.", field=name[:100]
+            )
+    return payload
+
+
+async def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
+    return await request.app[STORE].run(fn, *args)
+
+
+def _budgets_changed(request: web.Request) -> None:
+    """This process sees an admin change at once (other replicas within their cache TTL)."""
+    request.app[KEYS].clear()
+    request.app[GAUGES].mark_dirty()
+
+
+@_admin
+async def create_team(request: web.Request) -> web.Response:
+    """POST /admin/v1/teams {"name"} -> 201."""
+    body = await _json_body(request, ("name",))
+    return web.json_response(
+        await _run(request, services.create_team, body.get("name"), now_us()), status=201
+    )
+
+
+@_admin
+async def list_teams(request: web.Request) -> web.Response:
+    """GET /admin/v1/teams."""
+    query_params(request, ())
+    return web.json_response(await _run(request, services.list_teams))
+
+
+@_admin
+async def create_user(request: web.Request) -> web.Response:
+    """POST /admin/v1/users {"name", "team"?} -> 201."""
+    body = await _json_body(request, ("name", "team"))
+    user = await _run(request, services.create_user, body.get("name"), body.get("team"), now_us())
+    return web.json_response(user, status=201)
+
+
+@_admin
+async def list_users(request: web.Request) -> web.Response:
+    """GET /admin/v1/users."""
+    query_params(request, ())
+    return web.json_response(await _run(request, services.list_users))
+
+
+@_admin
+async def create_key(request: web.Request) -> web.Response:
+    """POST /admin/v1/keys {"user", "name"?} -> 201 with the secret, shown only here."""
+    body = await _json_body(request, ("user", "name"))
+    key = await _run(request, services.create_key, body.get("user"), body.get("name"), now_us())
+    return web.json_response(key, status=201)
+
+
+@_admin
+async def list_keys(request: web.Request) -> web.Response:
+    """GET /admin/v1/keys[?user=U] (no secrets)."""
+    user = query_params(request, ("user",)).get("user")
+    if user is not None:
+        services.check_name("user", user)
+    return web.json_response(await _run(request, services.list_keys, user))
+
+
+@_admin
+async def revoke_key(request: web.Request) -> web.Response:
+    """DELETE /admin/v1/keys/{id} -> 204; later use of the key is refused."""
+    key_id = services.check_name("id", request.match_info["id"])
+    await _run(request, services.revoke_key, key_id, now_us())
+    request.app[KEYS].clear()
+    return web.Response(status=204)
+
+
+BUDGET_FIELDS = ("scope", "subject", "period", "limit")
+
+
+@_admin
+async def set_budget(request: web.Request) -> web.Response:
+    """PUT /admin/v1/budgets {"scope", "subject", "period", "limit"} -> 200 with the budget."""
+    body = await _json_body(request, BUDGET_FIELDS)
+    args = [body.get(name) for name in BUDGET_FIELDS]
+    budget = await _run(request, services.set_budget, *args, now_us())
+    _budgets_changed(request)
+    return web.json_response(budget)
+
+
+@_admin
+async def delete_budget(request: web.Request) -> web.Response:
+    """DELETE /admin/v1/budgets {"scope", "subject", "period"} -> 204."""
+    body = await _json_body(request, BUDGET_FIELDS[:3])
+    await _run(request, services.delete_budget, *(body.get(name) for name in BUDGET_FIELDS[:3]))
+    _budgets_changed(request)
+    return web.Response(status=204)
+
+
+@_admin
+async def list_budgets(request: web.Request) -> web.Response:
+    """GET /admin/v1/budgets[?scope=&subject=] with each budget's current window."""
+    params = query_params(request, ("scope", "subject"))
+    budgets = await _run(request, services.list_budgets, params.get("scope"), params.get("subject"))
+    return web.json_response(budgets)
+
+
+@_admin
+async def usage_report(request: web.Request) -> web.Response:
+    """GET /admin/v1/usage?from=&to=&group_by=[&format=json|csv]: the billing report."""
+    params = query_params(request, ("from", "to", "group_by", "format"))
+    fmt = services.check_choice("format", params.get("format", "json"), ("json", "csv"))
+    query = reports.parse_query(params.get("from"), params.get("to"), params.get("group_by"))
+    report = await _run(request, reports.usage_report, query)
+    if fmt == "csv":
+        return web.Response(
+            text=report.csv(),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+        )
+    return web.json_response(report.json())
+
+
+LEDGER_PARAMS = ("user", "team", "key", "model", "outcome", "from", "to", "limit", "cursor")
+
+
+@_admin
+async def list_ledger(request: web.Request) -> web.Response:
+    """GET /admin/v1/ledger?user=&team=&key=&model=&outcome=&from=&to=&limit=&cursor=: one page."""
+    params = query_params(request, LEDGER_PARAMS)
+    query = ledger.parse_query(
+        user=params.get("user"),
+        team=params.get("team"),
+        key=params.get("key"),
+        model=params.get("model"),
+        outcome=params.get("outcome"),
+        start=params.get("from"),
+        end=params.get("to"),
+        limit=params.get("limit"),
+        cursor=params.get("cursor"),
+    )
+    return web.json_response(await _run(request, ledger.list_entries, query))

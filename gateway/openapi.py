@@ -1,0 +1,544 @@
+"""The OpenAPI 3.0 description of every HTTP endpoint, served at `GET /openapi.json`.
+
+A test holds its paths and methods equal to the routes the app registers, so it cannot drift
+silently. Request bodies and query parameters are described as strictly as the handlers check them
+(unknown admin fields and parameters are refused), so a schema-driven fuzzer such as schemathesis
+can run against it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiohttp import web
+
+from .ledger import MAX_LIMIT, OUTCOMES
+from .reports import GROUPS, SUMS
+from .services import MAX_NAME, SCOPES
+from .windows import PERIODS
+
+JSON = "application/json"
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+NUMBER = {"type": "number"}
+TIME = {"type": "string", "format": "date-time"}
+NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "description": "printable characters"}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+def _object(
+    properties: dict[str, Any], required: tuple[str, ...] = (), *, closed: bool = True
+) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+def _content(schema: dict[str, Any], media: str = JSON) -> dict[str, Any]:
+    return {media: {"schema": schema}}
+
+
+ERRORS = {
+    400: "Invalid request: the `error.field` names the parameter at fault",
+    401: "Missing or wrong credentials",
+    402: "A budget would go over",
+    403: "The admin API is disabled (no GATEWAY_ADMIN_TOKEN)",
+    404: "Unknown team, user or key",
+    409: "The name is taken",
+    413: "The request body is too large",
+    502: "Upstream unavailable",
+    503: "The ledger database cannot be reached",
+    504: "Upstream timed out",
+}
+
+
+def _responses(ok: dict[int, Any], *errors: int) -> dict[str, Any]:
+    out = {str(status): response for status, response in ok.items()}
+    for status in errors:
+        schema = _ref("BudgetExceeded") if status == 402 else _ref("Error")
+        out[str(status)] = {"description": ERRORS[status], "content": _content(schema)}
+    return out
+
+
+def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, **({"content": _content(schema)} if schema else {})}
+
+
+def _param(name: str, schema: dict[str, Any], description: str, where: str = "query") -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _admin(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "tags": ["admin"],
+        "security": [{"adminToken": []}],
+        "responses": responses,
+        **extra,
+    }
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": _content(_ref(name))}
+
+
+SUMS_SCHEMA = _object({name: NUMBER if name == "credits" else INTEGER for name in SUMS}, SUMS)
+TIME_RANGE = [
+    _param("from", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; inclusive"),
+    _param("to", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; exclusive"),
+]
+ADMIN_ERRORS = (400, 401, 403, 503)
+CHAT_HEADERS = {
+    "X-Request-Id": {"schema": STRING, "description": "The ledger's request id"},
+    "X-Credits-Charged": {"schema": STRING, "description": "Credits charged, e.g. 0.75 (0 when not 2xx)"},
+    "X-Credits-Remaining": {"schema": STRING, "description": "Smallest remaining across the budgets"},
+}
+
+_CHAT = {
+    "summary": "Chat completion, metered and forwarded upstream",
+    "tags": ["chat"],
+    "security": [{"gatewayKey": []}],
+    "requestBody": _body("ChatRequest"),
+    "responses": _responses(
+        {
+            200: {
+                "description": "Upstream's answer, relayed (SSE when `stream` is true)",
+                "headers": CHAT_HEADERS,
+                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {"schema": STRING}},
+            }
+        },
+        400,
+        401,
+        402,
+        413,
+        502,
+        503,
+        504,
+    ),
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _object(
+        {
+            "error": _object(
+                {"type": STRING, "message": STRING, "field": STRING}, ("type", "message"), closed=False
+            )
+        },
+        ("error",),
+    ),
+    "BudgetExceeded": _object(
+        {
+            "error": _object(
+                {
+                    "type": {"type": "string", "enum": ["budget_exceeded"]},
+                    "message": STRING,
+                    "scope": {"type": "string", "enum": list(SCOPES)},
+                    "subject": STRING,
+                    "period": {"type": "string", "enum": list(PERIODS)},
+                    "limit": NUMBER,
+                    "spent": NUMBER,
+                    "held": NUMBER,
+                    "remaining": NUMBER,
+                    "cost": NUMBER,
+                    "resets_at": _nullable(TIME),
+                },
+                ("type", "message", "scope", "subject", "period", "limit", "spent", "held", "remaining"),
+                closed=False,
+            )
+        },
+        ("error",),
+    ),
+    "ChatRequest": _object(
+        {
+            "model": {"type": "string", "description": "A priced model, e.g. openai/gpt-oss-20b"},
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": _object({"role": STRING}, ("role",), closed=False),
+            },
+            "stream": {"type": "boolean"},
+        },
+        ("model", "messages"),
+        closed=False,
+    ),
+    "TeamCreate": _object({"name": NAME}, ("name",)),
+    "UserCreate": _object({"name": NAME, "team": _nullable(NAME)}, ("name",)),
+    "KeyCreate": _object({"user": NAME, "name": _nullable(NAME)}, ("user",)),
+    "BudgetPut": _object(
+        {
+            "scope": {"type": "string", "enum": list(SCOPES)},
+            "subject": {**NAME, "description": "team name, user name or key id"},
+            "period": {"type": "string", "enum": list(PERIODS)},
+            "limit": {
+                "oneOf": [
+                    {"type": "number", "minimum": 0, "maximum": 1_000_000_000_000},
+                    {"type": "string", "pattern": r"^\s*\d+(\.\d{1,6})?\s*$"},
+                ],
+                "description": "credits, at most 6 decimal places",
+            },
+        },
+        ("scope", "subject", "period", "limit"),
+    ),
+    "BudgetDelete": _object(
+        {
+            "scope": {"type": "string", "enum": list(SCOPES)},
+            "subject": NAME,
+            "period": {"type": "string", "enum": list(PERIODS)},
+        },
+        ("scope", "subject", "period"),
+    ),
+    "Team": _object({"id": INTEGER, "name": STRING, "created_at": TIME}, ("id", "name", "created_at")),
+    "User": _object(
+        {"id": INTEGER, "name": STRING, "team": _nullable(STRING), "created_at": TIME},
+        ("id", "name", "team", "created_at"),
+    ),
+    "Key": _object(
+        {
+            "id": STRING,
+            "user": STRING,
+            "name": _nullable(STRING),
+            "prefix": STRING,
+            "created_at": TIME,
+            "revoked_at": _nullable(TIME),
+        },
+        ("id", "user", "name", "prefix", "created_at", "revoked_at"),
+    ),
+    "KeyCreated": _object(
+        {
+            "id": STRING,
+            "key": {"type": "string", "description": "the secret: shown only in this answer"},
+            "user": STRING,
+            "name": _nullable(STRING),
+            "prefix": STRING,
+            "created_at": TIME,
+            "revoked_at": _nullable(TIME),
+        },
+        ("id", "key", "user", "name", "prefix", "created_at", "revoked_at"),
+    ),
+    "Budget": _object(
+        {
+            "scope": {"type": "string", "enum": list(SCOPES)},
+            "subject": STRING,
+            "period": {"type": "string", "enum": list(PERIODS)},
+            "limit": NUMBER,
+            "spent": NUMBER,
+            "held": NUMBER,
+            "remaining": NUMBER,
+            "window_start": TIME,
+            "resets_at": _nullable(TIME),
+        },
+        ("scope", "subject", "period", "limit", "spent", "held", "remaining", "window_start", "resets_at"),
+    ),
+    "Report": _object(
+        {
+            "rows": _array(
+                _object(
+                    {
+                        **{g: _nullable(STRING) if g == "team" else STRING for g in GROUPS},
+                        **SUMS_SCHEMA["properties"],
+                    },
+                    SUMS,
+                )
+            ),
+            "totals": SUMS_SCHEMA,
+        },
+        ("rows", "totals"),
+    ),
+    "LedgerEntry": _object(
+        {
+            "request_id": STRING,
+            "admitted_at": TIME,
+            "settled_at": TIME,
+            "team": _nullable(STRING),
+            "user": STRING,
+            "key_id": STRING,
+            "model": STRING,
+            "message_count": INTEGER,
+            "unit_price": NUMBER,
+            "credits": NUMBER,
+            "outcome": {"type": "string", "enum": list(OUTCOMES)},
+            "upstream_status": _nullable(INTEGER),
+            "prompt_tokens": _nullable(INTEGER),
+            "completion_tokens": _nullable(INTEGER),
+            "total_tokens": _nullable(INTEGER),
+            "stream": {"type": "boolean"},
+            "duration_ms": NUMBER,
+        },
+        (
+            "request_id",
+            "admitted_at",
+            "settled_at",
+            "team",
+            "user",
+            "key_id",
+            "model",
+            "message_count",
+            "unit_price",
+            "credits",
+            "outcome",
+            "upstream_status",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "stream",
+            "duration_ms",
+        ),
+    ),
+    "LedgerPage": _object(
+        {"entries": _array(_ref("LedgerEntry")), "next_cursor": _nullable(STRING)}, ("entries", "next_cursor")
+    ),
+    "SelfUsage": _object(
+        {
+            "key": _object({"id": STRING, "user": STRING, "team": _nullable(STRING)}, ("id", "user", "team")),
+            "budgets": _array(_ref("Budget")),
+            "usage": _array(
+                _object(
+                    {
+                        "period": {"type": "string", "enum": ["daily", "weekly", "monthly"]},
+                        "window_start": TIME,
+                        "resets_at": TIME,
+                        "key": _ref("UsageSums"),
+                        "user": _ref("UsageSums"),
+                    },
+                    ("period", "window_start", "resets_at", "key", "user"),
+                )
+            ),
+        },
+        ("key", "budgets", "usage"),
+    ),
+    "UsageSums": _object(
+        {"requests": INTEGER, "messages": INTEGER, "credits": NUMBER}, ("requests", "messages", "credits")
+    ),
+}
+
+_GROUP_BY = "(" + "|".join(GROUPS) + ")"
+
+PATHS: dict[str, Any] = {
+    "/api/v1/chat": {"post": {**_CHAT, "operationId": "chat"}},
+    "/v1/chat/completions": {"post": {**_CHAT, "operationId": "chatCompletions"}},
+    "/api/v1/usage": {
+        "get": {
+            "summary": "The calling key's budgets and usage in the current windows",
+            "operationId": "selfUsage",
+            "tags": ["chat"],
+            "security": [{"gatewayKey": []}],
+            "responses": _responses(
+                {200: _ok("Budgets and usage of this key", _ref("SelfUsage"))}, 400, 401, 503
+            ),
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "The process is alive",
+            "operationId": "healthz",
+            "security": [],
+            "responses": {"200": _ok("Alive", _object({"status": STRING}, ("status",)))},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "The database answers",
+            "operationId": "readyz",
+            "security": [],
+            "responses": {
+                "200": _ok("Ready", _object({"status": STRING}, ("status",))),
+                "503": _ok(
+                    "The database cannot be reached", _object({"status": STRING}, ("status",), closed=False)
+                ),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics of this process",
+            "operationId": "metrics",
+            "security": [],
+            "responses": {
+                "200": {"description": "Prometheus text format", "content": _content(STRING, "text/plain")}
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "security": [],
+            "responses": {"200": _ok("OpenAPI 3.0 document", {"type": "object"})},
+        }
+    },
+    "/admin/v1/teams": {
+        "post": _admin(
+            "Create a team",
+            _responses({201: _ok("Created", _ref("Team"))}, *ADMIN_ERRORS, 409, 413),
+            operationId="createTeam",
+            requestBody=_body("TeamCreate"),
+        ),
+        "get": _admin(
+            "List teams",
+            _responses({200: _ok("Teams", _array(_ref("Team")))}, *ADMIN_ERRORS),
+            operationId="listTeams",
+        ),
+    },
+    "/admin/v1/users": {
+        "post": _admin(
+            "Create a user, optionally in a team",
+            _responses({201: _ok("Created", _ref("User"))}, *ADMIN_ERRORS, 404, 409, 413),
+            operationId="createUser",
+            requestBody=_body("UserCreate"),
+        ),
+        "get": _admin(
+            "List users",
+            _responses({200: _ok("Users", _array(_ref("User")))}, *ADMIN_ERRORS),
+            operationId="listUsers",
+        ),
+    },
+    "/admin/v1/keys": {
+        "post": _admin(
+            "Create a key for a user; the secret is in this answer only",
+            _responses({201: _ok("Created", _ref("KeyCreated"))}, *ADMIN_ERRORS, 404, 413),
+            operationId="createKey",
+            requestBody=_body("KeyCreate"),
+        ),
+        "get": _admin(
+            "List keys (no secrets)",
+            _responses({200: _ok("Keys", _array(_ref("Key")))}, *ADMIN_ERRORS, 404),
+            operationId="listKeys",
+            parameters=[_param("user", NAME, "only this user's keys")],
+        ),
+    },
+    "/admin/v1/keys/{id}": {
+        "delete": _admin(
+            "Revoke a key (again: no change)",
+            _responses({204: _ok("Revoked")}, *ADMIN_ERRORS, 404),
+            operationId="revokeKey",
+            parameters=[_param("id", NAME, "the key's id", "path")],
+        )
+    },
+    "/admin/v1/budgets": {
+        "put": _admin(
+            "Create a budget or change its limit",
+            _responses(
+                {200: _ok("The budget in its current window", _ref("Budget"))}, *ADMIN_ERRORS, 404, 413
+            ),
+            operationId="setBudget",
+            requestBody=_body("BudgetPut"),
+        ),
+        "delete": _admin(
+            "Delete a budget",
+            _responses({204: _ok("Deleted")}, *ADMIN_ERRORS, 404, 413),
+            operationId="deleteBudget",
+            requestBody=_body("BudgetDelete"),
+        ),
+        "get": _admin(
+            "Budgets with their current window's spent, held and remaining",
+            _responses({200: _ok("Budgets", _array(_ref("Budget")))}, *ADMIN_ERRORS, 404),
+            operationId="listBudgets",
+            parameters=[
+                _param("scope", {"type": "string", "enum": list(SCOPES)}, "only budgets of this scope"),
+                _param("subject", NAME, "only this team, user or key (needs scope)"),
+            ],
+        ),
+    },
+    "/admin/v1/usage": {
+        "get": _admin(
+            "Billing report: charged requests, messages, credits and tokens, grouped",
+            _responses(
+                {
+                    200: {
+                        "description": "Rows and totals (CSV: a header row and the rows)",
+                        "content": {JSON: {"schema": _ref("Report")}, "text/csv": {"schema": STRING}},
+                    }
+                },
+                *ADMIN_ERRORS,
+            ),
+            operationId="usageReport",
+            parameters=[
+                *TIME_RANGE,
+                _param(
+                    "group_by",
+                    {"type": "string", "pattern": f"^{_GROUP_BY}(,{_GROUP_BY})*$"},
+                    "comma-separated distinct group fields",
+                ),
+                _param("format", {"type": "string", "enum": ["json", "csv"]}, "json (default) or csv"),
+            ],
+        )
+    },
+    "/admin/v1/ledger": {
+        "get": _admin(
+            "Ledger rows in (admitted_at, request_id) order, one page",
+            _responses(
+                {200: _ok("A page and the cursor of the next", _ref("LedgerPage"))}, *ADMIN_ERRORS, 404
+            ),
+            operationId="listLedger",
+            parameters=[
+                _param("user", NAME, "only this user's rows"),
+                _param("team", NAME, "only this team's rows"),
+                _param("key", NAME, "only this key's rows (key id)"),
+                _param("model", NAME, "only this model's rows"),
+                _param("outcome", {"type": "string", "enum": list(OUTCOMES)}, "only rows with this outcome"),
+                *TIME_RANGE,
+                _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (100)"),
+                _param("cursor", STRING, "`next_cursor` of the previous page"),
+            ],
+        )
+    },
+}
+
+
+def _version() -> str:
+    try:
+        return version("credit-gateway")
+    except PackageNotFoundError:
+        return "0"
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "Credit gateway",
+        "version": _version(),
+        "description": "A credit-metering, budget-enforcing reverse proxy for the Axerity chat API.",
+    },
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "gatewayKey": {"type": "http", "scheme": "bearer", "description": "a gateway key (gwk_...)"},
+            "adminToken": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN"},
+        },
+    },
+}
+
+_TEXT = json.dumps(SPEC)
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    """GET /openapi.json."""
+    return web.Response(text=_TEXT, content_type="application/json")
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """Register GET /openapi.json."""
+    router.add_get("/openapi.json", openapi_view)

@@ -1,0 +1,92 @@
+"""Self-service usage, `GET /api/v1/usage`: what the caller's own gateway key may still spend.
+
+The answer is about the calling key only, found from its `Authorization: Bearer` header; it takes
+no parameters, so it can name no one else. It holds:
+
+- `key`: the key's id, its user and the user's team;
+- `budgets`: every budget that applies to the key (the key's, its user's, its team's), in the
+  admin API's shape (`scope, subject, period, limit, spent, held, remaining, window_start,
+  resets_at`). A team budget's `spent` is the whole team's: that is what limits this key;
+- `usage`: for the current UTC `daily`, `weekly` and `monthly` windows, the charged `requests`,
+  `messages` and `credits` of this key (`key`) and of its user across all their keys (`user`),
+  counted as the billing report counts them (charged ledger rows, by admission time).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import Connection, text
+
+from .admin import query_params
+from .metering import Caller, now_us
+from .pricing import credits_json
+from .services import list_budgets
+from .state import KEYS, STORE
+from .windows import isoformat, window_end, window_start
+
+PERIODS = ("daily", "weekly", "monthly")
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """Register GET /api/v1/usage."""
+    router.add_get("/api/v1/usage", my_usage)
+
+
+async def my_usage(request: web.Request) -> web.Response:
+    """GET /api/v1/usage: the calling key's budgets and usage this window."""
+    caller = await request.app[KEYS].caller(request.headers.get("Authorization"))
+    query_params(request, ())
+    return web.json_response(await request.app[STORE].run(key_usage, caller, now_us()))
+
+
+_USAGE = text(
+    "SELECT COUNT(*), COALESCE(SUM(message_count), 0), COALESCE(SUM(credits_micros), 0), "
+    "COALESCE(SUM(CASE WHEN key_id = :key THEN 1 ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN key_id = :key THEN message_count ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN key_id = :key THEN credits_micros ELSE 0 END), 0) "
+    "FROM ledger WHERE user_id = :user AND outcome = 'charged' "
+    "AND admitted_at >= :start AND admitted_at < :end"
+)
+
+
+def _sums(requests: int, messages: int, credits: int) -> dict[str, Any]:
+    return {"requests": int(requests), "messages": int(messages), "credits": credits_json(int(credits))}
+
+
+def key_usage(conn: Connection, caller: Caller, at: int) -> dict[str, Any]:
+    """Unit of work: the budgets that apply to the caller's key, and its usage in the current windows."""
+    budgets = list_budgets(conn, "key", caller.key_id, at) + list_budgets(conn, "user", caller.user_name, at)
+    if caller.team_name is not None:
+        budgets += list_budgets(conn, "team", caller.team_name, at)
+    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    usage = []
+    for period in PERIODS:
+        start = window_start(period, moment)
+        end = window_end(period, start)
+        assert end is not None
+        row = conn.execute(
+            _USAGE,
+            {
+                "key": caller.key_id,
+                "user": caller.user_id,
+                "start": int(start.timestamp()) * 1_000_000,
+                "end": int(end.timestamp()) * 1_000_000,
+            },
+        ).one()
+        usage.append(
+            {
+                "period": period,
+                "window_start": isoformat(start),
+                "resets_at": isoformat(end),
+                "key": _sums(row[3], row[4], row[5]),
+                "user": _sums(row[0], row[1], row[2]),
+            }
+        )
+    return {
+        "key": {"id": caller.key_id, "user": caller.user_name, "team": caller.team_name},
+        "budgets": budgets,
+        "usage": usage,
+    }

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import expiry, metering
+from . import admin, expiry, metering, openapi, usage
 from .auth import KeyCache, lookup_caller
 from .chat import chat
 from .errors import LedgerUnavailable
@@ -19,7 +19,7 @@ from .gauges import BudgetGauges
 from .metrics import Metrics
 from .middlewares import error_middleware
 from .settings import Settings
-from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
 from .store import Store, open_store
 from .upstream import new_session
 
@@ -40,8 +40,10 @@ async def readyz(request: web.Request) -> web.Response:
             await request.app[STORE].ping()
     except (LedgerUnavailable, TimeoutError):
         return web.json_response(
-            {"status": "unavailable", "error": {"type": "ledger_unavailable",
-                                                "message": "The ledger database cannot be reached."}},
+            {
+                "status": "unavailable",
+                "error": {"type": "ledger_unavailable", "message": "The ledger database cannot be reached."},
+            },
             status=503,
         )
     return web.json_response({"status": "ready"})
@@ -53,15 +55,33 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def server_args(settings: Settings) -> dict[str, float]:
+    """aiohttp server settings that keep slow or idle clients from piling up.
+
+    aiohttp has no timeout of its own for reading request headers, but its keep-alive timer (in
+    3.14, which tests/test_hostile.py checks) runs from the moment a connection opens and closes
+    any connection still waiting for a complete request when it fires: it bounds both idle
+    connections and dribbled headers. After an error answer, the rest of an unread body is drained
+    for at most `lingering_time`, then the connection is closed.
+    """
+    timeout = settings.client_read_timeout_seconds
+    return {"keepalive_timeout": timeout, "lingering_time": min(timeout, 10.0)}
+
+
 def create_app(
     settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None
 ) -> web.Application:
     """The gateway application; `store` and `metrics` may be injected (tests share them)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.max_body_bytes,
+        handler_args=server_args(settings),
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app[INSTANCE_ID] = secrets.token_hex(8)
     app[BACKGROUND] = set()
+    app[SETTLING] = set()
     app[GAUGES] = BudgetGauges(app[METRICS])
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_upstream_ctx)
@@ -72,6 +92,8 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    for module in (usage, admin, openapi):
+        module.add_routes(app.router)
     return app
 
 
@@ -99,13 +121,13 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
-    store, metrics, instance = app[STORE], app[METRICS], app[INSTANCE_ID]
+    store, metrics, instance, settling = app[STORE], app[METRICS], app[INSTANCE_ID], app[SETTLING]
     ttl = app[SETTINGS].hold_ttl_seconds
     try:
         await expiry.beat_and_sweep(store, metrics, instance, ttl)
     except LedgerUnavailable:
         log.warning("database unavailable at start-up; hold expiry will retry")
-    task = asyncio.get_running_loop().create_task(expiry.run_forever(store, metrics, instance, ttl))
+    task = asyncio.get_running_loop().create_task(expiry.run_forever(store, metrics, instance, ttl, settling))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

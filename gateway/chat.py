@@ -8,14 +8,22 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from . import metering
-from .errors import GatewayError, InvalidRequest, LedgerUnavailable, RequestTooLarge, UnknownModel
+from .errors import (
+    GatewayError,
+    InvalidRequest,
+    LedgerUnavailable,
+    RequestTimeout,
+    RequestTooLarge,
+    UnknownModel,
+)
 from .metering import Admission, Charge, Settlement
 from .pricing import cost, format_credits
-from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, STORE, UPSTREAM
+from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
 from .upstream import (
     SseUsageScanner,
     end_stream,
@@ -30,16 +38,45 @@ from .upstream import (
 log = logging.getLogger(__name__)
 
 
+class _Repeated(dict[str, Any]):
+    """A JSON object that had a key more than once (`json` keeps the last value)."""
+
+    key: str = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    repeated = _Repeated(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            repeated.key = key
+            break
+        seen.add(key)
+    return repeated
+
+
 def parse_chat(body: bytes) -> tuple[str, int, bool]:
-    """Validate a chat body; returns (model, message count, stream) or raises InvalidRequest."""
+    """Validate a chat body; returns (model, message count, stream) or raises InvalidRequest.
+
+    The body is forwarded as it is, so what is priced must be what upstream reads: it must be UTF-8
+    (no other encoding `json` would guess), and no top-level key may appear twice, since `json`
+    keeps the last value where another parser may keep the first (two `model`s: which is billed?).
+    """
     try:
-        payload = json.loads(body)
+        payload = json.loads(body.decode("utf-8"), object_pairs_hook=_object)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8; send a JSON object.") from None
     except (ValueError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON; send a JSON object.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object with `model` and `messages`.")
+    if isinstance(payload, _Repeated):
+        raise InvalidRequest(
+            f"The request body has the key {payload.key[:100]!r} more than once; send each key once."
+        )
     model = payload.get("model")
     if not isinstance(model, str):
         raise InvalidRequest('`model` must be a string naming a priced model, e.g. "openai/gpt-oss-20b".')
@@ -58,16 +95,24 @@ def parse_chat(body: bytes) -> tuple[str, int, bool]:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes without reading it whole."""
+    """The request body, refusing (413) anything over `limit` bytes without reading it whole.
+
+    A body that takes longer than the client read timeout to arrive is refused (408), so clients
+    dribbling their bodies cannot pile up.
+    """
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge(f"The request body is {length} bytes; this gateway accepts at most {limit}.")
+    timeout = request.app[SETTINGS].client_read_timeout_seconds
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(
             f"The request body is over {limit} bytes, the most this gateway accepts."
         ) from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} seconds.") from None
 
 
 def _credit_headers(admission: Admission, charged: bool) -> dict[str, str]:
@@ -86,6 +131,27 @@ def _credit_headers(admission: Admission, charged: bool) -> dict[str, str]:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     """POST /api/v1/chat and /v1/chat/completions."""
+    # The work runs in its own task, shielded: a server that cancels handlers when their client
+    # leaves (aiohttp's `handler_cancellation`; its test server does) must abandon neither a hold
+    # nor an upstream call already under way. The request is settled as if the client had stayed.
+    work = asyncio.ensure_future(_chat(request))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if not work.done():
+            background = request.app[BACKGROUND]
+            background.add(work)
+            work.add_done_callback(lambda task: _detached_done(background, task))
+        raise
+
+
+def _detached_done(background: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
+    background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("request finished after its client left: %r", task.exception())
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     started = time.perf_counter()
@@ -114,6 +180,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 stream=stream,
             )
             admission = await app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+            app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
@@ -183,7 +250,16 @@ async def _exchange(
                 progress.upstream_done = time.perf_counter()
                 return response
             scanner = SseUsageScanner()
-            result = await relay_stream(upstream, response, scanner, settings.stream_idle_timeout_seconds)
+            result = await relay_stream(
+                upstream,
+                response,
+                scanner,
+                settings.stream_idle_timeout_seconds,
+                settings.client_read_timeout_seconds,
+            )
+            if result.client_gone and request.transport is not None:
+                # Close at once: a client that stopped reading would keep a closing socket open.
+                request.transport.abort()
             progress.upstream_done = result.upstream_done_at
             usage = scanner.usage
             progress.settlement = Settlement(
@@ -216,13 +292,18 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     settlement = progress.settlement
     progress.settled = True
     settled = time.perf_counter()
+    retrying = False
     try:
         done = await asyncio.shield(store.run(metering.settle, admission, settlement, metering.now_us()))
     except LedgerUnavailable:
+        retrying = True
         task = asyncio.get_running_loop().create_task(_settle_later(app, admission, settlement))
         app[BACKGROUND].add(task)
         task.add_done_callback(app[BACKGROUND].discard)
         return
+    finally:
+        if not retrying:
+            app[SETTLING].discard(admission.charge.request_id)
     if not done:
         log.warning("request %s settled after its hold expired; left as expired", admission.charge.request_id)
         return
@@ -233,16 +314,19 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
 
 async def _settle_later(app: web.Application, admission: Admission, settlement: Settlement) -> None:
     delay = 0.1
-    while True:
-        await asyncio.sleep(delay)
-        try:
-            done = await app[STORE].run(metering.settle, admission, settlement, metering.now_us())
-        except LedgerUnavailable:
-            delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
-            continue
-        if done:
-            record_settlement(app, admission, settlement, None)
-        return
+    try:
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                done = await app[STORE].run(metering.settle, admission, settlement, metering.now_us())
+            except LedgerUnavailable:
+                delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
+                continue
+            if done:
+                record_settlement(app, admission, settlement, None)
+            return
+    finally:
+        app[SETTLING].discard(admission.charge.request_id)
 
 
 def record_settlement(

@@ -7,6 +7,7 @@ GatewayError
  ├── BudgetExceeded        402 budget_exceeded
  ├── AdminDisabled         403 admin_disabled
  ├── NotFound              404 not_found
+ ├── RequestTimeout        408 request_timeout
  ├── Conflict              409 conflict
  ├── RequestTooLarge       413 request_too_large
  ├── UpstreamUnavailable   502 upstream_unavailable
@@ -63,6 +64,18 @@ class NotFound(GatewayError):
 
 class Conflict(GatewayError):
     status, type = 409, "conflict"
+
+
+class IdempotencyConflict(GatewayError):
+    status, type, outcome = 409, "idempotency_in_flight", "idempotency_conflict"
+
+
+class IdempotencyMismatch(GatewayError):
+    status, type, outcome = 422, "idempotency_mismatch", "idempotency_mismatch"
+
+
+class RequestTimeout(GatewayError):
+    status, type, outcome = 408, "request_timeout", "request_timeout"
 
 
 class RequestTooLarge(GatewayError):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 
-from . import metering
+from . import idempotency, metering
 from .errors import LedgerUnavailable
 from .metrics import Metrics
 from .store import Store
@@ -21,28 +22,44 @@ def sweep_interval(ttl: float) -> float:
     return min(ttl / 4, 15.0)
 
 
-async def beat_and_sweep(store: Store, metrics: Metrics, instance_id: str, ttl: float) -> int:
-    """Mark this process alive, then release every hold older than the TTL whose process is silent."""
+async def beat_and_sweep(
+    store: Store, metrics: Metrics, instance_id: str, ttl: float, settling: Collection[str] = ()
+) -> int:
+    """Mark this process alive, then release every hold older than the TTL whose process is silent.
+
+    Also this process's own holds older than the TTL that are not in `settling` (the requests it
+    has admitted and not yet settled): they were lost, e.g. in an outage during an admission.
+    """
     now = metering.now_us()
     await store.run(metering.heartbeat, instance_id, now, now - FORGET_AFTER_US)
+    await store.run(idempotency.purge, now)
     total = 0
     while True:
-        expired = await store.run(metering.expire_holds, now - int(ttl * 1_000_000), metering.now_us())
+        expired = await store.run(
+            metering.expire_holds,
+            now - int(ttl * 1_000_000),
+            metering.now_us(),
+            500,
+            instance_id,
+            frozenset(settling),
+        )
         total += expired
         if expired:
             metrics.holds_expired.inc(expired)
-            log.warning("released %d hold(s) left by stopped gateway processes", expired)
+            log.warning("released %d hold(s) left by stopped gateway processes or lost in an outage", expired)
         if expired < 500:
             return total
 
 
-async def run_forever(store: Store, metrics: Metrics, instance_id: str, ttl: float) -> None:
+async def run_forever(
+    store: Store, metrics: Metrics, instance_id: str, ttl: float, settling: Collection[str] = ()
+) -> None:
     """Beat and sweep every interval until cancelled; a database outage is logged and outlived."""
     interval = sweep_interval(ttl)
     while True:
         await asyncio.sleep(interval)
         try:
-            await beat_and_sweep(store, metrics, instance_id, ttl)
+            await beat_and_sweep(store, metrics, instance_id, ttl, settling)
         except LedgerUnavailable:
             log.warning("hold expiry skipped: database unavailable")
         except Exception:

@@ -25,6 +25,8 @@ from typing import Any
 from aiohttp import web
 
 CHUNK_WORDS = ("Hello", " from", " the", " fake", " upstream", ".")
+# Larger than any gateway's body limit is likely to be: the fake refuses nothing the gateway passes.
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -52,7 +54,7 @@ class FakeUpstream:
 
     def app(self) -> web.Application:
         """The fake upstream as an aiohttp app."""
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/api/v1/chat", self.chat)
         app.router.add_post("/v1/chat/completions", self.chat)
         return app
@@ -76,7 +78,9 @@ class FakeUpstream:
         elif behaviour[0].isdigit():
             status = int(behaviour[0])
             return web.json_response(
-                {"error": {"message": f"fake upstream error {status}", "code": status}}, status=status
+                {"error": {"message": f"fake upstream error {status}", "code": status}},
+                status=status,
+                headers={"Retry-After": "1"} if status in (429, 503) else None,
             )
         elif behaviour[0] == "badjson":
             return web.Response(body=b"{not json", content_type="application/json")

@@ -264,20 +264,46 @@ _STALE_HOLDS = text(
     "(SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.heartbeat_at >= :cutoff) "
     "ORDER BY admitted_at LIMIT :limit"
 )
+# An Idempotency-Key reserved by a request that never settled is freed with its hold.
+_FREE_IDEMPOTENCY_KEY = text(
+    "DELETE FROM idempotency_keys WHERE request_id = :request_id AND state = 'in_flight'"
+)
+# This process's own old holds: those it is not settling were lost (see `expire_holds`).
+_OWN_STALE_HOLDS = text(
+    "SELECT request_id, key_id, user_id, team_id, model, message_count, unit_price_micros, "
+    "credits_micros, stream, admitted_at FROM holds "
+    "WHERE instance_id = :instance_id AND admitted_at < :cutoff"
+)
 _ALLOCATIONS_OF = text(
     "SELECT budget_id, window_start FROM allocations WHERE request_id = :request_id ORDER BY budget_id"
 )
 
 
-def expire_holds(conn: Connection, cutoff: int, at: int, limit: int = 500) -> int:
+def expire_holds(
+    conn: Connection,
+    cutoff: int,
+    at: int,
+    limit: int = 500,
+    instance_id: str | None = None,
+    settling: frozenset[str] = frozenset(),
+) -> int:
     """Release holds admitted before `cutoff` whose process stopped beating; returns how many.
+
+    With `instance_id`, also this process's own holds admitted before `cutoff` that it is not
+    `settling`: holds it lost track of, as when the connection broke while an admission committed
+    (the caller was answered 503, yet the hold was written).
 
     Safe to run in many processes at once: a hold is released only by whoever deletes its row.
     """
     expired = 0
-    for row in conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all():
+    rows = list(conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all())
+    if instance_id is not None:
+        own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
+        rows += [row for row in own if row["request_id"] not in settling]
+    for row in rows:
         if conn.execute(_DELETE_HOLD, {"request_id": row["request_id"]}).first() is None:
             continue
+        conn.execute(_FREE_IDEMPOTENCY_KEY, {"request_id": row["request_id"]})
         allocations = [
             (b, w) for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all()
         ]

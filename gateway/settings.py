@@ -94,6 +94,7 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "hold_ttl_seconds": (_positive(float), 360.0),
     "max_body_bytes": (_positive(int), 4 * 1024 * 1024),
     "stream_idle_timeout_seconds": (_positive(float), 120.0),
+    "client_read_timeout_seconds": (_positive(float), 30.0),
     "cache_ttl_seconds": (_positive(float), 2.0),
     "db_pool_size": (_positive(int), 10),
 }
@@ -114,6 +115,9 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     # How long a started stream may go without a chunk from upstream before it is ended.
     stream_idle_timeout_seconds: float = 120.0
+    # How long a client may take to send its request headers, or its body, or to accept one chunk of
+    # a streamed answer; past it the connection is closed, so slow clients cannot pile up.
+    client_read_timeout_seconds: float = 30.0
     # How long key and budget lookups are cached; revocation takes effect on every replica within it.
     cache_ttl_seconds: float = 2.0
     db_pool_size: int = 10

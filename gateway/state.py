@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import ClientSession, web
 
@@ -18,5 +19,8 @@ METRICS = web.AppKey("metrics", Metrics)
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", ClientSession)
 INSTANCE_ID = web.AppKey("instance_id", str)
-BACKGROUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("background")
+# Work that outlives its request: settlements being retried, requests whose client left.
+BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background")
+# Request ids this process has admitted and not yet settled: hold expiry leaves their holds alone.
+SETTLING: web.AppKey[set[str]] = web.AppKey("settling")
 GAUGES = web.AppKey("gauges", BudgetGauges)

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Work = Callable[..., T]
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+# How long a SQLite transaction waits for another process's write lock before the gateway answers
+# 503: short enough that a locked database is reported within 2 seconds, far longer than any
+# transaction of a gateway (a few milliseconds), so processes sharing a file never get there.
+SQLITE_BUSY_TIMEOUT_MS = 1_500
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
 PG_MAX_ATTEMPTS = 5
@@ -70,11 +73,12 @@ def open_store(url: str, *, pool_size: int = 10) -> Store:
     return PostgresStore(url, pool_size=pool_size)
 
 
+UNAVAILABLE = "The gateway's ledger database cannot be reached, so nothing was forwarded. Retry shortly."
+
+
 def _unavailable(exc: BaseException) -> LedgerUnavailable:
     log.warning("database unavailable: %s", exc)
-    return LedgerUnavailable(
-        "The gateway's ledger database cannot be reached, so nothing was forwarded. Retry shortly."
-    )
+    return LedgerUnavailable(UNAVAILABLE)
 
 
 class SqliteStore:
@@ -89,6 +93,8 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._busy = False
+        # Set by the database thread when its last batch found the database locked or broken.
+        self._outage = False
 
     def _make_engine(self) -> Engine:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,7 @@ class SqliteStore:
 
     def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
         """In the database thread: run every unit in one transaction; (ok, result or error) each."""
+        self._outage = False
         try:
             conn = self._connection()
             if len(batch) == 1:
@@ -160,6 +167,8 @@ class SqliteStore:
             return results
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             self._drop_connection()
+            # Locked (past the busy timeout), unreadable, full: the database, not a faulty unit.
+            self._outage = isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
             error = _unavailable(exc)
             return [(False, error)] * len(batch)
 
@@ -193,6 +202,13 @@ class SqliteStore:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+        if self._outage and self._pending:
+            # Work queued while that batch waited out the busy timeout would wait as long again:
+            # fail it now, so that during an outage every caller hears within one busy timeout.
+            waiting, self._pending = self._pending, []
+            for _, _, future in waiting:
+                if not future.done():
+                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
         if self._pending:
             self._start_batch()
 

@@ -8,6 +8,7 @@ different things for the charge.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -31,6 +32,9 @@ RELAYED_HEADERS = ("Content-Type", "Cache-Control", "Retry-After")
 FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
 # A stream's partial line is kept only this long while looking for a usage chunk.
 MAX_USAGE_LINE = 1 << 20
+# aiohttp warns about bytes bodies over 1 MiB (written in one go); larger ones go as a BytesIO,
+# which it writes in chunks.
+LARGE_BODY = 1 << 20
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -62,7 +66,8 @@ async def open_upstream(
     """POST to upstream and yield its response once the headers are in (504 / 502 otherwise)."""
     try:
         async with asyncio.timeout(timeout):
-            response = await session.post(url, data=body, headers=headers, allow_redirects=False)
+            data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
+            response = await session.post(url, data=data, headers=headers, allow_redirects=False)
     except TimeoutError:
         raise UpstreamTimeout(
             f"The upstream API sent no response headers within {timeout:g} seconds; nothing was charged."
@@ -164,8 +169,13 @@ async def relay_stream(
     response: web.StreamResponse,
     scanner: SseUsageScanner,
     idle_timeout: float,
+    write_timeout: float,
 ) -> StreamResult:
-    """Relay upstream's body chunk by chunk as it arrives, until it ends or either side fails."""
+    """Relay upstream's body chunk by chunk as it arrives, until it ends or either side fails.
+
+    A client that takes over `write_timeout` to accept a chunk counts as gone: it would otherwise
+    hold the relay, and the upstream connection, for as long as it cares not to read.
+    """
     result = StreamResult()
     content = upstream.content
     while True:
@@ -184,7 +194,12 @@ async def relay_stream(
             break
         scanner.feed(chunk)
         try:
-            await response.write(chunk)
+            async with asyncio.timeout(write_timeout):
+                await response.write(chunk)
+        except TimeoutError:
+            log.warning("client accepted nothing for %ss; dropping it", write_timeout)
+            result.client_gone = True
+            break
         except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError):
             result.client_gone = True
             break

@@ -1,0 +1,391 @@
+"""Database outages: fail closed fast, forward nothing, recover alone, leak no hold.
+
+PostgreSQL is reached through a small TCP proxy that the test can cut (every proxied socket
+closed, new ones refused) and restore. SQLite is made unusable the way it really happens: another
+connection holds the write lock (`BEGIN EXCLUSIVE`), so every transaction of the gateway waits out
+its busy timeout and fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from gateway.app import create_app
+from gateway.fake_upstream import FakeUpstream
+from gateway.metrics import Metrics
+from gateway.settings import Secret, Settings
+from gateway.store import open_store, sqlite_path
+
+from .conftest import Backend, World, assert_counters_match_ledger
+
+OSS20 = "openai/gpt-oss-20b"
+ANSWER_WITHIN = 2.0  # seconds: a chat request or /readyz during an outage
+RECOVER_WITHIN = 5.0  # seconds after the database is back
+TTL = 3.0  # the gateway's hold TTL: short, so that lost holds are released within the test
+
+
+class Outage(Protocol):
+    """A way to take the database away from the gateway, and give it back."""
+
+    async def cut(self) -> None: ...
+
+    async def restore(self) -> None: ...
+
+
+class SqliteLock:
+    """Another connection holding SQLite's write lock: the gateway's transactions cannot begin."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+
+    async def cut(self) -> None:
+        def lock() -> sqlite3.Connection:
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            conn.execute("BEGIN EXCLUSIVE")
+            return conn
+
+        self.conn = await asyncio.to_thread(lock)
+
+    async def restore(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await asyncio.to_thread(_rollback_and_close, conn)
+
+
+def _rollback_and_close(conn: sqlite3.Connection) -> None:
+    conn.execute("ROLLBACK")
+    conn.close()
+
+
+@dataclass
+class _Link:
+    """One proxied connection."""
+
+    client: asyncio.StreamWriter
+    marked: bool = False  # the trap's marker went through in its current transaction
+    swallow: bool = False  # the trap sprang: nothing more gets through
+
+
+@dataclass
+class TcpProxy:
+    """127.0.0.1:<port> → target, one pair of sockets per connection; can be cut and restored.
+
+    `trap` (bytes), when set, springs once: on the connection that sends it, the next COMMIT
+    reaches the database but its answer never comes back, and the connection breaks.
+    """
+
+    target: tuple[str, int]
+    port: int = 0
+    server: asyncio.Server | None = None
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    trap: bytes | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            db_r, db_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self.writers.update((client_w, db_w))
+        link = _Link(client_w)
+        for reader, writer, to_db in ((client_r, db_w, True), (db_r, client_w, False)):
+            task = asyncio.get_running_loop().create_task(self._pipe(reader, writer, link, to_db))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, to_db: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if link.swallow:
+                    continue
+                writer.write(data)
+                await writer.drain()
+                if to_db and self.trap is not None:
+                    if self.trap in data:
+                        link.marked = True
+                    elif link.marked and b"COMMIT" in data:
+                        self.trap, link.swallow = None, True
+                        # Long after the database has committed, the gateway's socket is reset.
+                        asyncio.get_running_loop().call_later(0.5, link.client.transport.abort)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+            self.writers.discard(writer)
+
+    async def cut(self) -> None:
+        """Refuse new connections and reset every open one."""
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        self.server = None
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def restore(self) -> None:
+        if self.server is None:
+            await self.start()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.cut()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@dataclass
+class Setup:
+    world: World
+    outage: Outage
+    key: str
+
+
+@pytest.fixture
+async def setup(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
+) -> AsyncIterator[Setup]:
+    """A gateway whose database can be cut: alice's key, with a daily budget of 1000 credits."""
+    upstream, upstream_url = fake
+    proxy: TcpProxy | None = None
+    url = backend.url
+    outage: Outage
+    if backend.name == "postgresql":
+        real = make_url(backend.url)
+        proxy = TcpProxy((real.host or "127.0.0.1", real.port or 5432))
+        await proxy.start()
+        # Uncached statements, so the proxy sees each one's SQL (its trap looks for it).
+        proxied = real.set(host="127.0.0.1", port=proxy.port, query={"prepared_statement_cache_size": "0"})
+        url = proxied.render_as_string(hide_password=False)
+        outage = proxy
+    else:
+        outage = SqliteLock(sqlite_path(url))
+    store = open_store(url, pool_size=10)
+    settings = Settings(
+        database_url=url,
+        upstream_url=upstream_url,
+        upstream_api_key=Secret("upstream-secret"),
+        upstream_timeout_seconds=2,
+        hold_ttl_seconds=TTL,
+    )
+    metrics = Metrics()
+    client = await aiohttp_client(create_app(settings, store=store, metrics=metrics))
+    world = World(client, store, upstream, settings, metrics, aiohttp_client)
+    try:
+        await world.team("eng")
+        await world.user("alice", "eng")
+        await world.budget("user", "alice", "1000")
+        key = (await world.key("alice"))["key"]
+        yield Setup(world, outage, key)
+    finally:
+        await outage.restore()
+        await client.close()
+        await store.close()
+        if proxy is not None:
+            await proxy.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Call:
+    tag: str
+    started: float
+    ended: float
+    status: int
+    error_type: str | None
+    request_id: str | None
+
+
+async def _chat(w: World, key: str, tag: str, **extra: Any) -> Call:
+    body = {"model": OSS20, "messages": [{"role": "user", "content": tag}], **extra}
+    started = time.monotonic()
+    resp = await w.client.post("/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key}"})
+    payload = await resp.read()
+    error_type = None
+    if resp.status >= 400 and resp.content_type == "application/json":
+        error_type = (await resp.json()).get("error", {}).get("type")
+    assert payload is not None
+    return Call(tag, started, time.monotonic(), resp.status, error_type, resp.headers.get("X-Request-Id"))
+
+
+def _tags_upstream_saw(upstream: FakeUpstream) -> set[str]:
+    return {m["content"] for r in upstream.received for m in r.body["messages"]}
+
+
+async def _readyz(w: World) -> tuple[int, float]:
+    started = time.monotonic()
+    resp = await w.client.get("/readyz")
+    await resp.read()
+    return resp.status, time.monotonic() - started
+
+
+async def test_outage_under_load(setup: Setup) -> None:
+    w, key = setup.world, setup.key
+    calls: list[Call] = []
+    stop = asyncio.Event()
+
+    async def worker(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            calls.append(await _chat(w, key, f"w{n}-{i}", stream=i % 3 == 0))
+            await asyncio.sleep(0.01)
+
+    workers = [asyncio.ensure_future(worker(n)) for n in range(8)]
+    try:
+        await asyncio.sleep(0.5)
+        assert any(c.status == 200 for c in calls), calls
+
+        await setup.outage.cut()
+        cut_at = time.monotonic()
+        await asyncio.sleep(0.3)  # requests admitted before the cut reach upstream by now
+        seen_at_cut = len(w.upstream.received)
+        ready = [await _readyz(w) for _ in range(2)]
+        await asyncio.sleep(max(0.0, cut_at + 3.5 - time.monotonic()))
+        seen_before_restore = len(w.upstream.received)
+        restore_started = time.monotonic()
+        await setup.outage.restore()
+        restored_at = time.monotonic()
+
+        async def recovered() -> bool:
+            return any(c.status == 200 and c.started >= restored_at for c in calls)
+
+        await eventually(recovered, RECOVER_WITHIN, "a request after the restore succeeds")
+        assert (await _readyz(w))[0] == 200
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+
+    assert all(status == 503 and took < ANSWER_WITHIN + 0.1 for status, took in ready), ready
+    assert seen_before_restore == seen_at_cut, "requests reached upstream while the database was down"
+    during = [c for c in calls if c.started >= cut_at and c.ended < restore_started]
+    assert len(during) >= 8, during
+    assert all(c.status == 503 and c.error_type == "ledger_unavailable" for c in during), during
+    slow = [c for c in calls if c.started >= cut_at and c.ended - c.started > ANSWER_WITHIN]
+    assert not slow, slow
+    refused = {c.tag for c in calls if c.status == 503}
+    assert not refused & _tags_upstream_saw(w.upstream), "a refused request was forwarded"
+    assert {c.status for c in calls} <= {200, 503}, {c.status for c in calls}
+
+    # Every request that got 200 is charged exactly once, and nothing stays held.
+    await eventually(lambda: _no_holds(w), RECOVER_WITHIN, "no hold left")
+    charged = {c.request_id for c in calls if c.status == 200}
+    rows = await w.sql("SELECT request_id, outcome FROM ledger")
+    assert {r[0] for r in rows if r[1] == "charged"} == charged
+    assert len(rows) == len({r[0] for r in rows})
+    await assert_counters_match_ledger(w)
+
+
+async def _no_holds(w: World) -> bool:
+    return await w.sql("SELECT * FROM holds") == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_settlement_during_an_outage_is_written_when_the_database_is_back(
+    setup: Setup, stream: bool
+) -> None:
+    """Admitted before the outage, answered by upstream during it: the hold becomes a charge later."""
+    w, key = setup.world, setup.key
+    w.upstream.header_delay = 1.0
+    call = asyncio.ensure_future(_chat(w, key, "during", stream=stream))
+
+    async def held() -> bool:
+        return bool(await w.sql("SELECT 1 FROM holds"))
+
+    await eventually(held, 5, "the request to be admitted")
+    await setup.outage.cut()
+    result = await asyncio.wait_for(call, 10)
+    assert result.status == 200  # upstream answered 2xx; the charge waits for the database
+    await asyncio.sleep(1.0)
+    await setup.outage.restore()
+    restored_at = time.monotonic()
+    await eventually(lambda: _no_holds(w), RECOVER_WITHIN + 1, "the settlement to be written")
+    assert time.monotonic() - restored_at < RECOVER_WITHIN + 1
+    rows = await w.sql("SELECT request_id, outcome, credits_micros, upstream_status FROM ledger")
+    assert [tuple(r) for r in rows] == [(result.request_id, "charged", 100_000, 200)]
+    await assert_counters_match_ledger(w)
+    requests = w.metrics.registry.get_sample_value(
+        "gateway_requests_total", {"model": OSS20, "outcome": "charged"}
+    )
+    assert requests == 1
+
+
+async def test_nothing_is_forwarded_while_the_database_is_down(setup: Setup) -> None:
+    """With a key already cached, the gateway still refuses: admission needs the database."""
+    w, key = setup.world, setup.key
+    assert (await _chat(w, key, "warm")).status == 200  # the key is cached now
+    await setup.outage.cut()
+    try:
+        results = await asyncio.gather(*(_chat(w, key, f"down-{i}") for i in range(20)))
+    finally:
+        await setup.outage.restore()
+    assert {(c.status, c.error_type) for c in results} == {(503, "ledger_unavailable")}
+    assert max(c.ended - c.started for c in results) < ANSWER_WITHIN
+    assert _tags_upstream_saw(w.upstream) == {"warm"}
+    refused = w.metrics.registry.get_sample_value(
+        "gateway_requests_total", {"model": OSS20, "outcome": "ledger_unavailable"}
+    )
+    assert refused == 20
+
+
+async def test_admission_whose_commit_answer_is_lost_is_released_after_the_ttl(
+    setup: Setup, backend: Backend
+) -> None:
+    """The connection breaks after the database committed a hold, before the gateway heard.
+
+    The caller gets 503 and nothing is forwarded, yet the hold exists; nobody will settle it, so
+    the gateway's hold expiry releases it (outcome `expired`) once it is older than the TTL.
+    """
+    if backend.name != "postgresql":
+        pytest.skip("SQLite runs in the gateway's process: no answer to a commit gets lost")
+    w, key = setup.world, setup.key
+    assert isinstance(setup.outage, TcpProxy)
+    warm = await _chat(w, key, "warm")
+    assert warm.status == 200
+    setup.outage.trap = b"INSERT INTO holds"
+    lost = await _chat(w, key, "lost")
+    assert (lost.status, lost.error_type) == (503, "ledger_unavailable")
+    assert setup.outage.trap is None, "the trap never sprang"
+    assert _tags_upstream_saw(w.upstream) == {"warm"}
+    assert len(await w.sql("SELECT * FROM holds")) == 1  # written all the same
+    await eventually(lambda: _no_holds(w), TTL + 3, "the lost hold to be released")
+    rows = await w.sql("SELECT outcome, credits_micros FROM ledger ORDER BY outcome")
+    assert [tuple(r) for r in rows] == [("charged", 100_000), ("expired", 0)]
+    await assert_counters_match_ledger(w)
+    assert w.metrics.registry.get_sample_value("gateway_holds_expired_total") == 1
+
+
+async def test_a_stream_longer_than_the_ttl_keeps_its_hold(setup: Setup) -> None:
+    """The sweep of this process's own old holds spares the requests it is still serving."""
+    w, key = setup.world, setup.key
+    w.upstream.chunk_delay = TTL / 4  # six chunks: the stream outlives the TTL by half
+    started = time.monotonic()
+    call = await _chat(w, key, "long", stream=True)
+    assert call.status == 200 and time.monotonic() - started > TTL * 1.3
+    rows = await w.sql("SELECT outcome, credits_micros FROM ledger")
+    assert [tuple(r) for r in rows] == [("charged", 100_000)]
+    assert w.metrics.registry.get_sample_value("gateway_holds_expired_total") == 0
+    await assert_counters_match_ledger(w)

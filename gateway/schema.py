@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     text,
@@ -193,3 +194,24 @@ class LedgerEntry(Base):
     total_tokens: Mapped[int | None] = mapped_column(Integer)
     stream: Mapped[bool] = mapped_column(Boolean)
     duration_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdempotencyKey(Base):
+    """An Idempotency-Key of a caller: reserved at admission, its first answer kept when charged."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        CheckConstraint("state IN ('in_flight', 'done')", name="state"),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+        Index("ix_idempotency_keys_request_id", "request_id"),
+    )
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_digest: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer)
+    content_type: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)

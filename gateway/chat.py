@@ -7,12 +7,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import Connection
 
-from . import metering
+from . import idempotency, metering
 from .errors import (
     GatewayError,
     InvalidRequest,
@@ -21,6 +23,7 @@ from .errors import (
     RequestTooLarge,
     UnknownModel,
 )
+from .idempotency import Answer, Replay, Reservation, replay_headers
 from .metering import Admission, Charge, Settlement
 from .pricing import cost, format_credits
 from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
@@ -179,15 +182,34 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 credits=cost(message_count, unit_price),
                 stream=stream,
             )
-            admission = await app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+            reservation = _reservation(request, body)
+            if reservation is None:
+                admission = await app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+            else:
+                admitted = await app[STORE].run(
+                    idempotency.admit_once, charge, app[INSTANCE_ID], metering.now_us(), reservation
+                )
+                if isinstance(admitted, Replay):
+                    return web.Response(
+                        body=admitted.body, status=admitted.status, headers=replay_headers(admitted)
+                    )
+                admission = admitted
             app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
             raise
-        return await _forward(request, admission, body, started)
+        return await _forward(request, admission, body, started, reservation)
     finally:
         metrics.inflight.dec()
+
+
+def _reservation(request: web.Request, body: bytes) -> Reservation | None:
+    """The Idempotency-Key of the request, if it has one."""
+    value = request.headers.get(idempotency.HEADER)
+    if value is None:
+        return None
+    return Reservation(idempotency.check_key(value), idempotency.body_digest(body))
 
 
 @dataclass
@@ -198,15 +220,39 @@ class _Progress:
     started: float
     forwarded_at: float
     upstream_done: float
+    reservation: Reservation | None = None
+    # The first answer, kept for replays when the request carries an Idempotency-Key.
+    answer: Answer | None = None
     settled: bool = False
+
+    def unit(self, admission: Admission) -> tuple[Callable[..., bool], tuple[Any, ...]]:
+        """The unit of work that settles the request, and its arguments (minus the time)."""
+        if self.reservation is None:
+            return metering.settle, (admission, self.settlement)
+        return _settle_once, (admission, self.settlement, self.reservation, self.answer)
+
+
+def _settle_once(
+    conn: Connection,
+    admission: Admission,
+    settlement: Settlement,
+    reservation: Reservation,
+    answer: Answer | None,
+    at: int,
+) -> bool:
+    return idempotency.settle_once(conn, admission, settlement, at, reservation, answer)
 
 
 async def _forward(
-    request: web.Request, admission: Admission, body: bytes, started: float
+    request: web.Request,
+    admission: Admission,
+    body: bytes,
+    started: float,
+    reservation: Reservation | None,
 ) -> web.StreamResponse:
     """Forward an admitted request and relay the answer; settle in `finally`, whatever happens."""
     forwarded_at = time.perf_counter()
-    progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at)
+    progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at, reservation)
     try:
         return await _exchange(request, admission, body, progress)
     except GatewayError as exc:
@@ -265,6 +311,7 @@ async def _exchange(
             progress.settlement = Settlement(
                 "charged", status, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
             )
+            progress.answer = Answer(status, headers.get("Content-Type"), None)
             # Settle before the end of the stream, so a client that has read it all sees its ledger row.
             await _settle(app, admission, progress)
             if not result.client_gone:
@@ -278,6 +325,7 @@ async def _exchange(
             progress.settlement = Settlement(
                 "charged", status, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
             )
+            progress.answer = Answer(status, headers.get("Content-Type"), content)
         else:
             progress.settlement = Settlement("upstream_error", status)
         return web.Response(body=content, status=status, headers=headers)
@@ -293,11 +341,12 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     progress.settled = True
     settled = time.perf_counter()
     retrying = False
+    fn, args = progress.unit(admission)
     try:
-        done = await asyncio.shield(store.run(metering.settle, admission, settlement, metering.now_us()))
+        done = await asyncio.shield(store.run(fn, *args, metering.now_us()))
     except LedgerUnavailable:
         retrying = True
-        task = asyncio.get_running_loop().create_task(_settle_later(app, admission, settlement))
+        task = asyncio.get_running_loop().create_task(_settle_later(app, admission, progress))
         app[BACKGROUND].add(task)
         task.add_done_callback(app[BACKGROUND].discard)
         return
@@ -312,13 +361,15 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     app[METRICS].overhead.observe((progress.forwarded_at - progress.started) + (finished - settled))
 
 
-async def _settle_later(app: web.Application, admission: Admission, settlement: Settlement) -> None:
+async def _settle_later(app: web.Application, admission: Admission, progress: _Progress) -> None:
     delay = 0.1
+    settlement = progress.settlement
+    fn, args = progress.unit(admission)
     try:
         while True:
             await asyncio.sleep(delay)
             try:
-                done = await app[STORE].run(metering.settle, admission, settlement, metering.now_us())
+                done = await app[STORE].run(fn, *args, metering.now_us())
             except LedgerUnavailable:
                 delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
                 continue

@@ -95,7 +95,9 @@ async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str
 
 
 async def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
-    return await request.app[STORE].run(fn, *args)
+    store = request.app[STORE]
+    # GETs change nothing: on SQLite they read beside the writes instead of queueing with them.
+    return await (store.read(fn, *args) if request.method == "GET" else store.run(fn, *args))
 
 
 def _budgets_changed(request: web.Request) -> None:

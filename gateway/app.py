@@ -102,7 +102,7 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
         settings = app[SETTINGS]
         store = injected or open_store(settings.database_url, pool_size=settings.db_pool_size)
         app[STORE] = store
-        app[KEYS] = KeyCache(lambda digest: store.run(lookup_caller, digest), settings.cache_ttl_seconds)
+        app[KEYS] = KeyCache(lambda digest: store.read(lookup_caller, digest), settings.cache_ttl_seconds)
         yield
         retrying: set[asyncio.Task[None]] = app[BACKGROUND]
         if retrying:

@@ -137,7 +137,9 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
     store = open_store(settings.database_url, pool_size=2)
     try:
         work, show = _admin_action(args)
-        result = await store.run(work)
+        # Reading commands take no write lock, so a long report never holds up a live gateway.
+        reading = args.action in ("list", "verify") or args.command == "report"
+        result = await (store.read(work) if reading else store.run(work))
     finally:
         await store.close()
     if args.json:

@@ -86,7 +86,7 @@ class BudgetGauges:
     async def refresh(self, store: Store) -> None:
         """Read every budget now and show exactly those."""
         async with self._lock:
-            self.show(await store.run(budgets_now, metering.now_us()))
+            self.show(await store.read(budgets_now, metering.now_us()))
 
     def show(self, budgets: list[BudgetNow]) -> None:
         """Set the gauges to `budgets`, removing the series of budgets no longer there."""

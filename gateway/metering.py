@@ -17,6 +17,7 @@ from sqlalchemy import Connection, text
 
 from .errors import BudgetExceeded
 from .pricing import credits_json, format_credits
+from .store import Sql, sql_of
 from .windows import from_key, isoformat, window_end, window_key
 
 
@@ -70,7 +71,7 @@ def now_us() -> int:
     return int(datetime.now(UTC).timestamp() * 1_000_000)
 
 
-_BUDGETS_FOR = text(
+_BUDGETS_FOR = (
     "SELECT id, scope, subject, period, limit_micros FROM budgets "
     "WHERE (scope = 'key' AND subject = :key) OR (scope = 'user' AND subject = :user) "
     "OR (scope = 'team' AND subject = :team) ORDER BY id"
@@ -78,7 +79,7 @@ _BUDGETS_FOR = text(
 
 # Creates the window's counter with this hold, or adds the hold to it, only if it still fits.
 # The limit is read inside the statement so a concurrent budget change is never missed.
-_PLACE_HOLD = text(
+_PLACE_HOLD = (
     "INSERT INTO budget_counters (budget_id, window_start, spent_micros, held_micros) "
     "SELECT b.id, :window, 0, :credits FROM budgets b WHERE b.id = :budget AND :credits <= b.limit_micros "
     "ON CONFLICT (budget_id, window_start) DO UPDATE "
@@ -88,30 +89,30 @@ _PLACE_HOLD = text(
     "RETURNING spent_micros, held_micros"
 )
 
-_COUNTER = text(
+_COUNTER = (
     "SELECT spent_micros, held_micros FROM budget_counters "
     "WHERE budget_id = :budget AND window_start = :window"
 )
 
-_INSERT_HOLD = text(
+_INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
     "unit_price_micros, credits_micros, stream, admitted_at) VALUES (:request_id, :instance_id, :key_id, "
     ":user_id, :team_id, :model, :message_count, :unit_price, :credits, :stream, :admitted_at)"
 )
 
-_INSERT_ALLOCATION = text(
+_INSERT_ALLOCATION = (
     "INSERT INTO allocations (request_id, budget_id, window_start, credits_micros) "
     "VALUES (:request_id, :budget, :window, :credits)"
 )
 
-_DELETE_HOLD = text("DELETE FROM holds WHERE request_id = :request_id RETURNING request_id")
+_DELETE_HOLD = "DELETE FROM holds WHERE request_id = :request_id RETURNING request_id"
 
-_SETTLE_COUNTER = text(
+_SETTLE_COUNTER = (
     "UPDATE budget_counters SET held_micros = held_micros - :credits, spent_micros = spent_micros + :spent "
     "WHERE budget_id = :budget AND window_start = :window"
 )
 
-_INSERT_LEDGER = text(
+_INSERT_LEDGER = (
     "INSERT INTO ledger (request_id, admitted_at, settled_at, team_id, user_id, key_id, model, "
     "message_count, unit_price_micros, credits_micros, outcome, upstream_status, prompt_tokens, "
     "completion_tokens, total_tokens, stream, duration_us) VALUES (:request_id, :admitted_at, "
@@ -121,56 +122,58 @@ _INSERT_LEDGER = text(
 
 
 def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admission:
-    """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded."""
+    """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded.
+
+    The counters are updated last, so on PostgreSQL their row locks, which every request of a team
+    waits for, are held for as short a time as the transaction allows.
+    """
+    db = sql_of(conn)
     caller = charge.caller
-    budgets = conn.execute(
-        _BUDGETS_FOR,
-        {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
-    ).all()
-    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
-    allocations: list[tuple[int, int]] = []
-    remaining: int | None = None
-    for budget_id, scope, _subject, period, limit in budgets:
-        window = window_key(period, moment)
-        row = conn.execute(
-            _PLACE_HOLD, {"window": window, "credits": charge.credits, "budget": budget_id}
-        ).first()
-        if row is None:
-            raise _refusal(conn, charge, budget_id, scope, period, limit, window)
-        allocations.append((budget_id, window))
-        left = limit - row[0] - row[1]
-        remaining = left if remaining is None else min(remaining, left)
-    conn.execute(
-        _INSERT_HOLD,
-        {
-            "request_id": charge.request_id,
-            "instance_id": instance_id,
-            "key_id": caller.key_id,
-            "user_id": caller.user_id,
-            "team_id": caller.team_id,
-            "model": charge.model,
-            "message_count": charge.message_count,
-            "unit_price": charge.unit_price,
-            "credits": charge.credits,
-            "stream": charge.stream,
-            "admitted_at": at,
-        },
+    budgets = db.all(
+        _BUDGETS_FOR, {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)}
     )
-    if allocations:
-        conn.execute(
+    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    windows = [(row, window_key(row[3], moment)) for row in budgets]
+    db.many(
+        _INSERT_HOLD,
+        [
+            {
+                "request_id": charge.request_id,
+                "instance_id": instance_id,
+                "key_id": caller.key_id,
+                "user_id": caller.user_id,
+                "team_id": caller.team_id,
+                "model": charge.model,
+                "message_count": charge.message_count,
+                "unit_price": charge.unit_price,
+                "credits": charge.credits,
+                "stream": charge.stream,
+                "admitted_at": at,
+            }
+        ],
+    )
+    if windows:
+        db.many(
             _INSERT_ALLOCATION,
             [
-                {"request_id": charge.request_id, "budget": b, "window": w, "credits": charge.credits}
-                for b, w in allocations
+                {"request_id": charge.request_id, "budget": b[0], "window": w, "credits": charge.credits}
+                for b, w in windows
             ],
         )
-    return Admission(charge, at, tuple(allocations), remaining)
+    remaining: int | None = None
+    for (budget_id, scope, _subject, period, limit), window in windows:
+        row = db.first(_PLACE_HOLD, {"window": window, "credits": charge.credits, "budget": budget_id})
+        if row is None:
+            raise _refusal(db, charge, budget_id, scope, period, limit, window)
+        left = limit - row[0] - row[1]
+        remaining = left if remaining is None else min(remaining, left)
+    return Admission(charge, at, tuple((b[0], w) for b, w in windows), remaining)
 
 
 def _refusal(
-    conn: Connection, charge: Charge, budget_id: int, scope: str, period: str, limit: int, window: int
+    db: Sql, charge: Charge, budget_id: int, scope: str, period: str, limit: int, window: int
 ) -> BudgetExceeded:
-    counter = conn.execute(_COUNTER, {"budget": budget_id, "window": window}).first()
+    counter = db.first(_COUNTER, {"budget": budget_id, "window": window})
     spent, held = (counter[0], counter[1]) if counter else (0, 0)
     caller = charge.caller
     subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
@@ -198,7 +201,7 @@ def _refusal(
 
 
 def _write_settlement(
-    conn: Connection,
+    db: Sql,
     *,
     request_id: str,
     allocations: list[tuple[int, int]] | tuple[tuple[int, int], ...],
@@ -207,24 +210,27 @@ def _write_settlement(
     ledger: dict[str, Any],
 ) -> None:
     spent = credits if settlement.outcome == "charged" else 0
+    db.many(
+        _INSERT_LEDGER,
+        [
+            {
+                **ledger,
+                "request_id": request_id,
+                "credits": spent,
+                "outcome": settlement.outcome,
+                "upstream_status": settlement.upstream_status,
+                "prompt_tokens": settlement.prompt_tokens,
+                "completion_tokens": settlement.completion_tokens,
+                "total_tokens": settlement.total_tokens,
+            }
+        ],
+    )
+    # Counters last: on PostgreSQL their row locks are then held only until the commit.
     if allocations:
-        conn.execute(
+        db.many(
             _SETTLE_COUNTER,
             [{"credits": credits, "spent": spent, "budget": b, "window": w} for b, w in allocations],
         )
-    conn.execute(
-        _INSERT_LEDGER,
-        {
-            **ledger,
-            "request_id": request_id,
-            "credits": spent,
-            "outcome": settlement.outcome,
-            "upstream_status": settlement.upstream_status,
-            "prompt_tokens": settlement.prompt_tokens,
-            "completion_tokens": settlement.completion_tokens,
-            "total_tokens": settlement.total_tokens,
-        },
-    )
 
 
 def settle(conn: Connection, admission: Admission, settlement: Settlement, at: int) -> bool:
@@ -233,11 +239,12 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
     Returns False, changing nothing, if the hold is already gone (expired by another process).
     """
     charge = admission.charge
-    if conn.execute(_DELETE_HOLD, {"request_id": charge.request_id}).first() is None:
+    db = sql_of(conn)
+    if db.first(_DELETE_HOLD, {"request_id": charge.request_id}) is None:
         return False
     caller = charge.caller
     _write_settlement(
-        conn,
+        db,
         request_id=charge.request_id,
         allocations=admission.allocations,
         credits=charge.credits,
@@ -265,9 +272,7 @@ _STALE_HOLDS = text(
     "ORDER BY admitted_at LIMIT :limit"
 )
 # An Idempotency-Key reserved by a request that never settled is freed with its hold.
-_FREE_IDEMPOTENCY_KEY = text(
-    "DELETE FROM idempotency_keys WHERE request_id = :request_id AND state = 'in_flight'"
-)
+_FREE_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE request_id = :request_id AND state = 'in_flight'"
 # This process's own old holds: those it is not settling were lost (see `expire_holds`).
 _OWN_STALE_HOLDS = text(
     "SELECT request_id, key_id, user_id, team_id, model, message_count, unit_price_micros, "
@@ -296,19 +301,20 @@ def expire_holds(
     Safe to run in many processes at once: a hold is released only by whoever deletes its row.
     """
     expired = 0
+    db = sql_of(conn)
     rows = list(conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all())
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
     for row in rows:
-        if conn.execute(_DELETE_HOLD, {"request_id": row["request_id"]}).first() is None:
+        if db.first(_DELETE_HOLD, {"request_id": row["request_id"]}) is None:
             continue
-        conn.execute(_FREE_IDEMPOTENCY_KEY, {"request_id": row["request_id"]})
+        db.many(_FREE_IDEMPOTENCY_KEY, [{"request_id": row["request_id"]}])
         allocations = [
             (b, w) for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all()
         ]
         _write_settlement(
-            conn,
+            db,
             request_id=row["request_id"],
             allocations=allocations,
             credits=row["credits_micros"],

@@ -10,27 +10,31 @@ A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. Th
 - PostgreSQL: on an asyncpg pool, through `AsyncConnection.run_sync`, one transaction per unit,
   retried on serialization failures and deadlocks.
 
-A database that cannot be reached raises `LedgerUnavailable`; a `GatewayError` raised by a unit
-rolls back that unit and reaches its caller unchanged.
+A database that cannot be reached raises `LedgerUnavailable`; any other error raised by a unit
+(a refusal such as `BudgetExceeded`, or a bug) rolls back that unit alone and reaches its caller
+unchanged. SQLite reads run on a second connection in a thread of their own (`read`), so a long
+report never holds up admissions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, TextClause, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from .errors import GatewayError, LedgerUnavailable
+from .errors import LedgerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ class Store(Protocol):
     dialect: str
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
 
     async def ping(self) -> None: ...
 
@@ -91,6 +97,10 @@ class SqliteStore:
         self._engine: Engine | None = None
         self._conn: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
+        # Reads (key lookups, reports, listings) run beside the writer, on their own connection:
+        # WAL lets them see the last commit without waiting for, or holding up, the writes.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
+        self._read_conn: Connection | None = None
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._busy = False
         # Set by the database thread when its last batch found the database locked or broken.
@@ -98,15 +108,17 @@ class SqliteStore:
 
     def _make_engine(self) -> Engine:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # AUTOCOMMIT: SQLAlchemy leaves transactions alone; the store says BEGIN IMMEDIATE,
+        # SAVEPOINT and COMMIT itself on the driver's connection, the cheapest way there is.
         engine = create_engine(
             f"sqlite:///{self.path}",
             poolclass=NullPool,
+            isolation_level="AUTOCOMMIT",
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
-            # Take transaction control from the driver so BEGIN IMMEDIATE and savepoints work.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -116,12 +128,6 @@ class SqliteStore:
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            # Take the write lock up front: a deferred transaction that reads then writes fails
-            # with "database is locked" under contention, whatever the busy timeout.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
 
@@ -141,31 +147,50 @@ class SqliteStore:
             self._conn = None
 
     def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
-        """In the database thread: run every unit in one transaction; (ok, result or error) each."""
+        """In the database thread: run every unit in one transaction; (ok, result or error) each.
+
+        A unit that raises is rolled back alone (its savepoint) and its caller gets the error; a
+        database that cannot be used fails the whole batch with LedgerUnavailable.
+        """
         self._outage = False
+        raw: sqlite3.Connection | None = None
         try:
             conn = self._connection()
+            raw = driver_connection(conn)
+            # Take the write lock up front: a deferred transaction that reads then writes fails
+            # with "database is locked" under contention, whatever the busy timeout.
+            raw.execute("BEGIN IMMEDIATE")
             if len(batch) == 1:
                 fn, args = batch[0]
                 try:
-                    with conn.begin():
-                        return [(True, fn(conn, *args))]
-                except GatewayError as exc:
+                    result = fn(conn, *args)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    raw.execute("ROLLBACK")
                     return [(False, exc)]
+                raw.execute("COMMIT")
+                return [(True, result)]
             results: list[tuple[bool, Any]] = []
-            with conn.begin():
-                for fn, args in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        result = fn(conn, *args)
-                    except GatewayError as exc:
-                        savepoint.rollback()
-                        results.append((False, exc))
-                    else:
-                        savepoint.commit()
-                        results.append((True, result))
+            for fn, args in batch:
+                raw.execute("SAVEPOINT unit")
+                try:
+                    result = fn(conn, *args)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        raise
+                    raw.execute("ROLLBACK TO unit")
+                    results.append((False, exc))
+                else:
+                    results.append((True, result))
+                raw.execute("RELEASE unit")
+            raw.execute("COMMIT")
             return results
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            if raw is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    if raw.in_transaction:
+                        raw.execute("ROLLBACK")
             self._drop_connection()
             # Locked (past the busy timeout), unreadable, full: the database, not a faulty unit.
             self._outage = isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
@@ -212,18 +237,63 @@ class SqliteStore:
         if self._pending:
             self._start_batch()
 
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """In the reader thread: one deferred transaction, so the unit sees one snapshot."""
+        try:
+            if self._read_conn is None:
+                if self._engine is None:
+                    self._engine = self._make_engine()
+                self._read_conn = self._engine.connect()
+            raw = driver_connection(self._read_conn)
+            raw.execute("BEGIN")
+            try:
+                return fn(self._read_conn, *args)
+            finally:
+                raw.execute("ROLLBACK")
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            if self._read_conn is not None:
+                with contextlib.suppress(SQLAlchemyError):
+                    self._read_conn.close()
+                self._read_conn = None
+            raise _unavailable(exc) from None
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only `fn(conn, *args)` on the reader connection, beside the writes."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._read, fn, args)
+
     async def ping(self) -> None:
         """Raise LedgerUnavailable unless the database answers."""
         await self.run(_select_one)
 
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._read_conn.close()
+            self._read_conn = None
+
     async def close(self) -> None:
-        """Wait for queued work, then close the connection and the thread."""
+        """Wait for queued work, then close the connections and the threads."""
         while self._busy or self._pending:
             await asyncio.sleep(0.005)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_connection)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._drop_connection)
+        await loop.run_in_executor(self._reader, self._close_reader)
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
         if self._engine is not None:
             self._engine.dispose()
+
+
+def driver_connection(conn: Connection) -> sqlite3.Connection:
+    """The sqlite3 connection under a SQLAlchemy one."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Locked past the busy timeout, unreadable, full: the database itself, not a faulty unit."""
+    return isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
 
 
 def _select_one(conn: Connection) -> None:
@@ -270,6 +340,10 @@ class PostgresStore:
                 raise _unavailable(exc) from None
         raise AssertionError("unreachable")
 
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Read-only work: a transaction like any other on PostgreSQL."""
+        return await self.run(fn, *args)
+
     async def ping(self) -> None:
         """Raise LedgerUnavailable unless the database answers."""
         await self.run(_select_one)
@@ -277,3 +351,58 @@ class PostgresStore:
     async def close(self) -> None:
         """Close the pool."""
         await self.engine.dispose()
+
+
+class Sql(Protocol):
+    """The few ways the hot path talks SQL: the same `:name` statements on both dialects."""
+
+    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]: ...
+
+    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None: ...
+
+    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
+
+
+class _DriverSql:
+    """Straight to sqlite3 (which caches its prepared statements): several times cheaper per
+    statement than going through SQLAlchemy, and these statements run on every request."""
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self._raw = raw
+
+    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        return self._raw.execute(sql, params).fetchall()
+
+    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
+        return self._raw.execute(sql, params).fetchone()
+
+    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._raw.executemany(sql, rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _clause(sql: str) -> TextClause:
+    return text(sql)
+
+
+class _AlchemySql:
+    """Through SQLAlchemy (PostgreSQL, on asyncpg)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        return list(self._conn.execute(_clause(sql), params).all())
+
+    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
+        return self._conn.execute(_clause(sql), params).first()
+
+    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._conn.execute(_clause(sql), list(rows))
+
+
+def sql_of(conn: Connection) -> Sql:
+    """The cheapest way to run the hot path's statements on this connection."""
+    if conn.dialect.name == "sqlite":
+        return _DriverSql(driver_connection(conn))
+    return _AlchemySql(conn)

@@ -39,7 +39,7 @@ async def my_usage(request: web.Request) -> web.Response:
     """GET /api/v1/usage: the calling key's budgets and usage this window."""
     caller = await request.app[KEYS].caller(request.headers.get("Authorization"))
     query_params(request, ())
-    return web.json_response(await request.app[STORE].run(key_usage, caller, now_us()))
+    return web.json_response(await request.app[STORE].read(key_usage, caller, now_us()))
 
 
 _USAGE = text(

@@ -283,6 +283,11 @@ class CountingStore:
             self.reads += 1
         return await self.store.run(fn, *args)
 
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if fn is gauges.budgets_now:
+            self.reads += 1
+        return await self.store.read(fn, *args)
+
     async def ping(self) -> None:
         await self.store.ping()
 

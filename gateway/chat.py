@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -174,7 +174,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 )
             model_label = model
             charge = Charge(
-                request_id=uuid.uuid4().hex,
+                request_id=secrets.token_hex(16),
                 caller=caller,
                 model=model,
                 message_count=message_count,

@@ -116,6 +116,13 @@ CHAT_HEADERS = {
     "X-Credits-Remaining": {"schema": STRING, "description": "Smallest remaining across the budgets"},
 }
 
+# A `text/event-stream` schema describes each event, as OpenAPI 3.2's `itemSchema` does (and as tools
+# read a 3.0 one); a `string` schema would claim every event is a string.
+SSE_EVENT = {
+    **_object({"data": STRING, "event": STRING, "id": STRING, "retry": INTEGER}, ("data",), closed=False),
+    "description": "One server-sent event relayed from upstream: `data` is a JSON chunk, the last `[DONE]`",
+}
+
 _CHAT = {
     "summary": "Chat completion, metered and forwarded upstream",
     "tags": ["chat"],
@@ -126,7 +133,7 @@ _CHAT = {
             200: {
                 "description": "Upstream's answer, relayed (SSE when `stream` is true)",
                 "headers": CHAT_HEADERS,
-                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {"schema": STRING}},
+                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {"schema": SSE_EVENT}},
             }
         },
         400,
@@ -178,7 +185,7 @@ SCHEMAS: dict[str, Any] = {
                 "minItems": 1,
                 "items": _object({"role": STRING}, ("role",), closed=False),
             },
-            "stream": {"type": "boolean"},
+            "stream": {"type": "boolean", "nullable": True, "description": "null means false"},
         },
         ("model", "messages"),
         closed=False,
@@ -478,8 +485,8 @@ PATHS: dict[str, Any] = {
                 *TIME_RANGE,
                 _param(
                     "group_by",
-                    {"type": "string", "pattern": f"^{_GROUP_BY}(,{_GROUP_BY})*$"},
-                    "comma-separated distinct group fields",
+                    {"type": "string", "pattern": rf"^(\s*{_GROUP_BY}\s*(,\s*{_GROUP_BY}\s*)*)?$"},
+                    "comma-separated distinct group fields; empty: no grouping, one row of totals",
                 ),
                 _param("format", {"type": "string", "enum": ["json", "csv"]}, "json (default) or csv"),
             ],

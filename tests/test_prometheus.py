@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from .procs import free_port
 from .test_dashboards import ALERTS, DASHBOARDS, leaf_panels, rules, variable_queries
 
 pytestmark = pytest.mark.slow
@@ -98,13 +98,6 @@ WAIT_SECONDS = 30
 
 
 # ------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .auth import new_key
 from .errors import Conflict, InvalidRequest, NotFound
+from .metering import now_us
 from .pricing import MICROS, credits_json, parse_credits
 from .windows import PERIODS, from_key, isoformat, window_end, window_key
 
@@ -229,11 +230,8 @@ def list_budgets(
     at: int | None = None,
     *,
     period: str | None = None,
-    ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Budgets with their current window's spent, held and remaining."""
-    from .metering import now_us
-
     at = now_us() if at is None else at
     clauses, params = [], {}
     if scope is not None:
@@ -249,8 +247,6 @@ def list_budgets(
         params["period"] = period
     query = _BUDGET_ROWS + (" WHERE " + " AND ".join(clauses) if clauses else "")
     rows = conn.execute(text(query + " ORDER BY b.scope, b.subject, b.period"), params).all()
-    if ids is not None:
-        rows = [r for r in rows if r[0] in ids]
     moment = datetime.fromtimestamp(at / 1_000_000, UTC)
     out = []
     for budget_id, scope_, period_, limit, subject_name in rows:

@@ -39,7 +39,6 @@ from .errors import LedgerUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[..., T]
 
 # How long a SQLite transaction waits for another process's write lock before the gateway answers
 # 503: short enough that a locked database is reported within 2 seconds, far longer than any

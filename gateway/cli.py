@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import ledger, migrate, reports, services
-from .errors import GatewayError
+from .errors import GatewayError, LedgerUnavailable
 from .fake_upstream import FakeUpstream
 from .metering import now_us
 from .settings import ConfigError, Settings
@@ -126,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except LedgerUnavailable as exc:
+        print(
+            f"gateway: cannot use the database ({exc.reason or 'unreachable'}); check GATEWAY_DATABASE_URL, "
+            "and run 'gateway db upgrade' first on a new database",
+            file=sys.stderr,
+        )
+        return 1
     except GatewayError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 1
@@ -134,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _admin(settings: Settings, args: argparse.Namespace) -> int:
+    # A database problem is told in one line by main(); the store's own warning would repeat it.
+    logging.getLogger("gateway.store").setLevel(logging.ERROR)
     store = open_store(settings.database_url, pool_size=2)
     try:
         work, show = _admin_action(args)

@@ -88,6 +88,7 @@ class UpstreamUnavailable(GatewayError):
 
 class LedgerUnavailable(GatewayError):
     status, type, outcome = 503, "ledger_unavailable", "ledger_unavailable"
+    reason = ""  # what the database driver said, for logs and the CLI
 
 
 class UpstreamTimeout(GatewayError):

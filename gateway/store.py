@@ -83,7 +83,11 @@ UNAVAILABLE = "The gateway's ledger database cannot be reached, so nothing was f
 
 def _unavailable(exc: BaseException) -> LedgerUnavailable:
     log.warning("database unavailable: %s", exc)
-    return LedgerUnavailable(UNAVAILABLE)
+    error = LedgerUnavailable(UNAVAILABLE)
+    # For operators (the CLI prints it); never in an HTTP answer.
+    cause = getattr(exc, "orig", None) or exc
+    error.reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return error
 
 
 class SqliteStore:

@@ -74,7 +74,16 @@ def test_database_down_is_one_line(
 ) -> None:
     monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql+asyncpg://nobody@127.0.0.1:9/none")
     code, _, err = _run(capsys, "teams", "list")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot be reached" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot use the database" in err
+
+
+def test_database_without_schema_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
+    code, _, err = _run(capsys, "teams", "create", "eng")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "no such table" in err and "gateway db upgrade" in err
 
 
 @pytest.mark.slow

@@ -305,7 +305,7 @@ def _demo(settings: Settings) -> int:
         f"  -H 'Content-Type: application/json' \\\n  -d {shlex.quote(body)}\n",
         flush=True,
     )
-    asyncio.run(_run_servers(settings, FakeUpstream(), fake_port))
+    asyncio.run(_run_servers(settings, FakeUpstream(keep=1000), fake_port))
     return 0
 
 
@@ -330,7 +330,7 @@ async def _demo_data(settings: Settings) -> str:
 
 
 def _fake_upstream(args: argparse.Namespace) -> int:
-    fake = FakeUpstream(chunk_delay=args.chunk_delay)
+    fake = FakeUpstream(chunk_delay=args.chunk_delay, keep=1000)
     print(f"fake upstream on http://{args.host}:{args.port}/api/v1/chat", flush=True)
     web.run_app(fake.app(), host=args.host, port=args.port, print=None, access_log=None)
     return 0

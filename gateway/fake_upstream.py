@@ -46,6 +46,9 @@ class FakeUpstream:
     chunk_delay: float = 0.0
     # Set to make every response wait this long before its headers (tests of timeouts).
     header_delay: float = 0.0
+    # Keep only the most recent requests (None: all of them, as tests want); a long-running
+    # `gateway fake-upstream` must not grow without bound.
+    keep: int | None = None
 
     @property
     def messages_received(self) -> int:
@@ -66,6 +69,8 @@ class FakeUpstream:
         except ValueError:
             return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
         self.received.append(Received(body, request.headers.get("Authorization"), dict(request.headers)))
+        if self.keep is not None and len(self.received) > 2 * self.keep:
+            del self.received[: -self.keep]
         behaviour = _behaviour(body)
         if self.header_delay:
             await asyncio.sleep(self.header_delay)

@@ -90,30 +90,40 @@ def admit_once(
         "request_id": charge.request_id,
         "at": at,
     }
-    if conn.execute(_RESERVE, params).first() is None:
-        row = conn.execute(_EXISTING, params).one()
+    # A few tries: the key's holder may give it up (not charged) or another caller take over an
+    # expired record between two of these statements, on PostgreSQL's READ COMMITTED.
+    for _ in range(3):
+        if conn.execute(_RESERVE, params).first() is not None:
+            return admit(conn, charge, instance_id, at)
+        row = conn.execute(_EXISTING, params).first()
+        if row is None:
+            continue
         digest, request_id, state, status, content_type, body, created_at = row
-        if created_at >= at - RETENTION_US:
-            if digest != reservation.digest:
-                raise IdempotencyMismatch(
-                    f"{HEADER} {reservation.key!r} was first used with a different body; use a new key "
-                    "for a different request."
-                )
-            if state == "in_flight":
-                raise IdempotencyConflict(
-                    f"A request with {HEADER} {reservation.key!r} is still in progress; retry when it "
-                    "has finished.",
-                    request_id=request_id,
-                )
-            if body is None:
-                raise IdempotencyConflict(
-                    f"The request with {HEADER} {reservation.key!r} was already answered and charged "
-                    f"(request {request_id}), as a stream or too large to replay; it is not sent again.",
-                    request_id=request_id,
-                )
-            return Replay(request_id, int(status), content_type, bytes(body))
-        conn.execute(_TAKE_OVER, params | {"old": created_at})
-    return admit(conn, charge, instance_id, at)
+        if created_at < at - RETENTION_US:
+            if conn.execute(_TAKE_OVER, params | {"old": created_at}).rowcount == 1:
+                return admit(conn, charge, instance_id, at)
+            continue
+        if digest != reservation.digest:
+            raise IdempotencyMismatch(
+                f"{HEADER} {reservation.key!r} was first used with a different body; use a new key "
+                "for a different request."
+            )
+        if state == "in_flight":
+            raise IdempotencyConflict(
+                f"A request with {HEADER} {reservation.key!r} is still in progress; retry when it "
+                "has finished.",
+                request_id=request_id,
+            )
+        if body is None:
+            raise IdempotencyConflict(
+                f"The request with {HEADER} {reservation.key!r} was already answered and charged "
+                f"(request {request_id}), as a stream or too large to replay; it is not sent again.",
+                request_id=request_id,
+            )
+        return Replay(request_id, int(status), content_type, bytes(body))
+    raise IdempotencyConflict(
+        f"Other requests with {HEADER} {reservation.key!r} are racing for it; retry shortly."
+    )
 
 
 _COMPLETE = text(

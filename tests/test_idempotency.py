@@ -128,3 +128,14 @@ async def test_expired_hold_frees_the_key(world: World) -> None:
     world.upstream.header_delay = 0
     resp = await _post(world, key, "crash")
     assert resp.status == 200 and "Idempotent-Replayed" not in resp.headers
+
+
+async def test_a_key_older_than_a_day_starts_afresh(world: World) -> None:
+    key = (await world.key("alice"))["key"]
+    assert (await _post(world, key, "old")).status == 200
+    await world.sql("UPDATE idempotency_keys SET created_at = 0 RETURNING key_id")
+    resp = await _post(world, key, "old", dict(BODY, model="openai/gpt-oss-20b"))  # another body: no 422
+    assert resp.status == 200 and "Idempotent-Replayed" not in resp.headers
+    assert len(world.upstream.received) == 2
+    rows = await world.sql("SELECT request_id, state FROM idempotency_keys")
+    assert rows == [(resp.headers["X-Request-Id"], "done")]

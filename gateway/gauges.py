@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
@@ -21,7 +20,7 @@ from . import metering
 from .errors import LedgerUnavailable
 from .metrics import Metrics
 from .store import Store
-from .windows import PERIODS, window_key
+from .windows import PERIODS, from_us, window_key
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class BudgetNow:
 
 def budgets_now(conn: Connection, at: int) -> list[BudgetNow]:
     """Unit of work: every budget with its spent and held in the window containing `at` (µs)."""
-    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    moment = from_us(at)
     windows = {period: window_key(period, moment) for period in PERIODS}
     rows = conn.execute(_BUDGETS_NOW, windows).all()
     return [BudgetNow(r[0], str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]

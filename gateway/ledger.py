@@ -17,7 +17,6 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -26,7 +25,7 @@ from .errors import InvalidRequest, NotFound
 from .pricing import credits_json, format_credits
 from .reports import parse_range, range_clause
 from .services import check_choice, check_name
-from .windows import from_key, isoformat
+from .windows import from_key, iso_us, isoformat
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 OUTCOMES = ("charged", "upstream_error", "upstream_unavailable", "upstream_timeout", "expired")
@@ -117,10 +116,6 @@ _ENTRIES = (
 )
 
 
-def _iso(us: int) -> str | None:
-    return isoformat(datetime.fromtimestamp(us / 1_000_000, UTC))
-
-
 def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
     """One page of ledger rows: {"entries": [...], "next_cursor": "..." | null}."""
     where, params = range_clause(query.start, query.end, "l.admitted_at")
@@ -152,8 +147,8 @@ def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
     entries = [
         {
             "request_id": r[0],
-            "admitted_at": _iso(r[1]),
-            "settled_at": _iso(r[2]),
+            "admitted_at": iso_us(r[1]),
+            "settled_at": iso_us(r[2]),
             "team": r[3],
             "user": r[4],
             "key_id": r[5],

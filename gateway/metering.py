@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from .errors import BudgetExceeded
 from .pricing import credits_json, format_credits
 from .store import Sql, sql_of
-from .windows import from_key, isoformat, window_end, window_key
+from .windows import from_key, from_us, isoformat, window_end, window_key
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     budgets = db.all(
         _BUDGETS_FOR, {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)}
     )
-    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    moment = from_us(at)
     windows = [(row, window_key(row[3], moment)) for row in budgets]
     db.many(
         _INSERT_HOLD,

@@ -6,7 +6,6 @@ answers with, so `gateway ... --json` prints exactly the HTTP body.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -16,15 +15,11 @@ from .auth import new_key
 from .errors import Conflict, InvalidRequest, NotFound
 from .metering import now_us
 from .pricing import MICROS, credits_json, parse_credits
-from .windows import PERIODS, from_key, isoformat, window_end, window_key
+from .windows import PERIODS, from_key, from_us, iso_us, isoformat, window_end, window_key
 
 SCOPES = ("team", "user", "key")
 MAX_NAME = 200
 MAX_LIMIT_MICROS = 10**18
-
-
-def _iso_us(us: int | None) -> str | None:
-    return None if us is None else isoformat(datetime.fromtimestamp(us / 1_000_000, UTC))
 
 
 def check_name(field: str, name: object) -> str:
@@ -69,13 +64,13 @@ def create_team(conn: Connection, name: str, at: int) -> dict[str, Any]:
         ).scalar_one()
     except IntegrityError:
         raise Conflict(f"A team named {name!r} already exists.", field="name") from None
-    return {"id": team_id, "name": name, "created_at": _iso_us(at)}
+    return {"id": team_id, "name": name, "created_at": iso_us(at)}
 
 
 def list_teams(conn: Connection) -> list[dict[str, Any]]:
     """Every team."""
     rows = conn.execute(text("SELECT id, name, created_at FROM teams ORDER BY name")).all()
-    return [{"id": r[0], "name": r[1], "created_at": _iso_us(r[2])} for r in rows]
+    return [{"id": r[0], "name": r[1], "created_at": iso_us(r[2])} for r in rows]
 
 
 def create_user(conn: Connection, name: str, team: str | None, at: int) -> dict[str, Any]:
@@ -91,7 +86,7 @@ def create_user(conn: Connection, name: str, team: str | None, at: int) -> dict[
         ).scalar_one()
     except IntegrityError:
         raise Conflict(f"A user named {name!r} already exists.", field="name") from None
-    return {"id": user_id, "name": name, "team": team, "created_at": _iso_us(at)}
+    return {"id": user_id, "name": name, "team": team, "created_at": iso_us(at)}
 
 
 def list_users(conn: Connection) -> list[dict[str, Any]]:
@@ -102,7 +97,7 @@ def list_users(conn: Connection) -> list[dict[str, Any]]:
             "ORDER BY u.name"
         )
     ).all()
-    return [{"id": r[0], "name": r[1], "team": r[2], "created_at": _iso_us(r[3])} for r in rows]
+    return [{"id": r[0], "name": r[1], "team": r[2], "created_at": iso_us(r[3])} for r in rows]
 
 
 def create_key(conn: Connection, user: str, name: str | None, at: int) -> dict[str, Any]:
@@ -124,7 +119,7 @@ def create_key(conn: Connection, user: str, name: str | None, at: int) -> dict[s
         "user": user,
         "name": name,
         "prefix": secret[:8],
-        "created_at": _iso_us(at),
+        "created_at": iso_us(at),
         "revoked_at": None,
     }
 
@@ -146,8 +141,8 @@ def list_keys(conn: Connection, user: str | None = None) -> list[dict[str, Any]]
             "user": r[1],
             "name": r[2],
             "prefix": r[3],
-            "created_at": _iso_us(r[4]),
-            "revoked_at": _iso_us(r[5]),
+            "created_at": iso_us(r[4]),
+            "revoked_at": iso_us(r[5]),
         }
         for r in rows
     ]
@@ -247,7 +242,7 @@ def list_budgets(
         params["period"] = period
     query = _BUDGET_ROWS + (" WHERE " + " AND ".join(clauses) if clauses else "")
     rows = conn.execute(text(query + " ORDER BY b.scope, b.subject, b.period"), params).all()
-    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    moment = from_us(at)
     out = []
     for budget_id, scope_, period_, limit, subject_name in rows:
         window = window_key(period_, moment)

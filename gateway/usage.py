@@ -14,7 +14,6 @@ no parameters, so it can name no one else. It holds:
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +24,7 @@ from .metering import Caller, now_us
 from .pricing import credits_json
 from .services import list_budgets
 from .state import KEYS, STORE
-from .windows import isoformat, window_end, window_start
+from .windows import from_us, isoformat, window_end, window_start
 
 PERIODS = ("daily", "weekly", "monthly")
 
@@ -61,7 +60,7 @@ def key_usage(conn: Connection, caller: Caller, at: int) -> dict[str, Any]:
     budgets = list_budgets(conn, "key", caller.key_id, at) + list_budgets(conn, "user", caller.user_name, at)
     if caller.team_name is not None:
         budgets += list_budgets(conn, "team", caller.team_name, at)
-    moment = datetime.fromtimestamp(at / 1_000_000, UTC)
+    moment = from_us(at)
     usage = []
     for period in PERIODS:
         start = window_start(period, moment)

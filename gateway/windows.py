@@ -51,6 +51,16 @@ def from_key(key: int) -> datetime:
     return datetime.fromtimestamp(key, UTC)
 
 
+def from_us(us: int) -> datetime:
+    """Integer microseconds since the epoch (how the database keeps times) as an aware UTC datetime."""
+    return datetime.fromtimestamp(us / 1_000_000, UTC)
+
+
+def iso_us(us: int | None) -> str | None:
+    """Integer microseconds since the epoch as ISO 8601 with a Z suffix, or None."""
+    return None if us is None else isoformat(from_us(us))
+
+
 def isoformat(moment: datetime | None) -> str | None:
     """ISO 8601 with a Z suffix, or None."""
     if moment is None:

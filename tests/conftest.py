@@ -93,14 +93,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def sqlite_backend(tmp_path: Any) -> Backend:
-    """A fresh migrated SQLite database, for tests that are about SQLite itself."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
-    migrate.upgrade(url)
-    return Backend("sqlite", url)
-
-
-@pytest.fixture
 async def store(backend: Backend) -> AsyncIterator[Store]:
     """The store over the test's database."""
     s = open_store(backend.url, pool_size=20)

@@ -11,6 +11,7 @@ import pytest
 
 from gateway import services
 from gateway.metering import now_us
+from gateway.pricing import format_credits
 
 from .conftest import World, assert_counters_match_ledger
 
@@ -180,7 +181,7 @@ async def test_charge_is_messages_times_price(
     text = await resp.text()
     assert resp.headers["X-Credits-Charged"] == charged
     micros = round(float(charged) * 1_000_000)
-    assert resp.headers["X-Credits-Remaining"] == _fmt(100_000_000 - micros)
+    assert resp.headers["X-Credits-Remaining"] == format_credits(100_000_000 - micros)
     request_id = resp.headers["X-Request-Id"]
     rows = await world.sql(
         "SELECT model, message_count, unit_price_micros, credits_micros, outcome, upstream_status, stream, "
@@ -206,12 +207,6 @@ async def test_charge_is_messages_times_price(
         assert json.loads(text)["object"] == "chat.completion"
     assert await world.sql("SELECT * FROM holds") == []
     await assert_counters_match_ledger(world)
-
-
-def _fmt(micros: int) -> str:
-    from gateway.pricing import format_credits
-
-    return format_credits(micros)
 
 
 async def test_no_budget_means_no_limit_and_no_remaining_header(world: World) -> None:

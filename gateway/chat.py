@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,7 +173,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 )
             model_label = model
             charge = Charge(
-                request_id=secrets.token_hex(16),
+                request_id=metering.new_request_id(),
                 caller=caller,
                 model=model,
                 message_count=message_count,

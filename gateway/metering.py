@@ -9,8 +9,9 @@ transactions on PostgreSQL lock rows in the same order and cannot deadlock.
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -68,7 +69,16 @@ class Settlement:
 
 def now_us() -> int:
     """Now, in integer microseconds since the epoch."""
-    return int(datetime.now(UTC).timestamp() * 1_000_000)
+    return time.time_ns() // 1_000
+
+
+def new_request_id() -> str:
+    """32 hex digits: the time in microseconds, then 72 random bits.
+
+    Ids that grow with time are appended at the right edge of the holds, allocations and ledger
+    indexes, where random ones would dirty a different page of each for every request.
+    """
+    return f"{now_us():014x}{secrets.token_hex(9)}"
 
 
 _BUDGETS_FOR = (

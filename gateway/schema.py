@@ -124,7 +124,7 @@ class Instance(Base):
 
 
 class Hold(Base):
-    """An admitted request not yet settled."""
+    """An admitted request not yet settled (only requests in flight: no index beyond the key)."""
 
     __tablename__ = "holds"
 
@@ -138,7 +138,7 @@ class Hold(Base):
     unit_price_micros: Mapped[int] = mapped_column(BigInteger)
     credits_micros: Mapped[int] = mapped_column(BigInteger)
     stream: Mapped[bool] = mapped_column(Boolean)
-    admitted_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    admitted_at: Mapped[int] = mapped_column(BigInteger)
 
 
 # A covering index of charged rows for billing reports; `outcome` last so SQLite treats it as covering.

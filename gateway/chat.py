@@ -24,6 +24,7 @@ from .errors import (
 )
 from .idempotency import Answer, Replay, Reservation, replay_headers
 from .metering import Admission, Charge, Settlement
+from .metrics import child
 from .pricing import cost, format_credits
 from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
 from .upstream import (
@@ -107,6 +108,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise RequestTooLarge(f"The request body is {length} bytes; this gateway accepts at most {limit}.")
     timeout = request.app[SETTINGS].client_read_timeout_seconds
     try:
+        if request.content.is_eof():
+            # Already all here (a small body comes with its headers): no timer needed.
+            return await request.read()
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -136,6 +140,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # The work runs in its own task, shielded: a server that cancels handlers when their client
     # leaves (aiohttp's `handler_cancellation`; its test server does) must abandon neither a hold
     # nor an upstream call already under way. The request is settled as if the client had stayed.
+    # Servers that never cancel (the default, and `gateway serve`) are spared the extra task.
+    if not getattr(getattr(request.protocol, "_manager", None), "handler_cancellation", True):
+        return await _chat(request)
     work = asyncio.ensure_future(_chat(request))
     try:
         return await asyncio.shield(work)
@@ -196,7 +203,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
-                metrics.requests.labels(model_label, exc.outcome).inc()
+                child(metrics.requests, model_label, exc.outcome).inc()
             raise
         return await _forward(request, admission, body, started, reservation)
     finally:
@@ -280,7 +287,7 @@ async def _exchange(
         upstream_headers(request.headers, api_key),
         settings.upstream_timeout_seconds,
     ) as upstream:
-        app[METRICS].upstream_first_byte.labels(charge.model).observe(time.perf_counter() - forwarded_at)
+        child(app[METRICS].upstream_first_byte, charge.model).observe(time.perf_counter() - forwarded_at)
         status = upstream.status
         ok = 200 <= status < 300
         headers = relayed_headers(upstream)
@@ -342,7 +349,7 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     retrying = False
     fn, args = progress.unit(admission)
     try:
-        done = await asyncio.shield(store.run(fn, *args, metering.now_us()))
+        done = await store.run(fn, *args, metering.now_us())
     except LedgerUnavailable:
         retrying = True
         task = asyncio.get_running_loop().create_task(_settle_later(app, admission, progress))
@@ -385,17 +392,17 @@ def record_settlement(
     """Count a settled request in the metrics."""
     metrics = app[METRICS]
     charge = admission.charge
-    metrics.requests.labels(charge.model, settlement.outcome).inc()
+    child(metrics.requests, charge.model, settlement.outcome).inc()
     if settlement.outcome == "charged":
         team = charge.caller.team_name or ""
-        metrics.credits_charged.labels(charge.model, team).inc(charge.credits / 1_000_000)
-        metrics.messages_charged.labels(charge.model, team).inc(charge.message_count)
+        child(metrics.credits_charged, charge.model, team).inc(charge.credits / 1_000_000)
+        child(metrics.messages_charged, charge.model, team).inc(charge.message_count)
         if settlement.prompt_tokens is not None:
-            metrics.tokens.labels(charge.model, "prompt").inc(settlement.prompt_tokens)
+            child(metrics.tokens, charge.model, "prompt").inc(settlement.prompt_tokens)
         if settlement.completion_tokens is not None:
-            metrics.tokens.labels(charge.model, "completion").inc(settlement.completion_tokens)
+            child(metrics.tokens, charge.model, "completion").inc(settlement.completion_tokens)
     if duration is not None:
-        metrics.request_duration.labels(charge.model, "true" if charge.stream else "false").observe(duration)
+        child(metrics.request_duration, charge.model, "true" if charge.stream else "false").observe(duration)
     if admission.allocations:
         # The budget gauges refresh soon after, once for a burst of settlements.
         app[GAUGES].mark_dirty()

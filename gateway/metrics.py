@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -85,3 +89,10 @@ class Metrics:
             "Holds released by expiry (a sign of crashed processes).",
             registry=r,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: MetricWrapperBase, *values: str) -> Any:
+    """`metric.labels(*values)`, remembered: the lookup, with its lock and checks, costs more than
+    the increment on the hot path. Only for metrics whose children are never removed."""
+    return metric.labels(*values)

@@ -61,7 +61,9 @@ class Store(Protocol):
 
     dialect: str
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in one transaction; it runs to its end even if the caller is cancelled."""
+        ...
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
 
@@ -247,8 +249,8 @@ class SqliteStore:
             # then share the transaction.
             self._busy = True
             loop.call_soon(self._flush)
-        # shield: a caller that is cancelled must not lose the answer of a unit that commits anyway.
-        return await asyncio.shield(future)
+        # A caller cancelled meanwhile cancels only its wait: the unit runs and commits all the same.
+        return await future
 
     def _flush(self) -> None:
         """On the loop: run what is pending as one batch; a locked database is waited for in a thread."""
@@ -402,6 +404,10 @@ class PostgresStore:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in its own transaction, retrying serialization failures."""
+        # shield: a caller cancelled meanwhile must not roll back a unit (a settlement) half-way.
+        return await asyncio.shield(self._run(fn, *args))
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         for attempt in range(1, PG_MAX_ATTEMPTS + 1):
             try:
                 async with self.engine.connect() as conn:

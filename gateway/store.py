@@ -47,10 +47,10 @@ T = TypeVar("T")
 # 503: short enough that a locked database is reported within 2 seconds, far longer than any
 # transaction of a gateway (a few milliseconds), so processes sharing a file never get there.
 SQLITE_BUSY_TIMEOUT_MS = 1_500
-# The writer's WAL is checkpointed by a thread of its own after this many commits; the writer
-# itself checkpoints only past the safety limit below, should that thread fall behind.
+# The WAL is checkpointed by a thread of its own after this many commits (see `_start_checkpoint`);
+# the writer itself checkpoints only past the safety limit below, should that ever fall behind.
 CHECKPOINT_EVERY_COMMITS = 200
-WRITER_AUTOCHECKPOINT_PAGES = 20_000
+WRITER_AUTOCHECKPOINT_PAGES = 10_000
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
 PG_MAX_ATTEMPTS = 5
@@ -114,6 +114,8 @@ class SqliteStore:
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._commits = 0
         self._checkpointing = False
+        # Writes held back while a checkpoint finishes (see `_start_checkpoint`).
+        self._paused = False
         # Reads (key lookups, reports, listings) run beside the writer, on their own connection:
         # WAL lets them see the last commit without waiting for, or holding up, the writes.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
@@ -244,7 +246,7 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
-        if not self._busy:
+        if not self._busy and not self._paused:
             # Soon, not now: the units of every request that gets here in this turn of the loop
             # then share the transaction.
             self._busy = True
@@ -254,6 +256,9 @@ class SqliteStore:
 
     def _flush(self) -> None:
         """On the loop: run what is pending as one batch; a locked database is waited for in a thread."""
+        if self._paused:
+            self._busy = False  # `_checkpoint_done` resumes
+            return
         batch, self._pending = self._pending, []
         units = [(fn, args) for fn, args, _ in batch]
         futures = [future for _, _, future in batch]
@@ -289,15 +294,36 @@ class SqliteStore:
             self._commits += 1
             if self._commits >= CHECKPOINT_EVERY_COMMITS and not self._checkpointing:
                 self._start_checkpoint()
-        if self._pending:
+        self._resume()
+
+    def _resume(self) -> None:
+        """Start the next batch if work is waiting and writes are not held back."""
+        if self._pending and not self._busy and not self._paused:
             self._busy = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _start_checkpoint(self) -> None:
+        """Copy the WAL into the database file in the checkpoint thread, in two passes.
+
+        The first copies the bulk beside the writes. Writes appended meanwhile would keep the WAL
+        from ever being copied whole, and SQLite starts the WAL afresh only once it is: so the
+        second pass copies the rest with writes held back, which takes a moment (the loop serves
+        everything else meanwhile), and the WAL stays a few megabytes long.
+        """
         self._commits = 0
         self._checkpointing = True
-        done = asyncio.get_running_loop().run_in_executor(self._checkpointer, self._checkpoint)
-        done.add_done_callback(lambda _: setattr(self, "_checkpointing", False))
+        loop = asyncio.get_running_loop()
+        bulk = loop.run_in_executor(self._checkpointer, self._checkpoint)
+        bulk.add_done_callback(lambda _: self._finish_checkpoint())
+
+    def _finish_checkpoint(self) -> None:
+        self._paused = True
+        rest = asyncio.get_running_loop().run_in_executor(self._checkpointer, self._checkpoint)
+        rest.add_done_callback(lambda _: self._checkpoint_done())
+
+    def _checkpoint_done(self) -> None:
+        self._paused = self._checkpointing = False
+        self._resume()
 
     def _checkpoint(self) -> None:
         """In the checkpoint thread: copy the WAL into the database file, beside the writes.

@@ -140,7 +140,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # The work runs in its own task, shielded: a server that cancels handlers when their client
     # leaves (aiohttp's `handler_cancellation`; its test server does) must abandon neither a hold
     # nor an upstream call already under way. The request is settled as if the client had stayed.
-    # Servers that never cancel (the default, and `gateway serve`) are spared the extra task.
+    # Servers that cancel only at shutdown, past their grace period (the default, and `gateway
+    # serve`), are spared the extra task: a request cancelled there still settles in `finally`,
+    # uncharged unless upstream's 2xx had arrived.
     if not getattr(getattr(request.protocol, "_manager", None), "handler_cancellation", True):
         return await _chat(request)
     work = asyncio.ensure_future(_chat(request))

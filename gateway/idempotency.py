@@ -179,12 +179,18 @@ def settle_once(
     return True
 
 
-_PURGE = text("DELETE FROM idempotency_keys WHERE created_at < :cutoff")
+# At most PURGE_BATCH keys at a time: on SQLite the sweep runs on the event loop, so no unit of
+# work may take long; a backlog goes over the next sweeps.
+PURGE_BATCH = 1_000
+_PURGE = text(
+    "DELETE FROM idempotency_keys WHERE (key_id, idempotency_key) IN (SELECT key_id, idempotency_key "
+    "FROM idempotency_keys WHERE created_at < :cutoff ORDER BY created_at LIMIT :limit)"
+)
 
 
 def purge(conn: Connection, at: int) -> int:
-    """Forget keys older than the retention (run with hold expiry)."""
-    return int(conn.execute(_PURGE, {"cutoff": at - RETENTION_US}).rowcount or 0)
+    """Forget up to PURGE_BATCH keys older than the retention (run with hold expiry)."""
+    return int(conn.execute(_PURGE, {"cutoff": at - RETENTION_US, "limit": PURGE_BATCH}).rowcount or 0)
 
 
 def replay_headers(replay: Replay) -> dict[str, str]:

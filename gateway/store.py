@@ -51,6 +51,7 @@ SQLITE_BUSY_TIMEOUT_MS = 1_500
 # the writer itself checkpoints only past the safety limit below, should that ever fall behind.
 CHECKPOINT_EVERY_COMMITS = 200
 WRITER_AUTOCHECKPOINT_PAGES = 10_000
+CHECKPOINT_PAUSE_MAX_SECONDS = 0.05
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
 PG_MAX_ATTEMPTS = 5
@@ -100,7 +101,7 @@ def _unavailable(exc: BaseException) -> LedgerUnavailable:
 
 
 class SqliteStore:
-    """SQLite in one thread with group commit; several processes may share the file (WAL, BEGIN IMMEDIATE)."""
+    """SQLite on the event loop with group commit; processes may share the file (WAL, BEGIN IMMEDIATE)."""
 
     dialect = "sqlite"
 
@@ -116,6 +117,8 @@ class SqliteStore:
         self._checkpointing = False
         # Writes held back while a checkpoint finishes (see `_start_checkpoint`).
         self._paused = False
+        # The next batch goes to the thread: the first commit after the WAL restarts syncs it.
+        self._next_in_thread = False
         # Reads (key lookups, reports, listings) run beside the writer, on their own connection:
         # WAL lets them see the last commit without waiting for, or holding up, the writes.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
@@ -191,7 +194,8 @@ class SqliteStore:
                 # with "database is locked" under contention, whatever the busy timeout.
                 raw.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                # Any kind of busy (another writer, another process recovering the WAL).
+                if not wait and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
                     return None
                 raise
             finally:
@@ -255,18 +259,35 @@ class SqliteStore:
         return await future
 
     def _flush(self) -> None:
-        """On the loop: run what is pending as one batch; a locked database is waited for in a thread."""
+        """On the loop: run what is pending as one batch.
+
+        In a thread instead, where it may have to wait: when another process holds the write
+        lock, when the connection must be made again (after an outage), and for the first commit
+        after a checkpoint (SQLite syncs the restarted WAL then).
+        """
         if self._paused:
             self._busy = False  # `_checkpoint_done` resumes
             return
         batch, self._pending = self._pending, []
         units = [(fn, args) for fn, args, _ in batch]
         futures = [future for _, _, future in batch]
-        results = self._run_batch(units, wait=False)
-        if results is None:
-            loop = asyncio.get_running_loop()
-            done = loop.run_in_executor(self._executor, self._run_batch, units, True)
-            done.add_done_callback(lambda t: self._finish_batch(futures, t.exception() or t.result()))
+        try:
+            results = None
+            if self._conn is not None and not self._next_in_thread:
+                results = self._run_batch(units, wait=False)
+            if results is None:
+                self._next_in_thread = False
+                loop = asyncio.get_running_loop()
+                done = loop.run_in_executor(self._executor, self._run_batch, units, True)
+                done.add_done_callback(lambda t: self._finish_batch(futures, _outcome(t)))
+                return
+        except BaseException as exc:
+            # Never leave the store busy for good: whatever went wrong, every caller hears of it,
+            # and a transaction left open is rolled back with the connection.
+            self._drop_connection()
+            self._finish_batch(futures, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         self._finish_batch(futures, results)
 
@@ -317,13 +338,27 @@ class SqliteStore:
         bulk.add_done_callback(lambda _: self._finish_checkpoint())
 
     def _finish_checkpoint(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            rest = loop.run_in_executor(self._checkpointer, self._checkpoint)
+        except RuntimeError:  # closing
+            self._checkpointing = False
+            return
         self._paused = True
-        rest = asyncio.get_running_loop().run_in_executor(self._checkpointer, self._checkpoint)
         rest.add_done_callback(lambda _: self._checkpoint_done())
+        # Writes wait for the second pass at most this long; if the disk is that slow, they go on
+        # beside it (PASSIVE is safe beside writes) and the WAL restarts at a later checkpoint.
+        loop.call_later(CHECKPOINT_PAUSE_MAX_SECONDS, self._unpause)
 
     def _checkpoint_done(self) -> None:
-        self._paused = self._checkpointing = False
-        self._resume()
+        self._checkpointing = False
+        self._next_in_thread = True
+        self._unpause()
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._resume()
 
     def _checkpoint(self) -> None:
         """In the checkpoint thread: copy the WAL into the database file, beside the writes.
@@ -378,8 +413,8 @@ class SqliteStore:
             self._checkpoint_conn = None
 
     async def close(self) -> None:
-        """Wait for queued work, then close the connections and the threads."""
-        while self._busy or self._pending:
+        """Wait for queued work and a checkpoint under way, then close the connections and the threads."""
+        while self._busy or self._pending or self._checkpointing:
             await asyncio.sleep(0.005)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._drop_connection)
@@ -397,6 +432,13 @@ def driver_connection(conn: Connection) -> sqlite3.Connection:
     raw = conn.connection.driver_connection
     assert isinstance(raw, sqlite3.Connection)
     return raw
+
+
+def _outcome(task: asyncio.Future[list[tuple[bool, Any]] | None]) -> list[tuple[bool, Any]] | BaseException:
+    """A batch's results, or what went wrong running it in the thread."""
+    if task.cancelled():
+        return RuntimeError("the batch was cancelled")
+    return task.exception() or task.result() or RuntimeError("no result")
 
 
 def _is_outage(exc: BaseException) -> bool:

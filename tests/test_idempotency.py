@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from gateway import idempotency, metering
+
 from .conftest import World, assert_counters_match_ledger
 
 BODY = {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}] * 2}  # 0.5
@@ -139,3 +141,16 @@ async def test_a_key_older_than_a_day_starts_afresh(world: World) -> None:
     assert len(world.upstream.received) == 2
     rows = await world.sql("SELECT request_id, state FROM idempotency_keys")
     assert rows == [(resp.headers["X-Request-Id"], "done")]
+
+
+async def test_old_keys_are_purged_a_batch_at_a_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idempotency, "PURGE_BATCH", 2)
+    key = (await world.key("alice"))["key"]
+    for name in ("a", "b", "c", "fresh"):
+        assert (await _post(world, key, name)).status == 200
+    await world.sql("UPDATE idempotency_keys SET created_at = 0 WHERE idempotency_key <> 'fresh' RETURNING 1")
+    now = metering.now_us()
+    assert await world.store.run(idempotency.purge, now) == 2
+    assert await world.store.run(idempotency.purge, now) == 1
+    assert await world.store.run(idempotency.purge, now) == 0
+    assert await world.sql("SELECT idempotency_key FROM idempotency_keys") == [("fresh",)]

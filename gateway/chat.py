@@ -307,6 +307,7 @@ async def _exchange(
             result = await relay_stream(
                 upstream,
                 response,
+                request.transport,
                 scanner,
                 settings.stream_idle_timeout_seconds,
                 settings.client_read_timeout_seconds,

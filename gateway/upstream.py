@@ -146,6 +146,9 @@ class SseUsageScanner:
 async def read_upstream_body(upstream: aiohttp.ClientResponse, timeout: float) -> bytes:
     """A whole non-streamed upstream body; a body that breaks off is 502 (and not charged)."""
     try:
+        if upstream.content.is_eof():
+            # Already all here (a small body comes with its headers): no timer needed.
+            return await upstream.read()
         async with asyncio.timeout(timeout):
             return await upstream.read()
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -167,6 +170,7 @@ class StreamResult:
 async def relay_stream(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
+    client: asyncio.BaseTransport | None,
     scanner: SseUsageScanner,
     idle_timeout: float,
     write_timeout: float,
@@ -194,8 +198,11 @@ async def relay_stream(
             break
         scanner.feed(chunk)
         try:
-            async with asyncio.timeout(write_timeout):
+            if _cannot_wait(client, len(chunk)):
                 await response.write(chunk)
+            else:
+                async with asyncio.timeout(write_timeout):
+                    await response.write(chunk)
         except TimeoutError:
             log.warning("client accepted nothing for %ss; dropping it", write_timeout)
             result.client_gone = True
@@ -205,6 +212,17 @@ async def relay_stream(
             break
     result.upstream_done_at = time.perf_counter()
     return result
+
+
+def _cannot_wait(client: asyncio.BaseTransport | None, size: int) -> bool:
+    """Whether writing `size` bytes to the client returns at once, so it needs no timer.
+
+    aiohttp waits only for a paused transport, and asyncio pauses one only when its buffer goes
+    over the high-water mark: a write that leaves the buffer at or under it cannot wait.
+    """
+    if not isinstance(client, asyncio.WriteTransport) or client.is_closing():
+        return False
+    return client.get_write_buffer_size() + size <= client.get_write_buffer_limits()[1]
 
 
 async def end_stream(response: web.StreamResponse) -> None:

@@ -184,8 +184,11 @@ async def relay_stream(
     content = upstream.content
     while True:
         try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await content.readany()
+            # What has arrived already is taken without a timer; only a wait for more gets one.
+            chunk = content.read_nowait()
+            if not chunk and not content.at_eof():
+                async with asyncio.timeout(idle_timeout):
+                    chunk = await content.readany()
         except TimeoutError:
             log.warning("upstream stream idle for %ss; ending it", idle_timeout)
             result.upstream_failed = True

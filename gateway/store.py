@@ -117,6 +117,7 @@ class SqliteStore:
         self._checkpointing = False
         # Writes held back while a checkpoint finishes (see `_start_checkpoint`).
         self._paused = False
+        self._unpause_timer: asyncio.TimerHandle | None = None
         # The next batch goes to the thread: the first commit after the WAL restarts syncs it.
         self._next_in_thread = False
         # Reads (key lookups, reports, listings) run beside the writer, on their own connection:
@@ -348,7 +349,7 @@ class SqliteStore:
         rest.add_done_callback(lambda _: self._checkpoint_done())
         # Writes wait for the second pass at most this long; if the disk is that slow, they go on
         # beside it (PASSIVE is safe beside writes) and the WAL restarts at a later checkpoint.
-        loop.call_later(CHECKPOINT_PAUSE_MAX_SECONDS, self._unpause)
+        self._unpause_timer = loop.call_later(CHECKPOINT_PAUSE_MAX_SECONDS, self._unpause)
 
     def _checkpoint_done(self) -> None:
         self._checkpointing = False
@@ -356,6 +357,9 @@ class SqliteStore:
         self._unpause()
 
     def _unpause(self) -> None:
+        if self._unpause_timer is not None:
+            self._unpause_timer.cancel()
+            self._unpause_timer = None
         if self._paused:
             self._paused = False
             self._resume()

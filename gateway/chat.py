@@ -32,6 +32,7 @@ from .upstream import (
     end_stream,
     open_upstream,
     read_upstream_body,
+    read_whole,
     relay_stream,
     relayed_headers,
     upstream_headers,
@@ -108,11 +109,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise RequestTooLarge(f"The request body is {length} bytes; this gateway accepts at most {limit}.")
     timeout = request.app[SETTINGS].client_read_timeout_seconds
     try:
-        if request.content.is_eof():
-            # Already all here (a small body comes with its headers): no timer needed.
-            return await request.read()
-        async with asyncio.timeout(timeout):
-            return await request.read()
+        return await read_whole(request, timeout)
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(
             f"The request body is over {limit} bytes, the most this gateway accepts."

@@ -293,11 +293,11 @@ class SqliteStore:
         self._finish_batch(futures, results)
 
     def _finish_batch(
-        self, futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]] | BaseException | None
+        self, futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]] | BaseException
     ) -> None:
         self._busy = False
         if not isinstance(results, list):
-            results = [(False, _unavailable(results or RuntimeError("no result")))] * len(futures)
+            results = [(False, _unavailable(results))] * len(futures)
         for future, (ok, value) in zip(futures, results, strict=True):
             if future.done():
                 continue

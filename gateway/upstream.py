@@ -143,14 +143,21 @@ class SseUsageScanner:
                     continue
 
 
+async def read_whole(message: web.Request | aiohttp.ClientResponse, timeout: float) -> bytes:
+    """The whole body of a request or response; TimeoutError if it takes over `timeout` to arrive.
+
+    A body already all here (a small one comes with its headers) is read without a timer.
+    """
+    if message.content.is_eof():
+        return await message.read()
+    async with asyncio.timeout(timeout):
+        return await message.read()
+
+
 async def read_upstream_body(upstream: aiohttp.ClientResponse, timeout: float) -> bytes:
     """A whole non-streamed upstream body; a body that breaks off is 502 (and not charged)."""
     try:
-        if upstream.content.is_eof():
-            # Already all here (a small body comes with its headers): no timer needed.
-            return await upstream.read()
-        async with asyncio.timeout(timeout):
-            return await upstream.read()
+        return await read_whole(upstream, timeout)
     except (TimeoutError, aiohttp.ClientError) as exc:
         log.warning("upstream body broke off: %r", exc)
         raise UpstreamUnavailable(

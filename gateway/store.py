@@ -55,6 +55,11 @@ CHECKPOINT_PAUSE_MAX_SECONDS = 0.05
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
 PG_MAX_ATTEMPTS = 5
+# How long a unit waits for a free PostgreSQL connection. Waiting for the pool means the database
+# answers but every connection is busy (a burst): the unit queues rather than being told 503. A
+# database that cannot be reached fails its connections at once (or after the 2 s connect timeout),
+# which empties the queue with 503s well before this.
+PG_POOL_WAIT_SECONDS = 10
 
 
 class Store(Protocol):
@@ -469,7 +474,7 @@ class PostgresStore:
             url,
             pool_size=pool_size,
             max_overflow=0,
-            pool_timeout=2,
+            pool_timeout=PG_POOL_WAIT_SECONDS,
             pool_pre_ping=False,
             connect_args={"timeout": 2, "command_timeout": 10},
         )

@@ -18,8 +18,8 @@ from sqlalchemy import Connection, text
 
 from .errors import BudgetExceeded
 from .pricing import credits_json, format_credits
-from .store import Sql, sql_of
-from .windows import from_key, from_us, isoformat, window_end, window_key
+from .store import Sql, one_statement, sql_of
+from .windows import PERIODS, from_key, from_us, isoformat, window_end, window_key
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,19 @@ _INSERT_LEDGER = (
 )
 
 
+# On PostgreSQL, the same work in one statement each (see migration 0005).
+_ADMIT_PG = (
+    "SELECT budget_id, scope, period, limit_micros, window_start, spent_micros, held_micros, refused "
+    "FROM gateway_admit(:request_id, :instance_id, :key_id, :user_id, :team_id, :model, :message_count, "
+    ":unit_price, :credits, :stream, :admitted_at, :daily, :weekly, :monthly, :total)"
+)
+_SETTLE_PG = (
+    "SELECT gateway_settle(:request_id, :settled_at, :outcome, :upstream_status, :prompt_tokens, "
+    ":completion_tokens, :total_tokens)"
+)
+
+
+@one_statement
 def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admission:
     """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded.
 
@@ -138,6 +151,8 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     waits for, are held for as short a time as the transaction allows.
     """
     db = sql_of(conn)
+    if conn.dialect.name == "postgresql":
+        return _admit_in_one_statement(db, charge, instance_id, at)
     caller = charge.caller
     budgets = db.all(
         _BUDGETS_FOR, {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)}
@@ -174,17 +189,52 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     for (budget_id, scope, _subject, period, limit), window in windows:
         row = db.first(_PLACE_HOLD, {"window": window, "credits": charge.credits, "budget": budget_id})
         if row is None:
-            raise _refusal(db, charge, budget_id, scope, period, limit, window)
+            raise _refusal_after_counter(db, charge, budget_id, scope, period, limit, window)
         left = limit - row[0] - row[1]
         remaining = left if remaining is None else min(remaining, left)
     return Admission(charge, at, tuple((b[0], w) for b, w in windows), remaining)
 
 
-def _refusal(
+def _admit_in_one_statement(db: Sql, charge: Charge, instance_id: str, at: int) -> Admission:
+    caller = charge.caller
+    moment = from_us(at)
+    rows = db.all(
+        _ADMIT_PG,
+        {
+            "request_id": charge.request_id,
+            "instance_id": instance_id,
+            "key_id": caller.key_id,
+            "user_id": caller.user_id,
+            "team_id": caller.team_id,
+            "model": charge.model,
+            "message_count": charge.message_count,
+            "unit_price": charge.unit_price,
+            "credits": charge.credits,
+            "stream": charge.stream,
+            "admitted_at": at,
+            **{period: window_key(period, moment) for period in PERIODS},
+        },
+    )
+    remaining: int | None = None
+    for _budget, scope, period, limit, window, spent, held, refused in rows:
+        if refused:
+            raise _refusal(charge, scope, period, limit, window, spent, held)
+        left = limit - spent - held
+        remaining = left if remaining is None else min(remaining, left)
+    return Admission(charge, at, tuple((row[0], row[4]) for row in rows), remaining)
+
+
+def _refusal_after_counter(
     db: Sql, charge: Charge, budget_id: int, scope: str, period: str, limit: int, window: int
 ) -> BudgetExceeded:
     counter = db.first(_COUNTER, {"budget": budget_id, "window": window})
     spent, held = (counter[0], counter[1]) if counter else (0, 0)
+    return _refusal(charge, scope, period, limit, window, spent, held)
+
+
+def _refusal(
+    charge: Charge, scope: str, period: str, limit: int, window: int, spent: int, held: int
+) -> BudgetExceeded:
     caller = charge.caller
     subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
     remaining = max(limit - spent - held, 0)
@@ -243,6 +293,7 @@ def _write_settlement(
         )
 
 
+@one_statement
 def settle(conn: Connection, admission: Admission, settlement: Settlement, at: int) -> bool:
     """Turn the hold into a charge (outcome `charged`) or release it, and write the ledger row.
 
@@ -250,6 +301,20 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
     """
     charge = admission.charge
     db = sql_of(conn)
+    if conn.dialect.name == "postgresql":
+        row = db.first(
+            _SETTLE_PG,
+            {
+                "request_id": charge.request_id,
+                "settled_at": at,
+                "outcome": settlement.outcome,
+                "upstream_status": settlement.upstream_status,
+                "prompt_tokens": settlement.prompt_tokens,
+                "completion_tokens": settlement.completion_tokens,
+                "total_tokens": settlement.total_tokens,
+            },
+        )
+        return bool(row is not None and row[0])
     if db.first(_DELETE_HOLD, {"request_id": charge.request_id}) is None:
         return False
     caller = charge.caller

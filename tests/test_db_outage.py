@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pytest
@@ -25,6 +25,7 @@ from gateway.settings import Secret, Settings
 from gateway.store import open_store, sqlite_path
 
 from .conftest import Backend, World, assert_counters_match_ledger
+from .tcp_proxy import TcpProxy
 
 OSS20 = "openai/gpt-oss-20b"
 ANSWER_WITHIN = 2.0  # seconds: a chat request or /readyz during an outage
@@ -64,91 +65,6 @@ class SqliteLock:
 def _rollback_and_close(conn: sqlite3.Connection) -> None:
     conn.execute("ROLLBACK")
     conn.close()
-
-
-@dataclass
-class _Link:
-    """One proxied connection."""
-
-    client: asyncio.StreamWriter
-    marked: bool = False  # the trap's marker went through in its current transaction
-    swallow: bool = False  # the trap sprang: nothing more gets through
-
-
-@dataclass
-class TcpProxy:
-    """127.0.0.1:<port> → target, one pair of sockets per connection; can be cut and restored.
-
-    `trap` (bytes), when set, springs once: on the connection that sends it, the next COMMIT
-    reaches the database but its answer never comes back, and the connection breaks.
-    """
-
-    target: tuple[str, int]
-    port: int = 0
-    server: asyncio.Server | None = None
-    writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    trap: bytes | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            db_r, db_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            client_w.transport.abort()
-            return
-        self.writers.update((client_w, db_w))
-        link = _Link(client_w)
-        for reader, writer, to_db in ((client_r, db_w, True), (db_r, client_w, False)):
-            task = asyncio.get_running_loop().create_task(self._pipe(reader, writer, link, to_db))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, to_db: bool
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                if link.swallow:
-                    continue
-                writer.write(data)
-                await writer.drain()
-                if to_db and self.trap is not None:
-                    if self.trap in data:
-                        link.marked = True
-                    elif link.marked and b"COMMIT" in data:
-                        self.trap, link.swallow = None, True
-                        # Long after the database has committed, the gateway's socket is reset.
-                        asyncio.get_running_loop().call_later(0.5, link.client.transport.abort)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.transport.abort()
-            self.writers.discard(writer)
-
-    async def cut(self) -> None:
-        """Refuse new connections and reset every open one."""
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        self.server = None
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-
-    async def restore(self) -> None:
-        if self.server is None:
-            await self.start()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            await self.cut()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 @dataclass
@@ -365,7 +281,7 @@ async def test_admission_whose_commit_answer_is_lost_is_released_after_the_ttl(
     assert isinstance(setup.outage, TcpProxy)
     warm = await _chat(w, key, "warm")
     assert warm.status == 200
-    setup.outage.trap = b"INSERT INTO holds"
+    setup.outage.trap = b"gateway_admit("  # admission: one statement, committed by itself
     lost = await _chat(w, key, "lost")
     assert (lost.status, lost.error_type) == (503, "ledger_unavailable")
     assert setup.outage.trap is None, "the trap never sprang"

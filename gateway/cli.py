@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except migrate.SchemaBehind as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     except LedgerUnavailable as exc:
         print(
             f"gateway: cannot use the database ({exc.reason or 'unreachable'}); check GATEWAY_DATABASE_URL, "
@@ -245,6 +248,10 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _serve(settings: Settings, *, migrate_first: bool) -> int:
     if migrate_first:
         migrate.upgrade(settings.database_url)
+    elif not asyncio.run(migrate.check_current(settings.database_url)):
+        log.warning(
+            "database unreachable at start-up: its schema is not checked; serving 503 until it is back"
+        )
     asyncio.run(_run_servers(settings))
     return 0
 

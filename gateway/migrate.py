@@ -9,7 +9,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +55,45 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def downgrade(database_url: str, revision: str) -> None:
     """Migrate the database down to `revision`."""
     command.downgrade(alembic_config(database_url), revision)
+
+
+# Connect arguments for the schema check: a database that does not answer is not waited for long.
+_QUICK = {"postgresql+asyncpg": {"timeout": 2}}
+
+
+class SchemaBehind(Exception):
+    """The database is not at the schema this gateway's code needs."""
+
+
+def head() -> str | None:
+    """The latest migration this code knows."""
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+async def current(database_url: str) -> str | None:
+    """The database's migration; None if it has none. Raises SQLAlchemyError or OSError if unreachable."""
+    engine = create_async_engine(database_url, connect_args=_QUICK.get(database_url.split(":")[0], {}))
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+    finally:
+        await engine.dispose()
+
+
+async def check_current(database_url: str) -> bool:
+    """Raise SchemaBehind unless the database is at `head()`; False if it cannot be reached now.
+
+    A replica started without migrating (`serve --no-migrate`) on a database not yet upgraded
+    would fail every request; it refuses to start instead, saying what to run.
+    """
+    try:
+        found = await current(database_url)
+    except (SQLAlchemyError, OSError):
+        return False
+    latest = head()
+    if found != latest:
+        raise SchemaBehind(
+            f"the database is at migration {found or 'none'} but this gateway needs {latest}; "
+            "run 'gateway db upgrade' (once, from any one machine) and start again"
+        )
+    return True

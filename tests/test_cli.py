@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import migrate
 from gateway.cli import main
 
 from .conftest import Backend, World
@@ -84,6 +85,20 @@ def test_database_without_schema_says_what_to_do(
     code, _, err = _run(capsys, "teams", "create", "eng")
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "no such table" in err and "gateway db upgrade" in err
+
+
+def test_serve_without_migrating_refuses_a_database_behind_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replica started with --no-migrate before `gateway db upgrade` would fail every request."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url, "0004")
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", url)
+    monkeypatch.setenv("GATEWAY_UPSTREAM_URL", "http://127.0.0.1:9/api/v1/chat")
+    code, _, err = _run(capsys, "serve", "--no-migrate")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"at migration 0004 but this gateway needs {migrate.head()}" in err
+    assert "gateway db upgrade" in err
 
 
 @pytest.mark.slow

@@ -1,32 +1,36 @@
 """A model-based test: holds, charges, releases, expiries and budget changes against a simple model.
 
-Hypothesis drives the metering functions on a real SQLite database through any sequence of steps;
+Hypothesis drives the metering functions on a real database through any sequence of steps (on
+SQLite, the Python statements; on PostgreSQL, the functions of migration 0005 as well);
 after each, the database must agree with a plain-Python model of the rules, no admission may take
 a budget over its limit, and every counter must equal what the ledger and the open holds say.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import tempfile
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 
 from gateway import metering, migrate, services
 from gateway.errors import BudgetExceeded
 from gateway.metering import Admission, Caller, Charge, Settlement
 from gateway.windows import window_key
 
-from .conftest import counters_equal_ledger_sql
+from .conftest import PG_HINT, _pg_exec, _pg_template, _pg_url, counters_equal_ledger_sql, pg_admin_url
 
 START = int(datetime(2026, 3, 30, 22, tzinfo=UTC).timestamp() * 1_000_000)  # near a day, week and month end
 HOUR = 3_600_000_000
@@ -48,11 +52,7 @@ class MeteringMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp())
-        url = f"sqlite+aiosqlite:///{self.dir / 'model.db'}"
-        migrate.upgrade(url)
-        self.engine: Engine = create_engine(f"sqlite:///{self.dir / 'model.db'}")
-        event.listen(self.engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA foreign_keys=ON"))
+        self.engine = self.database()
         self.now = START
         self.ids = itertools.count()
         with self.tx() as conn:
@@ -70,6 +70,15 @@ class MeteringMachine(RuleBasedStateMachine):
         self.spent: dict[tuple[Any, ...], int] = defaultdict(int)
         self.held: dict[tuple[Any, ...], int] = defaultdict(int)
         self.open: dict[str, tuple[Open, list[tuple[Any, ...]]]] = {}
+
+    def database(self) -> Engine:
+        """A fresh migrated database."""
+        self.dir = Path(tempfile.mkdtemp())
+        url = f"sqlite+aiosqlite:///{self.dir / 'model.db'}"
+        migrate.upgrade(url)
+        engine = create_engine(f"sqlite:///{self.dir / 'model.db'}")
+        event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA foreign_keys=ON"))
+        return engine
 
     def tx(self) -> Any:
         """One transaction, as the store would run it."""
@@ -206,6 +215,25 @@ class MeteringMachine(RuleBasedStateMachine):
             assert open_holds == len(self.open)
 
 
+class PostgresMeteringMachine(MeteringMachine):
+    """The same machine on PostgreSQL, through a synchronous driver (the units are plain functions)."""
+
+    def database(self) -> Engine:
+        admin_url = pg_admin_url()
+        if admin_url is None:
+            pytest.skip(PG_HINT)
+        template = _pg_template(admin_url)
+        self.name = f"gw_model_{uuid.uuid4().hex[:12]}"
+        self.admin_url = admin_url
+        asyncio.run(_pg_exec(admin_url, [f'CREATE DATABASE "{self.name}" TEMPLATE "{template}"']))
+        url = make_url(_pg_url(admin_url, self.name)).set(drivername="postgresql+psycopg2")
+        return create_engine(url)
+
+    def teardown(self) -> None:
+        self.engine.dispose()
+        asyncio.run(_pg_exec(self.admin_url, [f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)']))
+
+
 MeteringMachine.TestCase.settings = settings(
     max_examples=150,
     stateful_step_count=40,
@@ -213,3 +241,7 @@ MeteringMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestMetering = MeteringMachine.TestCase
+
+# Fewer examples: each makes a database.
+PostgresMeteringMachine.TestCase.settings = settings(MeteringMachine.TestCase.settings, max_examples=60)
+TestMeteringPostgres = PostgresMeteringMachine.TestCase

@@ -3,9 +3,9 @@
 On PostgreSQL every statement is a round trip, and a round trip costs the gateway more CPU (a
 socket send that wakes the server's backend) than the statement costs the server. Admitting a
 request took seven (BEGIN, the budgets, the hold, its allocations, a conditional update per budget,
-COMMIT) and settling it five. These functions do the same work, in the same order and with the same
-conditional updates as `gateway/metering.py` does on SQLite, in one statement each; a statement
-is atomic on its own, so neither needs BEGIN or COMMIT.
+COMMIT) and settling it five. These functions do the same work, in the same order (the counters
+last, in budget id order) and with the same conditional updates as `gateway/metering.py` does on
+SQLite, in one statement each; a statement is atomic on its own, so neither needs BEGIN or COMMIT.
 
 `gateway_admit` places the hold, returning per budget (in id order, the lock order) its window and
 what it has left; or, if a budget cannot take the hold, nothing at all is written and it returns one
@@ -39,17 +39,20 @@ CREATE FUNCTION gateway_admit(
 RETURNS TABLE (budget_id integer, scope varchar, period varchar, limit_micros bigint,
                window_start bigint, spent_micros bigint, held_micros bigint, refused boolean)
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
+#variable_conflict error
 DECLARE
     b record;
+    budget_ids integer[] := '{}';
+    scopes varchar[] := '{}';
+    periods varchar[] := '{}';
+    budget_limits bigint[] := '{}';
+    budget_windows bigint[] := '{}';
+    i integer;
     spent bigint;
     held bigint;
-    ids integer[] := '{}';
-    windows bigint[] := '{}';
-    limits bigint[] := '{}';
     spents bigint[] := '{}';
     helds bigint[] := '{}';
-    refusal record;
+    refused_at integer;
 BEGIN
     BEGIN
         INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count,
@@ -68,38 +71,46 @@ BEGIN
         LOOP
             INSERT INTO allocations (request_id, budget_id, window_start, credits_micros)
             VALUES (p_request_id, b.id, b.w, p_credits);
+            budget_ids := budget_ids || b.id;
+            scopes := scopes || b.scope;
+            periods := periods || b.period;
+            budget_limits := budget_limits || b.limit_micros;
+            budget_windows := budget_windows || b.w;
+        END LOOP;
+        -- The counters last, in budget id order: their row locks are what every request of a
+        -- team waits for.
+        FOR i IN 1 .. coalesce(array_length(budget_ids, 1), 0) LOOP
             -- Creates the window's counter with this hold, or adds the hold to it, only if it
             -- still fits; the limit is read inside the statement.
             INSERT INTO budget_counters AS c (budget_id, window_start, spent_micros, held_micros)
-            SELECT bl.id, b.w, 0, p_credits FROM budgets bl
-            WHERE bl.id = b.id AND p_credits <= bl.limit_micros
+            SELECT bl.id, budget_windows[i], 0, p_credits FROM budgets bl
+            WHERE bl.id = budget_ids[i] AND p_credits <= bl.limit_micros
             ON CONFLICT ON CONSTRAINT pk_budget_counters DO UPDATE
             SET held_micros = c.held_micros + excluded.held_micros
             WHERE c.spent_micros + c.held_micros + excluded.held_micros <=
                   (SELECT bl.limit_micros FROM budgets bl WHERE bl.id = excluded.budget_id)
             RETURNING c.spent_micros, c.held_micros INTO spent, held;
             IF NOT FOUND THEN
-                refusal := b;
+                refused_at := i;
                 -- Undoes everything this call wrote: back to the start of the block.
                 RAISE EXCEPTION USING ERRCODE = 'GW402';
             END IF;
-            ids := ids || b.id;
-            windows := windows || b.w;
-            limits := limits || b.limit_micros;
             spents := spents || spent;
             helds := helds || held;
         END LOOP;
     EXCEPTION WHEN SQLSTATE 'GW402' THEN
         RETURN QUERY
-            SELECT refusal.id, refusal.scope, refusal.period, refusal.limit_micros, refusal.w,
+            SELECT budget_ids[refused_at], scopes[refused_at], periods[refused_at],
+                   budget_limits[refused_at], budget_windows[refused_at],
                    COALESCE(c.spent_micros, 0::bigint), COALESCE(c.held_micros, 0::bigint), true
             FROM (SELECT 1) one
-            LEFT JOIN budget_counters c ON c.budget_id = refusal.id AND c.window_start = refusal.w;
+            LEFT JOIN budget_counters c
+                   ON c.budget_id = budget_ids[refused_at] AND c.window_start = budget_windows[refused_at];
         RETURN;
     END;
     RETURN QUERY
         SELECT u.id, NULL::varchar, NULL::varchar, u.lim, u.w, u.s, u.h, false
-        FROM unnest(ids, limits, windows, spents, helds) AS u(id, lim, w, s, h);
+        FROM unnest(budget_ids, budget_limits, budget_windows, spents, helds) AS u(id, lim, w, s, h);
 END
 $$
 """
@@ -110,7 +121,7 @@ CREATE FUNCTION gateway_settle(
     p_prompt_tokens integer, p_completion_tokens integer, p_total_tokens integer)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
+#variable_conflict error
 DECLARE
     h holds%ROWTYPE;
     a record;

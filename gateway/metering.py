@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy import Connection, text
 
 from .errors import BudgetExceeded
 from .pricing import credits_json, format_credits
-from .store import Sql, one_statement, sql_of
+from .store import Sql, grouped, sql_of
 from .windows import PERIODS, from_key, from_us, isoformat, window_end, window_key
 
 
@@ -131,19 +132,101 @@ _INSERT_LEDGER = (
 )
 
 
-# On PostgreSQL, the same work in one statement each (see migration 0005).
+# On PostgreSQL, the same work in one statement (the functions of migration 0005), for one request
+# or for several requests of one caller at once (group commit, see `store.grouped`).
+_ADMIT_ARGS = (
+    ("request_id", "varchar"),
+    ("instance_id", "varchar"),
+    ("key_id", "varchar"),
+    ("user_id", "integer"),
+    ("team_id", "integer"),
+    ("model", "varchar"),
+    ("message_count", "integer"),
+    ("unit_price", "bigint"),
+    ("credits", "bigint"),
+    ("stream", "boolean"),
+    ("admitted_at", "bigint"),
+    *((period, "bigint") for period in PERIODS),
+)
+_SETTLE_ARGS = (
+    ("request_id", "varchar"),
+    ("settled_at", "bigint"),
+    ("outcome", "varchar"),
+    ("upstream_status", "integer"),
+    ("prompt_tokens", "integer"),
+    ("completion_tokens", "integer"),
+    ("total_tokens", "integer"),
+)
+
+
+def _each(args: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """`FROM` a row per request (arrays in, numbered `r.i` from 1), and the function's arguments."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in args)
+    names = ", ".join(name for name, _ in args)
+    return f"FROM unnest({arrays}) WITH ORDINALITY AS r({names}, i)", ", ".join(f"r.{n}" for n, _ in args)
+
+
+_ADMIT_FROM, _ADMIT_CALL = _each(_ADMIT_ARGS)
 _ADMIT_PG = (
-    "SELECT budget_id, scope, period, limit_micros, window_start, spent_micros, held_micros, refused "
-    "FROM gateway_admit(:request_id, :instance_id, :key_id, :user_id, :team_id, :model, :message_count, "
-    ":unit_price, :credits, :stream, :admitted_at, :daily, :weekly, :monthly, :total)"
+    "SELECT r.i, a.budget_id, a.scope, a.period, a.limit_micros, a.window_start, a.spent_micros, "
+    f"a.held_micros, a.refused {_ADMIT_FROM} "
+    f"CROSS JOIN LATERAL gateway_admit({_ADMIT_CALL}) AS a ORDER BY r.i"
 )
-_SETTLE_PG = (
-    "SELECT gateway_settle(:request_id, :settled_at, :outcome, :upstream_status, :prompt_tokens, "
-    ":completion_tokens, :total_tokens)"
-)
+_SETTLE_FROM, _SETTLE_CALL = _each(_SETTLE_ARGS)
+_SETTLE_PG = f"SELECT r.i, gateway_settle({_SETTLE_CALL}) {_SETTLE_FROM} ORDER BY r.i"
+DAY_US = 86_400_000_000
 
 
-@one_statement
+def admit_many(
+    conn: Connection, calls: Sequence[tuple[Charge, str, int]]
+) -> list[tuple[bool, Admission | BudgetExceeded]]:
+    """PostgreSQL: admit `calls` (`admit`'s arguments each) in one statement, each alone.
+
+    Each request is admitted or refused on its own, as if it came alone: a refusal undoes only its
+    own hold. Results are (True, Admission) or (False, BudgetExceeded), in the order of `calls`.
+    """
+    params: dict[str, list[Any]] = {name: [] for name, _ in _ADMIT_ARGS}
+    for charge, instance_id, at in calls:
+        caller = charge.caller
+        moment = from_us(at)
+        values = (
+            charge.request_id,
+            instance_id,
+            caller.key_id,
+            caller.user_id,
+            caller.team_id,
+            charge.model,
+            charge.message_count,
+            charge.unit_price,
+            charge.credits,
+            charge.stream,
+            at,
+            *(window_key(period, moment) for period in PERIODS),
+        )
+        for (name, _), value in zip(_ADMIT_ARGS, values, strict=True):
+            params[name].append(value)
+    rows_of: list[list[Any]] = [[] for _ in calls]
+    for row in sql_of(conn).all(_ADMIT_PG, params):
+        rows_of[row[0] - 1].append(row)
+    results: list[tuple[bool, Admission | BudgetExceeded]] = []
+    for (charge, _, at), rows in zip(calls, rows_of, strict=True):
+        refused = next((row for row in rows if row[8]), None)
+        if refused is not None:
+            _, _, scope, period, limit, window, spent, held, _ = refused
+            results.append((False, _refusal(charge, scope, period, limit, window, spent, held)))
+            continue
+        remaining = min((row[4] - row[6] - row[7] for row in rows), default=None)
+        results.append((True, Admission(charge, at, tuple((row[1], row[5]) for row in rows), remaining)))
+    return results
+
+
+def _caller_and_day(charge: Charge, _instance_id: str, at: int) -> Hashable:
+    """Requests that lock the same counters, in the same order: one caller's, the same UTC day."""
+    caller = charge.caller
+    return (caller.key_id, caller.user_id, caller.team_id, at // DAY_US)
+
+
+@grouped(admit_many, _caller_and_day)
 def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admission:
     """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded.
 
@@ -152,7 +235,10 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     """
     db = sql_of(conn)
     if conn.dialect.name == "postgresql":
-        return _admit_in_one_statement(db, charge, instance_id, at)
+        ((_, admitted),) = admit_many(conn, [(charge, instance_id, at)])
+        if isinstance(admitted, BudgetExceeded):
+            raise admitted
+        return admitted
     caller = charge.caller
     budgets = db.all(
         _BUDGETS_FOR, {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)}
@@ -193,35 +279,6 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
         left = limit - row[0] - row[1]
         remaining = left if remaining is None else min(remaining, left)
     return Admission(charge, at, tuple((b[0], w) for b, w in windows), remaining)
-
-
-def _admit_in_one_statement(db: Sql, charge: Charge, instance_id: str, at: int) -> Admission:
-    caller = charge.caller
-    moment = from_us(at)
-    rows = db.all(
-        _ADMIT_PG,
-        {
-            "request_id": charge.request_id,
-            "instance_id": instance_id,
-            "key_id": caller.key_id,
-            "user_id": caller.user_id,
-            "team_id": caller.team_id,
-            "model": charge.model,
-            "message_count": charge.message_count,
-            "unit_price": charge.unit_price,
-            "credits": charge.credits,
-            "stream": charge.stream,
-            "admitted_at": at,
-            **{period: window_key(period, moment) for period in PERIODS},
-        },
-    )
-    remaining: int | None = None
-    for _budget, scope, period, limit, window, spent, held, refused in rows:
-        if refused:
-            raise _refusal(charge, scope, period, limit, window, spent, held)
-        left = limit - spent - held
-        remaining = left if remaining is None else min(remaining, left)
-    return Admission(charge, at, tuple((row[0], row[4]) for row in rows), remaining)
 
 
 def _refusal_after_counter(
@@ -293,7 +350,31 @@ def _write_settlement(
         )
 
 
-@one_statement
+def settle_many(
+    conn: Connection, calls: Sequence[tuple[Admission, Settlement, int]]
+) -> list[tuple[bool, bool]]:
+    """PostgreSQL: settle `calls` (`settle`'s arguments each) in one statement; (True, settled) each."""
+    params: dict[str, list[Any]] = {name: [] for name, _ in _SETTLE_ARGS}
+    for admission, settlement, at in calls:
+        values = (
+            admission.charge.request_id,
+            at,
+            settlement.outcome,
+            settlement.upstream_status,
+            settlement.prompt_tokens,
+            settlement.completion_tokens,
+            settlement.total_tokens,
+        )
+        for (name, _), value in zip(_SETTLE_ARGS, values, strict=True):
+            params[name].append(value)
+    return [(True, bool(row[1])) for row in sql_of(conn).all(_SETTLE_PG, params)]
+
+
+def _admitted_caller_and_day(admission: Admission, _settlement: Settlement, _at: int) -> Hashable:
+    return _caller_and_day(admission.charge, "", admission.admitted_at)
+
+
+@grouped(settle_many, _admitted_caller_and_day)
 def settle(conn: Connection, admission: Admission, settlement: Settlement, at: int) -> bool:
     """Turn the hold into a charge (outcome `charged`) or release it, and write the ledger row.
 
@@ -302,19 +383,7 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
     charge = admission.charge
     db = sql_of(conn)
     if conn.dialect.name == "postgresql":
-        row = db.first(
-            _SETTLE_PG,
-            {
-                "request_id": charge.request_id,
-                "settled_at": at,
-                "outcome": settlement.outcome,
-                "upstream_status": settlement.upstream_status,
-                "prompt_tokens": settlement.prompt_tokens,
-                "completion_tokens": settlement.completion_tokens,
-                "total_tokens": settlement.total_tokens,
-            },
-        )
-        return bool(row is not None and row[0])
+        return settle_many(conn, [(admission, settlement, at)])[0][1]
     if db.first(_DELETE_HOLD, {"request_id": charge.request_id}) is None:
         return False
     caller = charge.caller

@@ -12,8 +12,9 @@ A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. Th
   thread of its own, so the loop never blocks on a lock.
 - PostgreSQL: on an asyncpg pool, through `AsyncConnection.run_sync`, one transaction per unit,
   retried on serialization failures and deadlocks. Admission and settlement are one statement each
-  there (functions made by migration 0005), marked `one_statement`, and run without BEGIN and
-  COMMIT: one round trip each, where a round trip costs the gateway more than the statement.
+  there (functions made by migration 0005), marked `grouped`, and run without BEGIN and COMMIT:
+  one round trip each, where a round trip costs the gateway more than the statement. Calls of one
+  caller that arrive while another is under way go together in the next statement (group commit).
 
 A database that cannot be reached raises `LedgerUnavailable`; any other error raised by a unit
 (a refusal such as `BudgetExceeded`, or a bug) rolls back that unit alone and reaches its caller
@@ -28,8 +29,9 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -466,19 +468,42 @@ def _in_transaction(conn: Connection, fn: Callable[..., T], args: tuple[Any, ...
         return fn(conn, *args)
 
 
-# Units that are a single statement on PostgreSQL (admission and settlement, see migration 0005).
+# Units that are a single statement on PostgreSQL (admission and settlement, see migration 0005),
+# and how to run several calls of one of them as one statement.
 _ONE_STATEMENT: set[Callable[..., Any]] = set()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def one_statement(fn: F) -> F:
-    """Mark a unit that runs a single statement on PostgreSQL.
+@dataclass(frozen=True)
+class _Group:
+    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]]
+    key: Callable[..., Hashable]
 
-    A statement is atomic on its own, so the store runs it without BEGIN and COMMIT: two round
-    trips fewer. SQLite runs it like any other unit.
+
+_GROUPS: dict[Callable[..., Any], _Group] = {}
+# Calls of one group key per statement, at most.
+GROUP_MAX = 100
+
+
+def grouped(
+    many: Callable[[Connection, Any], list[tuple[bool, Any]]], key: Callable[..., Hashable]
+) -> Callable[[F], F]:
+    """Mark a unit that is a single statement on PostgreSQL, and which of its calls can share one.
+
+    A statement is atomic on its own, so the store runs it without BEGIN and COMMIT. Calls that
+    arrive while one of the same `key(*args)` is under way wait for it, then go together as one
+    call of `many(conn, [args, ...])`, which returns (ok, result or error) for each: one round
+    trip and one commit for all of them (group commit). `key` must group only calls that lock the
+    same rows in the same order, so a group deadlocks no more than a lone call. SQLite runs the
+    unit like any other (it batches everything already).
     """
-    _ONE_STATEMENT.add(fn)
-    return fn
+
+    def mark(fn: F) -> F:
+        _ONE_STATEMENT.update((fn, many))
+        _GROUPS[fn] = _Group(many, key)
+        return fn
+
+    return mark
 
 
 class PostgresStore:
@@ -487,6 +512,9 @@ class PostgresStore:
     dialect = "postgresql"
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        # Grouped calls waiting, and the keys with a statement under way (see `grouped`).
+        self._waiting: dict[Hashable, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
+        self._groups: set[asyncio.Task[None]] = set()
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -498,8 +526,55 @@ class PostgresStore:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in its own transaction, retrying serialization failures."""
+        group = _GROUPS.get(fn)
+        if group is not None:
+            return await self._grouped(fn, group, args)
         # shield: a caller cancelled meanwhile must not roll back a unit (a settlement) half-way.
         return await asyncio.shield(self._run(fn, *args))
+
+    async def _grouped(self, fn: Callable[..., T], group: _Group, args: tuple[Any, ...]) -> T:
+        """Queue the call behind its key's statement under way, or start one."""
+        key = (fn, group.key(*args))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append((args, future))
+        else:
+            self._waiting[key] = []
+            self._start_group(key, group, [(args, future)])
+        # A caller cancelled meanwhile cancels only its wait: the call runs all the same.
+        return await future
+
+    def _start_group(
+        self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_group(key, group, calls))
+        self._groups.add(task)
+        task.add_done_callback(self._groups.discard)
+
+    async def _run_group(
+        self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        results: list[tuple[bool, Any]]
+        try:
+            results = await self._run(group.many, [args for args, _ in calls])
+        except Exception as exc:
+            results = [(False, exc)] * len(calls)
+        except asyncio.CancelledError:
+            results = [(False, LedgerUnavailable(UNAVAILABLE))] * len(calls)
+        for (_, future), (ok, value) in zip(calls, results, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        waiting = self._waiting.get(key, [])
+        if waiting:
+            self._waiting[key] = waiting[GROUP_MAX:]
+            self._start_group(key, group, waiting[:GROUP_MAX])
+        else:
+            self._waiting.pop(key, None)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         for attempt in range(1, PG_MAX_ATTEMPTS + 1):
@@ -532,7 +607,9 @@ class PostgresStore:
         await self.run(_select_one)
 
     async def close(self) -> None:
-        """Close the pool."""
+        """Close the pool, once grouped statements under way are done."""
+        if self._groups:
+            await asyncio.wait(self._groups, timeout=10)
         await self.engine.dispose()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -12,7 +12,7 @@ from sqlalchemy import Connection, make_url, text
 
 from gateway import services
 from gateway.errors import BudgetExceeded
-from gateway.metering import Caller, Charge, Settlement, admit, new_request_id, now_us, settle
+from gateway.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
 from gateway.store import PostgresStore, open_store
 
 from .conftest import Backend
@@ -46,25 +46,50 @@ async def _round_trips(proxy: TcpProxy, work: Awaitable[T]) -> tuple[T, int]:
     return result, proxy.round_trips - before
 
 
-async def test_admission_and_settlement_take_one_round_trip_each(backend: Backend) -> None:
-    """One statement each, outside a transaction: no BEGIN, no COMMIT, no statement per budget."""
-    admin = open_store(backend.url)
+async def _alice(url: str, user_budget: str) -> Caller:
+    """alice of team eng, with a monthly team budget of 1 credit and a daily one of her own."""
+    admin = open_store(url)
     at = now_us()
     await admin.run(services.create_team, "eng", at)
     await admin.run(services.create_user, "alice", "eng", at)
     key = await admin.run(services.create_key, "alice", None, at)
-    for scope, subject, period in (("team", "eng", "monthly"), ("user", "alice", "daily")):
-        await admin.run(services.set_budget, scope, subject, period, "1", at)
+    for scope, subject, period, limit in (
+        ("team", "eng", "monthly", "1"),
+        ("user", "alice", "daily", user_budget),
+    ):
+        await admin.run(services.set_budget, scope, subject, period, limit, at)
     await admin.close()
+    return Caller(key["id"], 1, "alice", 1, "eng")
+
+
+def _proxied(backend: Backend) -> tuple[TcpProxy, Callable[[], PostgresStore]]:
     url = make_url(backend.url)
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+
+    def store() -> PostgresStore:
+        return PostgresStore(url.set(host="127.0.0.1", port=proxy.port).render_as_string(False), pool_size=2)
+
+    return proxy, store
+
+
+def _counter_sums(conn: Connection) -> tuple[int, int]:
+    row = conn.execute(text("SELECT SUM(spent_micros), SUM(held_micros) FROM budget_counters")).one()
+    return int(row[0]), int(row[1])
+
+
+def _charge(caller: Caller) -> Charge:
+    return Charge(new_request_id(), caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
+
+
+async def test_admission_and_settlement_take_one_round_trip_each(backend: Backend) -> None:
+    """One statement each, outside a transaction: no BEGIN, no COMMIT, no statement per budget."""
+    caller = await _alice(backend.url, "1")
+    proxy, make_store = _proxied(backend)
     await proxy.start()
-    store = PostgresStore(url.set(host="127.0.0.1", port=proxy.port).render_as_string(False), pool_size=1)
-    caller = Caller(key["id"], 1, "alice", 1, "eng")
+    store = make_store()
     try:
         for i in range(12):  # 10 fit in the budgets; the first two prepare the statements
-            charge = Charge(new_request_id(), caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
-            admitting = store.run(admit, charge, "instance", now_us())
+            admitting = store.run(admit, _charge(caller), "instance", now_us())
             if i >= 10:
                 with pytest.raises(BudgetExceeded):
                     await admitting
@@ -77,6 +102,43 @@ async def test_admission_and_settlement_take_one_round_trip_each(backend: Backen
             assert done
             if i >= 2:
                 assert (trips, settling) == (1, 1)
+    finally:
+        await store.close()
+        await proxy.close()
+
+
+async def test_concurrent_calls_of_one_caller_share_a_statement(backend: Backend) -> None:
+    """Group commit: 30 admissions at once take a few statements, and admit exactly what fits."""
+    caller = await _alice(backend.url, "0.7")  # 7 requests of 0.1 fit alice's own budget
+    proxy, make_store = _proxied(backend)
+    await proxy.start()
+    store = make_store()
+    try:
+        # Connected, statements prepared: the round trips counted below are statements.
+        warm = await store.run(admit, _charge(caller), "instance", now_us())
+        await store.run(settle, warm, Settlement("upstream_error", 500), now_us())
+        before = proxy.round_trips
+        results = await asyncio.gather(
+            *(store.run(admit, _charge(caller), "instance", now_us()) for _ in range(30)),
+            return_exceptions=True,
+        )
+        admitted = [r for r in results if isinstance(r, Admission)]
+        assert len(admitted) == 7
+        assert all(isinstance(r, BudgetExceeded) for r in results if r not in admitted)
+        assert min(a.remaining for a in admitted if a.remaining is not None) == 0
+        assert proxy.round_trips - before <= 3, "each admission went alone"  # 2: one, then 29
+        before = proxy.round_trips
+        settled = await asyncio.gather(
+            *(store.run(settle, a, Settlement("charged", 200), now_us()) for a in admitted)
+        )
+        assert settled == [True] * 7
+        assert proxy.round_trips - before <= 3, "each settlement went alone"
+        counters = await store.run(
+            lambda conn: conn.execute(
+                text("SELECT SUM(spent_micros), SUM(held_micros) FROM budget_counters")
+            ).one()
+        )
+        assert counters == (1_400_000, 0)  # 0.7 on each of the two budgets
     finally:
         await store.close()
         await proxy.close()

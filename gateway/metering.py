@@ -450,17 +450,20 @@ def expire_holds(
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
+    # Released credits per counter, applied last and in (budget, window) order: the order every
+    # admission and settlement locks counters in, so on PostgreSQL a sweep of many holds cannot
+    # deadlock with them.
+    released: dict[tuple[int, int], int] = {}
     for row in rows:
         if db.first(_DELETE_HOLD, {"request_id": row["request_id"]}) is None:
             continue
         db.many(_FREE_IDEMPOTENCY_KEY, [{"request_id": row["request_id"]}])
-        allocations = [
-            (b, w) for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all()
-        ]
+        for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all():
+            released[(b, w)] = released.get((b, w), 0) + row["credits_micros"]
         _write_settlement(
             db,
             request_id=row["request_id"],
-            allocations=allocations,
+            allocations=(),
             credits=row["credits_micros"],
             settlement=Settlement("expired"),
             ledger={
@@ -477,6 +480,11 @@ def expire_holds(
             },
         )
         expired += 1
+    if released:
+        db.many(
+            _SETTLE_COUNTER,
+            [{"credits": c, "spent": 0, "budget": b, "window": w} for (b, w), c in sorted(released.items())],
+        )
     return expired
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import Connection, make_url, text
+from sqlalchemy import Connection, create_engine, make_url, text
 
-from gateway import services
+from gateway import metering, services
 from gateway.errors import BudgetExceeded
 from gateway.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
 from gateway.store import PostgresStore, open_store
@@ -142,3 +143,50 @@ async def test_concurrent_calls_of_one_caller_share_a_statement(backend: Backend
     finally:
         await store.close()
         await proxy.close()
+
+
+def test_expiring_many_holds_cannot_deadlock_with_admissions(backend: Backend) -> None:
+    """A sweep releases its holds' counters in (budget, window) order, as admissions lock them.
+
+    bob's hold (the older) is on the team budget only, alice's on her key budget (the lower id)
+    and the team's. Released hold by hold, the sweep would lock the team's counter, then wait for
+    alice's, held by a transaction that next wants the team's: a deadlock.
+    """
+    engine = create_engine(make_url(backend.url).set(drivername="postgresql+psycopg2"))
+    at = now_us() - 3_600_000_000
+    with engine.begin() as conn:
+        services.create_team(conn, "eng", at)
+        for name in ("alice", "bob"):
+            services.create_user(conn, name, "eng", at)
+        alice_key = services.create_key(conn, "alice", None, at)
+        bob_key = services.create_key(conn, "bob", None, at)
+        services.set_budget(conn, "key", alice_key["id"], "total", "5", at)
+        services.set_budget(conn, "team", "eng", "total", "5", at)
+        for i, (key, user) in enumerate(((bob_key, 2), (alice_key, 1))):
+            caller = Caller(key["id"], user, "x", 1, "eng")
+            admit(conn, _charge(caller), "a dead instance", at + i)
+    with engine.begin() as conn:
+        key_budget, team_budget = conn.execute(text("SELECT id FROM budgets ORDER BY id")).scalars().all()
+    other = engine.connect()
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            with engine.begin() as conn:
+                assert metering.expire_holds(conn, now_us(), now_us()) == 2
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    lock = "UPDATE budget_counters SET held_micros = held_micros WHERE budget_id = :b"
+    try:
+        with other.begin():
+            other.execute(text(lock), {"b": key_budget})
+            sweeper = threading.Thread(target=sweep)
+            sweeper.start()
+            time.sleep(0.5)  # the sweep is waiting for the key budget's counter now
+            other.execute(text(lock), {"b": team_budget})
+        sweeper.join(timeout=10)
+        assert not errors, errors
+    finally:
+        other.close()
+        engine.dispose()

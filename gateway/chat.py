@@ -376,6 +376,11 @@ async def _settle_later(app: web.Application, admission: Admission, progress: _P
             await asyncio.sleep(delay)
             try:
                 done = await app[STORE].run(fn, *args, metering.now_us())
+                if not done:
+                    # Gone: expired by a sweep, or settled by an earlier try whose commit went
+                    # through although its answer was lost with the connection.
+                    ours = await app[STORE].read(metering.ledger_outcome, admission.charge.request_id)
+                    done = ours == settlement.outcome
             except LedgerUnavailable:
                 delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
                 continue

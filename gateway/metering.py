@@ -370,6 +370,12 @@ def settle_many(
     return [(True, bool(row[1])) for row in sql_of(conn).all(_SETTLE_PG, params)]
 
 
+def ledger_outcome(conn: Connection, request_id: str) -> str | None:
+    """Unit of work: the outcome the ledger has for a request, if it has a row for it."""
+    row = conn.execute(text("SELECT outcome FROM ledger WHERE request_id = :r"), {"r": request_id}).first()
+    return None if row is None else str(row[0])
+
+
 def _admitted_caller_and_day(admission: Admission, _settlement: Settlement, _at: int) -> Hashable:
     return _caller_and_day(admission.charge, "", admission.admitted_at)
 

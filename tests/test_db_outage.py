@@ -294,6 +294,32 @@ async def test_admission_whose_commit_answer_is_lost_is_released_after_the_ttl(
     assert w.metrics.registry.get_sample_value("gateway_holds_expired_total") == 1
 
 
+async def test_settlement_whose_commit_answer_is_lost_is_counted_once(setup: Setup, backend: Backend) -> None:
+    """The settlement commits, but its answer is lost with the connection.
+
+    The retry finds the hold gone and the ledger row its own: the request is counted once, as
+    charged, in the metrics too (not taken for a hold that expired).
+    """
+    if backend.name != "postgresql":
+        pytest.skip("SQLite runs in the gateway's process: no answer to a commit gets lost")
+    w, key = setup.world, setup.key
+    assert isinstance(setup.outage, TcpProxy)
+    assert (await _chat(w, key, "warm")).status == 200
+    setup.outage.trap = b"gateway_settle("
+    lost = await _chat(w, key, "lost")
+    assert lost.status == 200
+    assert setup.outage.trap is None, "the trap never sprang"
+
+    async def counted() -> bool:
+        labels = {"model": OSS20, "outcome": "charged"}
+        return w.metrics.registry.get_sample_value("gateway_requests_total", labels) == 2
+
+    await eventually(counted, RECOVER_WITHIN, "the lost settlement to be counted")
+    rows = await w.sql("SELECT outcome, credits_micros FROM ledger")
+    assert [tuple(r) for r in rows] == [("charged", 100_000)] * 2
+    await assert_counters_match_ledger(w)
+
+
 async def test_a_stream_longer_than_the_ttl_keeps_its_hold(setup: Setup) -> None:
     """The sweep of this process's own old holds spares the requests it is still serving."""
     w, key = setup.world, setup.key

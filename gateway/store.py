@@ -483,6 +483,8 @@ class _Group:
 _GROUPS: dict[Callable[..., Any], _Group] = {}
 # Calls of one group key per statement, at most.
 GROUP_MAX = 100
+# How long closing the PostgreSQL store waits for grouped calls under way or queued.
+CLOSE_WAIT_SECONDS = 10.0
 
 
 def grouped(
@@ -494,8 +496,8 @@ def grouped(
     arrive while one of the same `key(*args)` is under way wait for it, then go together as one
     call of `many(conn, [args, ...])`, which returns (ok, result or error) for each: one round
     trip and one commit for all of them (group commit). `key` must group only calls that lock the
-    same rows in the same order, so a group deadlocks no more than a lone call. SQLite runs the
-    unit like any other (it batches everything already).
+    same rows in the same order, so that groups cannot deadlock with each other or with lone
+    calls. SQLite runs the unit like any other (it batches everything already).
     """
 
     def mark(fn: F) -> F:
@@ -515,6 +517,7 @@ class PostgresStore:
         # Grouped calls waiting, and the keys with a statement under way (see `grouped`).
         self._waiting: dict[Hashable, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
         self._groups: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -555,26 +558,56 @@ class PostgresStore:
     async def _run_group(
         self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
     ) -> None:
-        results: list[tuple[bool, Any]]
+        """One statement for `calls`, then the next group of the key, whatever happens."""
+        cancelled = False
         try:
-            results = await self._run(group.many, [args for args, _ in calls])
-        except Exception as exc:
-            results = [(False, exc)] * len(calls)
+            results = await self._results(group, [args for args, _ in calls])
+            for (_, future), (ok, value) in zip(calls, results, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
         except asyncio.CancelledError:
-            results = [(False, LedgerUnavailable(UNAVAILABLE))] * len(calls)
-        for (_, future), (ok, value) in zip(calls, results, strict=True):
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
+            cancelled = True
+        finally:
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
+            waiting = self._waiting.get(key, [])
+            if waiting and not cancelled and not self._closing:
+                self._waiting[key] = waiting[GROUP_MAX:]
+                self._start_group(key, group, waiting[:GROUP_MAX])
             else:
-                future.set_exception(value)
-        waiting = self._waiting.get(key, [])
-        if waiting:
-            self._waiting[key] = waiting[GROUP_MAX:]
-            self._start_group(key, group, waiting[:GROUP_MAX])
-        else:
-            self._waiting.pop(key, None)
+                self._waiting.pop(key, None)
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(LedgerUnavailable(UNAVAILABLE))
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _results(self, group: _Group, calls: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+        """(ok, result or error) for each call: together, or alone if together fails.
+
+        A database that cannot be reached fails them all. Any other error (a value the database
+        refuses, a bug) is one call's: each is then run alone, so the others are not lost with it.
+        """
+        try:
+            results = await self._run(group.many, calls)
+        except LedgerUnavailable as exc:
+            return [(False, exc)] * len(calls)
+        except Exception as exc:
+            if len(calls) == 1:
+                return [(False, exc)]
+            log.warning("a grouped statement failed (%s); running its %d calls one by one", exc, len(calls))
+            alone: list[tuple[bool, Any]] = []
+            for args in calls:
+                alone += await self._results(group, [args])
+            return alone
+        if len(results) != len(calls):
+            raise AssertionError(f"{len(results)} results for {len(calls)} calls")
+        return results
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         for attempt in range(1, PG_MAX_ATTEMPTS + 1):
@@ -607,9 +640,19 @@ class PostgresStore:
         await self.run(_select_one)
 
     async def close(self) -> None:
-        """Close the pool, once grouped statements under way are done."""
-        if self._groups:
-            await asyncio.wait(self._groups, timeout=10)
+        """Close the pool, once the grouped calls under way or queued are done (10 s at most)."""
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
+        while self._groups:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self._groups), timeout=left)
+        # Past the deadline: no new group starts, and whatever still waits hears 503.
+        self._closing = True
+        for waiting in self._waiting.values():
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
         await self.engine.dispose()
 
 

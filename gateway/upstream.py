@@ -30,6 +30,8 @@ MAX_CONNECTIONS = 1000
 RELAYED_HEADERS = ("Content-Type", "Cache-Control", "Retry-After")
 # Headers copied from the client's request to upstream. The caller's Authorization never is.
 FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
+# Token counts past what the ledger's integer columns hold are not believed (nor recorded).
+MAX_TOKENS = 2**31 - 1
 # A stream's partial line is kept only this long while looking for a usage chunk.
 MAX_USAGE_LINE = 1 << 20
 # aiohttp warns about bytes bodies over 1 MiB (written in one go); larger ones go as a BytesIO,
@@ -102,7 +104,7 @@ class Usage:
             return
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
                 setattr(self, name, value)
 
 

@@ -209,3 +209,23 @@ async def test_usage_from_a_non_json_looking_stream_is_ignored(
     assert await resp.read() == b"".join(garbage)
     row = await _one_row(world, "charged", 200_000, 200)
     assert row[4:] == (None, None)  # a negative count is not taken either
+
+
+async def test_token_counts_past_the_ledgers_columns_are_not_taken(
+    world: World, alice: str, aiohttp_server: Any
+) -> None:
+    """A 2xx whose `usage` claims more tokens than an integer column holds is charged all the same."""
+    body = b'{"choices": [], "usage": {"prompt_tokens": 2147483648, "completion_tokens": 7}}'
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/api/v1/chat", huge)
+    server = await aiohttp_server(app)
+    await world.reconfigure(upstream_url=str(server.make_url("/api/v1/chat")))
+    resp = await _send(world, alice, "x", stream=False)
+    assert resp.status == 200
+    assert await resp.read() == body
+    row = await _one_row(world, "charged", 200_000, 200)
+    assert row[4:] == (None, 7)

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import pytest
 from sqlalchemy import Connection, create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
 
 from gateway import metering, services
 from gateway.errors import BudgetExceeded
@@ -190,3 +191,37 @@ def test_expiring_many_holds_cannot_deadlock_with_admissions(backend: Backend) -
     finally:
         other.close()
         engine.dispose()
+
+
+async def test_a_call_the_database_refuses_fails_alone_not_its_group(backend: Backend) -> None:
+    """A value the database refuses fails its own call; the rest of its group is run alone."""
+    caller = await _alice(backend.url, "1")
+    store = PostgresStore(backend.url, pool_size=2)
+    try:
+        admitted = [await store.run(admit, _charge(caller), "instance", now_us()) for _ in range(4)]
+        poison = Settlement("charged", 200, prompt_tokens=2**31)  # past the ledger's integer column
+        settled = await asyncio.gather(
+            *(
+                store.run(settle, a, poison if i == 1 else Settlement("charged", 200), now_us())
+                for i, a in enumerate(admitted)
+            ),
+            return_exceptions=True,
+        )
+        assert settled[0] is True and settled[2:] == [True, True], settled
+        assert isinstance(settled[1], DBAPIError)
+        assert await store.run(_counter_sums) == (600_000, 200_000)  # 3 charged, 1 still held
+    finally:
+        await store.close()
+
+
+async def test_close_waits_for_grouped_calls_still_queued(backend: Backend) -> None:
+    """Closing answers every call already made: those under way and those queued behind them."""
+    caller = await _alice(backend.url, "1")
+    store = PostgresStore(backend.url, pool_size=2)
+    calls = [
+        asyncio.ensure_future(store.run(admit, _charge(caller), "instance", now_us())) for _ in range(10)
+    ]
+    await asyncio.sleep(0)  # the first is under way, the other nine queued behind it
+    await store.close()
+    assert all(call.done() for call in calls)
+    assert all(isinstance(call.result(), Admission) for call in calls)

@@ -47,6 +47,14 @@ def _pg_template(admin_url: str) -> str:
     return name
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop this session's template database, so test runs leave nothing behind on the server."""
+    admin_url = pg_admin_url()
+    if _template_ready and admin_url is not None:
+        name = f"gw_template_{os.getpid()}"
+        asyncio.run(_pg_exec(admin_url, [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)']))
+
+
 def _pg_url(admin_url: str, database: str) -> str:
     base, _, _ = admin_url.rpartition("/")
     return f"{base}/{database}"

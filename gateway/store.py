@@ -29,7 +29,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,24 @@ def _unavailable(exc: BaseException) -> LedgerUnavailable:
     cause = getattr(exc, "orig", None) or exc
     error.reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return error
+
+
+def _answer(futures: Sequence[asyncio.Future[Any]], results: Sequence[tuple[bool, Any]]) -> None:
+    """Give each caller still waiting its (ok, result or error)."""
+    for future, (ok, value) in zip(futures, results, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _fail_waiting(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Tell each caller still waiting that the database cannot be reached (503)."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(LedgerUnavailable(UNAVAILABLE))
 
 
 class SqliteStore:
@@ -307,20 +325,12 @@ class SqliteStore:
         self._busy = False
         if not isinstance(results, list):
             results = [(False, _unavailable(results))] * len(futures)
-        for future, (ok, value) in zip(futures, results, strict=True):
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        _answer(futures, results)
         if self._outage and self._pending:
             # Work queued while that batch waited out the busy timeout would wait as long again:
             # fail it now, so that during an outage every caller hears within one busy timeout.
             waiting, self._pending = self._pending, []
-            for _, _, future in waiting:
-                if not future.done():
-                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
+            _fail_waiting(future for _, _, future in waiting)
         if not self._outage:
             self._commits += 1
             if self._commits >= CHECKPOINT_EVERY_COMMITS and not self._checkpointing:
@@ -469,7 +479,8 @@ def _in_transaction(conn: Connection, fn: Callable[..., T], args: tuple[Any, ...
 
 
 # Units that are a single statement on PostgreSQL (admission and settlement, see migration 0005),
-# and how to run several calls of one of them as one statement.
+# and how to run several calls of one of them as one statement. Only the `many` of a group reaches
+# `PostgresStore._run`: it is what runs without BEGIN and COMMIT.
 _ONE_STATEMENT: set[Callable[..., Any]] = set()
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -501,7 +512,7 @@ def grouped(
     """
 
     def mark(fn: F) -> F:
-        _ONE_STATEMENT.update((fn, many))
+        _ONE_STATEMENT.add(many)
         _GROUPS[fn] = _Group(many, key)
         return fn
 
@@ -562,28 +573,18 @@ class PostgresStore:
         cancelled = False
         try:
             results = await self._results(group, [args for args, _ in calls])
-            for (_, future), (ok, value) in zip(calls, results, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            _answer([future for _, future in calls], results)
         except asyncio.CancelledError:
             cancelled = True
         finally:
-            for _, future in calls:
-                if not future.done():
-                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
+            _fail_waiting(future for _, future in calls)
             waiting = self._waiting.get(key, [])
             if waiting and not cancelled and not self._closing:
                 self._waiting[key] = waiting[GROUP_MAX:]
                 self._start_group(key, group, waiting[:GROUP_MAX])
             else:
                 self._waiting.pop(key, None)
-                for _, future in waiting:
-                    if not future.done():
-                        future.set_exception(LedgerUnavailable(UNAVAILABLE))
+                _fail_waiting(future for _, future in waiting)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -650,9 +651,7 @@ class PostgresStore:
         # Past the deadline: no new group starts, and whatever still waits hears 503.
         self._closing = True
         for waiting in self._waiting.values():
-            for _, future in waiting:
-                if not future.done():
-                    future.set_exception(LedgerUnavailable(UNAVAILABLE))
+            _fail_waiting(future for _, future in waiting)
         await self.engine.dispose()
 
 

@@ -46,6 +46,14 @@ async def _one_row(w: World, outcome: str, credits: int, upstream_status: int | 
     return row
 
 
+async def _upstream(w: World, aiohttp_server: Any, handler: Any, **overrides: Any) -> None:
+    """Serve `handler` as the upstream chat endpoint and point the gateway at it."""
+    app = web.Application()
+    app.router.add_post("/api/v1/chat", handler)
+    server = await aiohttp_server(app)
+    await w.reconfigure(upstream_url=str(server.make_url("/api/v1/chat")), **overrides)
+
+
 async def _gateway_error(resp: Any, status: int, kind: str) -> None:
     assert resp.status == status, await resp.text()
     body = await resp.json()
@@ -168,12 +176,7 @@ async def test_plain_body_that_stalls_is_502_not_charged(
         await asyncio.sleep(10)
         return response
 
-    app = web.Application()
-    app.router.add_post("/api/v1/chat", stall)
-    server = await aiohttp_server(app)
-    await world.reconfigure(
-        upstream_url=str(server.make_url("/api/v1/chat")), stream_idle_timeout_seconds=0.3
-    )
+    await _upstream(world, aiohttp_server, stall, stream_idle_timeout_seconds=0.3)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await _gateway_error(await _send(world, alice, "x", stream=False), 502, "upstream_unavailable")
@@ -200,10 +203,7 @@ async def test_usage_from_a_non_json_looking_stream_is_ignored(
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/api/v1/chat", sse)
-    server = await aiohttp_server(app)
-    await world.reconfigure(upstream_url=str(server.make_url("/api/v1/chat")))
+    await _upstream(world, aiohttp_server, sse)
     resp = await _send(world, alice, "x", stream=True)
     assert resp.status == 200
     assert await resp.read() == b"".join(garbage)
@@ -220,10 +220,7 @@ async def test_token_counts_past_the_ledgers_columns_are_not_taken(
     async def huge(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/api/v1/chat", huge)
-    server = await aiohttp_server(app)
-    await world.reconfigure(upstream_url=str(server.make_url("/api/v1/chat")))
+    await _upstream(world, aiohttp_server, huge)
     resp = await _send(world, alice, "x", stream=False)
     assert resp.status == 200
     assert await resp.read() == body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway import migrate
-from gateway.cli import main
+from gateway.cli import main, run_loop
 
 from .conftest import Backend, World
 from .procs import free_port
@@ -102,6 +103,13 @@ def test_serve_without_migrating_refuses_a_database_behind_the_code(
 
 
 @pytest.mark.slow
+def test_servers_run_on_uvloop() -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_loop(loop_module()).startswith("uvloop")
+
+
 def test_demo_prints_a_curl_that_works(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_LOG_LEVEL": "WARNING"}

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, text
 from .errors import BudgetExceeded
 from .pricing import credits_json, format_credits
 from .store import Sql, grouped, sql_of
-from .windows import PERIODS, from_key, from_us, isoformat, window_end, window_key
+from .windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
 
 
 @dataclass(frozen=True)
@@ -82,22 +82,27 @@ def new_request_id() -> str:
     return f"{now_us():014x}{random.getrandbits(72):018x}"
 
 
-_BUDGETS_FOR = (
-    "SELECT id, scope, subject, period, limit_micros FROM budgets "
-    "WHERE (scope = 'key' AND subject = :key) OR (scope = 'user' AND subject = :user) "
-    "OR (scope = 'team' AND subject = :team) ORDER BY id"
+# SQLite: the budgets that apply to a caller, each with its counter of the window the request falls
+# in (NULLs where that window has none yet). The batch holds the write lock, so nothing read here
+# can change before the admission's own updates.
+_BUDGETS_AND_COUNTERS = (
+    "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros FROM budgets b "
+    "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
+    + " ".join(f"WHEN '{period}' THEN :{period}" for period in PERIODS)
+    + " END WHERE (b.scope = 'key' AND b.subject = :key) OR (b.scope = 'user' AND b.subject = :user) "
+    "OR (b.scope = 'team' AND b.subject = :team)"
 )
 
-# Creates the window's counter with this hold, or adds the hold to it, only if it still fits.
-# The limit is read inside the statement so a concurrent budget change is never missed.
+# Creates the window's counter with this hold, or adds the hold to it, only if it still fits: one
+# row changed, or none. The limit is read inside the statement so a budget change is never missed.
+# (No RETURNING: SQLite buffers a RETURNING statement's rows in a temporary B-tree of its own.)
 _PLACE_HOLD = (
     "INSERT INTO budget_counters (budget_id, window_start, spent_micros, held_micros) "
     "SELECT b.id, :window, 0, :credits FROM budgets b WHERE b.id = :budget AND :credits <= b.limit_micros "
     "ON CONFLICT (budget_id, window_start) DO UPDATE "
     "SET held_micros = budget_counters.held_micros + excluded.held_micros "
     "WHERE budget_counters.spent_micros + budget_counters.held_micros + excluded.held_micros <= "
-    "(SELECT limit_micros FROM budgets WHERE id = excluded.budget_id) "
-    "RETURNING spent_micros, held_micros"
+    "(SELECT limit_micros FROM budgets WHERE id = excluded.budget_id)"
 )
 
 _COUNTER = (
@@ -116,7 +121,7 @@ _INSERT_ALLOCATION = (
     "VALUES (:request_id, :budget, :window, :credits)"
 )
 
-_DELETE_HOLD = "DELETE FROM holds WHERE request_id = :request_id RETURNING request_id"
+_DELETE_HOLD = "DELETE FROM holds WHERE request_id = :request_id"
 
 _SETTLE_COUNTER = (
     "UPDATE budget_counters SET held_micros = held_micros - :credits, spent_micros = spent_micros + :spent "
@@ -174,7 +179,6 @@ _ADMIT_PG = (
 )
 _SETTLE_FROM, _SETTLE_CALL = _each(_SETTLE_ARGS)
 _SETTLE_PG = f"SELECT r.i, gateway_settle({_SETTLE_CALL}) {_SETTLE_FROM} ORDER BY r.i"
-DAY_US = 86_400_000_000
 
 
 def admit_many(
@@ -188,7 +192,6 @@ def admit_many(
     params: dict[str, list[Any]] = {name: [] for name, _ in _ADMIT_ARGS}
     for charge, instance_id, at in calls:
         caller = charge.caller
-        moment = from_us(at)
         values = (
             charge.request_id,
             instance_id,
@@ -201,7 +204,7 @@ def admit_many(
             charge.credits,
             charge.stream,
             at,
-            *(window_key(period, moment) for period in PERIODS),
+            *window_keys(at),
         )
         for (name, _), value in zip(_ADMIT_ARGS, values, strict=True):
             params[name].append(value)
@@ -240,11 +243,21 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
             raise admitted
         return admitted
     caller = charge.caller
-    budgets = db.all(
-        _BUDGETS_FOR, {"key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)}
+    credits = charge.credits
+    windows = dict(zip(PERIODS, window_keys(at), strict=True))
+    budgets = sorted(
+        db.all(
+            _BUDGETS_AND_COUNTERS,
+            {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
+        )
     )
-    moment = from_us(at)
-    windows = [(row, window_key(row[3], moment)) for row in budgets]
+    # Refused before anything is written, at the first budget (in id order) it does not fit.
+    remaining: int | None = None
+    for _budget_id, scope, period, limit, spent, held in budgets:
+        left = limit - (spent or 0) - (held or 0) - credits
+        if left < 0:
+            raise _refusal(charge, scope, period, limit, windows[period], spent or 0, held or 0)
+        remaining = left if remaining is None else min(remaining, left)
     db.many(
         _INSERT_HOLD,
         [
@@ -257,28 +270,27 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
                 "model": charge.model,
                 "message_count": charge.message_count,
                 "unit_price": charge.unit_price,
-                "credits": charge.credits,
+                "credits": credits,
                 "stream": charge.stream,
                 "admitted_at": at,
             }
         ],
     )
-    if windows:
+    allocations = tuple((row[0], windows[row[2]]) for row in budgets)
+    if allocations:
         db.many(
             _INSERT_ALLOCATION,
             [
-                {"request_id": charge.request_id, "budget": b[0], "window": w, "credits": charge.credits}
-                for b, w in windows
+                {"request_id": charge.request_id, "budget": b, "window": w, "credits": credits}
+                for b, w in allocations
             ],
         )
-    remaining: int | None = None
-    for (budget_id, scope, _subject, period, limit), window in windows:
-        row = db.first(_PLACE_HOLD, {"window": window, "credits": charge.credits, "budget": budget_id})
-        if row is None:
+    # The counters still change only through the conditional update, which cannot fail here (the
+    # write lock has been held since the read above); if it ever did, the unit rolls back.
+    for (budget_id, scope, period, limit, _, _), (_, window) in zip(budgets, allocations, strict=True):
+        if db.changed(_PLACE_HOLD, {"window": window, "credits": credits, "budget": budget_id}) != 1:
             raise _refusal_after_counter(db, charge, budget_id, scope, period, limit, window)
-        left = limit - row[0] - row[1]
-        remaining = left if remaining is None else min(remaining, left)
-    return Admission(charge, at, tuple((b[0], w) for b, w in windows), remaining)
+    return Admission(charge, at, allocations, remaining)
 
 
 def _refusal_after_counter(
@@ -390,7 +402,7 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
     db = sql_of(conn)
     if conn.dialect.name == "postgresql":
         return settle_many(conn, [(admission, settlement, at)])[0][1]
-    if db.first(_DELETE_HOLD, {"request_id": charge.request_id}) is None:
+    if not db.changed(_DELETE_HOLD, {"request_id": charge.request_id}):
         return False
     caller = charge.caller
     _write_settlement(
@@ -461,7 +473,7 @@ def expire_holds(
     # deadlock with them.
     released: dict[tuple[int, int], int] = {}
     for row in rows:
-        if db.first(_DELETE_HOLD, {"request_id": row["request_id"]}) is None:
+        if not db.changed(_DELETE_HOLD, {"request_id": row["request_id"]}):
             continue
         db.many(_FREE_IDEMPOTENCY_KEY, [{"request_id": row["request_id"]}])
         for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all():

@@ -664,6 +664,10 @@ class Sql(Protocol):
 
     def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
 
+    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
+        """Run a write; how many rows it inserted, updated or deleted."""
+        ...
+
 
 class _DriverSql:
     """Straight to sqlite3 (which caches its prepared statements): several times cheaper per
@@ -680,6 +684,9 @@ class _DriverSql:
 
     def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
         self._raw.executemany(sql, rows)
+
+    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
+        return self._raw.execute(sql, params).rowcount
 
 
 @functools.lru_cache(maxsize=256)
@@ -701,6 +708,9 @@ class _AlchemySql:
 
     def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
         self._conn.execute(_clause(sql), list(rows))
+
+    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
+        return self._conn.execute(_clause(sql), params).rowcount
 
 
 def sql_of(conn: Connection) -> Sql:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 PERIODS = ("daily", "weekly", "monthly", "total")
 
 # The `total` window never resets; it starts at the epoch.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DAY_US = 86_400_000_000
 
 
 def window_start(period: str, now: datetime) -> datetime:
@@ -44,6 +46,18 @@ def window_end(period: str, start: datetime) -> datetime | None:
 def window_key(period: str, now: datetime) -> int:
     """The window's start as integer seconds since the epoch: the counters' key."""
     return int(window_start(period, now).timestamp())
+
+
+def window_keys(us: int) -> tuple[int, ...]:
+    """The key of each period's window (in `PERIODS` order) at `us` microseconds since the epoch."""
+    # Every window starts at a UTC midnight, so the keys change only from one day to the next.
+    return _window_keys_of_day(us // DAY_US)
+
+
+@functools.lru_cache(maxsize=4)
+def _window_keys_of_day(day: int) -> tuple[int, ...]:
+    midnight = datetime.fromtimestamp(day * 86_400, UTC)
+    return tuple(window_key(period, midnight) for period in PERIODS)
 
 
 def from_key(key: int) -> datetime:

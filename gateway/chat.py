@@ -62,6 +62,10 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return repeated
 
 
+# One decoder for every request: `json.loads` with a hook would build a new one each time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+
+
 def parse_chat(body: bytes) -> tuple[str, int, bool]:
     """Validate a chat body; returns (model, message count, stream) or raises InvalidRequest.
 
@@ -70,7 +74,7 @@ def parse_chat(body: bytes) -> tuple[str, int, bool]:
     keeps the last value where another parser may keep the first (two `model`s: which is billed?).
     """
     try:
-        payload = json.loads(body.decode("utf-8"), object_pairs_hook=_object)
+        payload = _DECODER.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8; send a JSON object.") from None
     except (ValueError, RecursionError):

@@ -3,7 +3,8 @@
 A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. The store runs it:
 
 - SQLite: on the event loop itself, with group commit. Units that arrive in the same turn of the
-  loop, or while a batch runs, share one transaction: one `BEGIN IMMEDIATE`, a savepoint per unit
+  loop (and the next few turns, while more keep arriving), or while a batch runs, share one
+  transaction: one `BEGIN IMMEDIATE`, a savepoint per unit
   so a refused admission rolls back alone, one `COMMIT`, then every caller is answered. Each
   request still gets its answer only after its own commit. A batch is a few hundred microseconds
   of SQLite work (no fsync: WAL with `synchronous=NORMAL`, checkpoints in a thread of their own),
@@ -56,6 +57,10 @@ SQLITE_BUSY_TIMEOUT_MS = 1_500
 CHECKPOINT_EVERY_COMMITS = 200
 WRITER_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_PAUSE_MAX_SECONDS = 0.05
+# Group commit: a batch waits for more units while they keep arriving, one turn of the event loop
+# at a time, for at most this many turns, and takes at most about this many units.
+GATHER_MAX_TURNS = 8
+GATHER_MAX_UNITS = 256
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
 PG_MAX_ATTEMPTS = 5
@@ -280,11 +285,24 @@ class SqliteStore:
         self._pending.append((fn, args, future))
         if not self._busy and not self._paused:
             # Soon, not now: the units of every request that gets here in this turn of the loop
-            # then share the transaction.
+            # (and in the next ones, while more keep coming) then share the transaction.
             self._busy = True
-            loop.call_soon(self._flush)
+            loop.call_soon(self._gather, 0, 0)
         # A caller cancelled meanwhile cancels only its wait: the unit runs and commits all the same.
         return await future
+
+    def _gather(self, seen: int, turns: int) -> None:
+        """Run the batch now, or one turn of the loop later if units arrived during the last one.
+
+        Under load, requests reach the store over several turns of the loop: waiting while they
+        keep coming makes batches several times larger, and a commit's cost (writing each page it
+        changed to the WAL) is shared by all of them. A lone unit waits one turn (microseconds).
+        """
+        pending = len(self._pending)
+        if seen < pending < GATHER_MAX_UNITS and turns < GATHER_MAX_TURNS:
+            asyncio.get_running_loop().call_soon(self._gather, pending, turns + 1)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         """On the loop: run what is pending as one batch.
@@ -341,7 +359,7 @@ class SqliteStore:
         """Start the next batch if work is waiting and writes are not held back."""
         if self._pending and not self._busy and not self._paused:
             self._busy = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._gather, 0, 0)
 
     def _start_checkpoint(self) -> None:
         """Copy the WAL into the database file in the checkpoint thread, in two passes.

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, text
@@ -35,10 +36,6 @@ def _fail(conn: Connection, i: int) -> None:
     raise ValueError("refused")
 
 
-def _data_version(conn: Connection) -> int:
-    return int(conn.execute(text("PRAGMA data_version")).scalar_one())
-
-
 def _count(conn: Connection) -> int:
     return int(conn.execute(text("SELECT COUNT(*) FROM t")).scalar_one())
 
@@ -49,22 +46,54 @@ async def _store(tmp_path: Path) -> SqliteStore:
     return store
 
 
-async def test_units_of_one_turn_share_a_transaction_and_fail_alone(tmp_path: Path) -> None:
+def _batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of units of every batch (transaction) the store runs from now on."""
+    sizes: list[int] = []
+    run_batch = SqliteStore._run_batch
+
+    def recorded(self: SqliteStore, batch: list[Any], wait: bool) -> Any:
+        sizes.append(len(batch))
+        return run_batch(self, batch, wait)
+
+    monkeypatch.setattr(SqliteStore, "_run_batch", recorded)
+    return sizes
+
+
+async def test_units_of_one_turn_share_a_transaction_and_fail_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = await _store(tmp_path)
     try:
-        commits = sqlite3.connect(tmp_path / "store.db")
-        before = commits.execute("PRAGMA data_version").fetchone()[0]
+        sizes = _batch_sizes(monkeypatch)
         results = await asyncio.gather(
             *(store.run(_fail if i == 3 else _insert, i) for i in range(10)), return_exceptions=True
         )
-        after = commits.execute("PRAGMA data_version").fetchone()[0]
-        commits.close()
         assert [r for r in results if not isinstance(r, Exception)] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
         assert isinstance(results[3], ValueError)
-        # One commit for the ten units (data_version moves once per commit seen from outside),
-        # and the failing unit's insert was rolled back alone.
-        assert after - before == 1
+        # One transaction for the ten units, and the failing unit's insert was rolled back alone.
+        assert sizes == [10]
         assert await store.read(_count) == 9
+    finally:
+        await store.close()
+
+
+async def test_units_arriving_over_several_turns_share_a_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _store(tmp_path)
+    try:
+        sizes = _batch_sizes(monkeypatch)
+
+        async def arriving(i: int) -> int:
+            for _ in range(i):  # unit i reaches the store i turns of the loop after the first
+                await asyncio.sleep(0)
+            return await store.run(_insert, i)
+
+        assert await asyncio.gather(*(arriving(i) for i in range(5))) == [0, 1, 2, 3, 4]
+        assert sizes == [5]
+        # Nothing else coming: a lone unit runs at once, in a transaction of its own.
+        assert await store.run(_insert, 5) == 5
+        assert sizes == [5, 1]
     finally:
         await store.close()
 

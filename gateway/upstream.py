@@ -229,12 +229,16 @@ async def relay_stream(
 def _cannot_wait(client: asyncio.BaseTransport | None, size: int) -> bool:
     """Whether writing `size` bytes to the client returns at once, so it needs no timer.
 
-    aiohttp waits only for a paused transport, and asyncio pauses one only when its buffer goes
-    over the high-water mark: a write that leaves the buffer at or under it cannot wait.
+    aiohttp waits only for a paused transport, and asyncio (or uvloop) pauses one only when its
+    buffer goes over the high-water mark: a write that leaves the buffer at or under it cannot wait.
+    Asked of the transport itself: uvloop's are not `asyncio.WriteTransport` subclasses.
     """
-    if not isinstance(client, asyncio.WriteTransport) or client.is_closing():
+    try:
+        if client is None or client.is_closing():
+            return False
+        return bool(client.get_write_buffer_size() + size <= client.get_write_buffer_limits()[1])  # type: ignore[attr-defined]
+    except AttributeError:
         return False
-    return client.get_write_buffer_size() + size <= client.get_write_buffer_limits()[1]
 
 
 async def end_stream(response: web.StreamResponse) -> None:

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway import upstream
 from gateway.app import create_app
 from gateway.metrics import Metrics
 
@@ -153,6 +154,28 @@ async def test_slow_reader_gets_everything_and_is_charged_once(world: World, ali
     assert events[-1] == b"data: [DONE]\n\n" and len(events) == 9
     row = await settled(world, "charged", 300_000)
     assert row[4] == 6
+
+
+class _UvloopLikeTransport:
+    """A transport as uvloop's are: the write-buffer methods, yet no `asyncio.WriteTransport`."""
+
+    def __init__(self, buffered: int) -> None:
+        self.buffered = buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16_384, 65_536)
+
+
+def test_a_write_with_room_in_any_transports_buffer_needs_no_timer() -> None:
+    assert upstream._cannot_wait(_UvloopLikeTransport(0), 1_024)  # type: ignore[arg-type]
+    assert not upstream._cannot_wait(_UvloopLikeTransport(65_000), 1_024)  # type: ignore[arg-type]
+    assert not upstream._cannot_wait(None, 1)
 
 
 # Large chunks are each over the socket's high-water mark; small ones are written without a timer

@@ -61,10 +61,6 @@ BUDGET_CREDITS = "1000000000"  # daily; far more than any run can spend
 STARTUP_SECONDS = 30.0
 DRAIN_SECONDS = 10.0
 PROFILE_HZ = 200
-UVLOOP_SERVE = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 def chat_body(stream: bool) -> bytes:
@@ -516,7 +512,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-url", help="postgresql+asyncpg://... instead of a fresh temp SQLite file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s runs, one round, 300 requests")
     parser.add_argument("--profile", choices=MODES, help="then py-spy the gateway during two more runs")
-    parser.add_argument("--uvloop", action="store_true", help="run the gateway and the bare proxy on uvloop")
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run the bare proxy on uvloop too (`gateway serve` always does)"
+    )
     parser.add_argument(
         "--stock-upstream",
         action="store_true",
@@ -569,8 +567,7 @@ def start_servers(args: argparse.Namespace, servers: Servers) -> tuple[dict[str,
     }
     gateway_cli(gateway_env, "db", "upgrade")
     account = make_account(gateway_env)
-    serve = [py, "-c", UVLOOP_SERVE] if args.uvloop else [py, "-m", "gateway"]
-    pids["gateway"] = servers.start("gateway", [*serve, "serve", "--no-migrate"], gateway_env)
+    pids["gateway"] = servers.start("gateway", [py, "-m", "gateway", "serve", "--no-migrate"], gateway_env)
 
     servers.wait_ready("direct", base["direct"])
     servers.wait_ready("bare", base["bare"])
@@ -614,7 +611,8 @@ def run(args: argparse.Namespace, wrk: str | None, servers: Servers) -> int:
     print(
         f"load: {generator}, {args.connections} connections, {args.rounds} round(s) of {args.duration:g} s "
         f"per target and mode; concurrency 1: {args.requests} sequential requests (aiohttp client)\n"
-        f"gateway database: {database}; event loop: {'uvloop' if args.uvloop else 'asyncio'}; upstream: "
+        f"gateway database: {database}; event loops: gateway uvloop, bare proxy "
+        f"{'uvloop' if args.uvloop else 'asyncio'}; upstream: "
         f"{'gateway fake-upstream' if args.stock_upstream else 'bench/upstream.py'}; "
         f"load average {load_at_start:.2f} on {os.cpu_count()} CPUs",
         flush=True,

@@ -105,11 +105,6 @@ _PLACE_HOLD = (
     "(SELECT limit_micros FROM budgets WHERE id = excluded.budget_id)"
 )
 
-_COUNTER = (
-    "SELECT spent_micros, held_micros FROM budget_counters "
-    "WHERE budget_id = :budget AND window_start = :window"
-)
-
 _INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
     "unit_price_micros, credits_micros, stream, admitted_at) VALUES (:request_id, :instance_id, :key_id, "
@@ -285,20 +280,19 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
                 for b, w in allocations
             ],
         )
-    # The counters still change only through the conditional update, which cannot fail here (the
-    # write lock has been held since the read above); if it ever did, the unit rolls back.
-    for (budget_id, scope, period, limit, _, _), (_, window) in zip(budgets, allocations, strict=True):
+    # The counters still change only through the conditional update, which cannot fail here: the
+    # write lock has been held since the read above. If it ever did, the admission is a bug, not a
+    # refusal: the unit rolls back (nothing of it stays) and the request is answered 500.
+    for budget_id, window in allocations:
         if db.changed(_PLACE_HOLD, {"window": window, "credits": credits, "budget": budget_id}) != 1:
-            raise _refusal_after_counter(db, charge, budget_id, scope, period, limit, window)
+            raise CounterMismatch(
+                f"budget {budget_id}, window {window}: the counter refused a hold its read said fits"
+            )
     return Admission(charge, at, allocations, remaining)
 
 
-def _refusal_after_counter(
-    db: Sql, charge: Charge, budget_id: int, scope: str, period: str, limit: int, window: int
-) -> BudgetExceeded:
-    counter = db.first(_COUNTER, {"budget": budget_id, "window": window})
-    spent, held = (counter[0], counter[1]) if counter else (0, 0)
-    return _refusal(charge, scope, period, limit, window, spent, held)
+class CounterMismatch(RuntimeError):
+    """A counter disagreed with what the same transaction read of it a moment before (a bug)."""
 
 
 def _refusal(

@@ -296,7 +296,7 @@ class SqliteStore:
 
         Under load, requests reach the store over several turns of the loop: waiting while they
         keep coming makes batches several times larger, and a commit's cost (writing each page it
-        changed to the WAL) is shared by all of them. A lone unit waits one turn (microseconds).
+        changed to the WAL) is shared by all of them. A lone unit runs one turn later (microseconds).
         """
         pending = len(self._pending)
         if seen < pending < GATHER_MAX_UNITS and turns < GATHER_MAX_TURNS:

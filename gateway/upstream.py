@@ -34,6 +34,8 @@ FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
 MAX_TOKENS = 2**31 - 1
 # A stream's partial line is kept only this long while looking for a usage chunk.
 MAX_USAGE_LINE = 1 << 20
+# What aiohttp adds to each chunk of a chunked body (its length in hex and two CRLFs), at most.
+CHUNK_FRAMING = 32
 # aiohttp warns about bytes bodies over 1 MiB (written in one go); larger ones go as a BytesIO,
 # which it writes in chunks.
 LARGE_BODY = 1 << 20
@@ -236,7 +238,8 @@ def _cannot_wait(client: asyncio.BaseTransport | None, size: int) -> bool:
     try:
         if client is None or client.is_closing():
             return False
-        return bool(client.get_write_buffer_size() + size <= client.get_write_buffer_limits()[1])  # type: ignore[attr-defined]
+        buffered = client.get_write_buffer_size() + size + CHUNK_FRAMING  # type: ignore[attr-defined]
+        return bool(buffered <= client.get_write_buffer_limits()[1])  # type: ignore[attr-defined]
     except AttributeError:
         return False
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway import services
+from gateway import metering, services
+from gateway import store as store_module
 from gateway.metering import now_us
 from gateway.pricing import format_credits
 
@@ -140,6 +141,33 @@ async def test_budget_exceeded(world: World, scope: str) -> None:
     }
     assert error["resets_at"].endswith("T00:00:00Z")
     await _nothing_happened(world)
+
+
+async def test_a_counter_refusing_what_its_read_allowed_is_a_500_that_leaves_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite an admission reads its counters, then updates them conditionally under the same
+    write lock. Should an update ever refuse what the read allowed (a bug), nothing of it stays."""
+    if world.store.dialect != "sqlite":
+        pytest.skip("on PostgreSQL an admission is one function call")
+    key = await world.key("alice")
+    await world.budget("user", "alice", "1")
+    await world.budget("team", "eng", "1")
+    changed = store_module._DriverSql.changed
+    placed: list[str] = []
+
+    def second_refuses(self: Any, sql: str, params: Any) -> int:
+        if sql == metering._PLACE_HOLD:
+            placed.append(sql)
+            if len(placed) == 2:  # the first counter has taken the hold already
+                return 0
+        return changed(self, sql, params)
+
+    monkeypatch.setattr(store_module._DriverSql, "changed", second_refuses)
+    await _error(await world.chat(key["key"]), 500, "internal_error")
+    assert len(placed) == 2
+    await _nothing_happened(world)
+    assert await world.sql("SELECT * FROM allocations") == []
 
 
 async def test_total_budget_never_resets(world: World) -> None:

@@ -102,7 +102,6 @@ def test_serve_without_migrating_refuses_a_database_behind_the_code(
     assert "gateway db upgrade" in err
 
 
-@pytest.mark.slow
 def test_servers_run_on_uvloop() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
@@ -110,6 +109,7 @@ def test_servers_run_on_uvloop() -> None:
     assert run_loop(loop_module()).startswith("uvloop")
 
 
+@pytest.mark.slow
 def test_demo_prints_a_curl_that_works(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_LOG_LEVEL": "WARNING"}

@@ -175,6 +175,8 @@ class _UvloopLikeTransport:
 def test_a_write_with_room_in_any_transports_buffer_needs_no_timer() -> None:
     assert upstream._cannot_wait(_UvloopLikeTransport(0), 1_024)  # type: ignore[arg-type]
     assert not upstream._cannot_wait(_UvloopLikeTransport(65_000), 1_024)  # type: ignore[arg-type]
+    # aiohttp frames each chunk (length and CRLFs): a chunk that fits only without them may wait.
+    assert not upstream._cannot_wait(_UvloopLikeTransport(65_536 - 1_024 - 4), 1_024)  # type: ignore[arg-type]
     assert not upstream._cannot_wait(None, 1)
 
 

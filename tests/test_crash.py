@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -87,6 +88,57 @@ async def test_holds_of_a_killed_process_expire(backend: Backend, fake: Any, tmp
         assert await _count(store, "SELECT COUNT(*) FROM ledger") == 50  # one row each, never two
         for row in await store.run(lambda c: c.execute(text(counters_equal_ledger_sql())).all()):
             assert (row[2], row[3]) == (row[4], row[5]) == (0, 0), row
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_sigterm_answers_and_charges_requests_in_flight(
+    backend: Backend, fake: Any, tmp_path: Any
+) -> None:
+    """`gateway serve` (on uvloop) stops cleanly on SIGTERM: requests under way are answered and
+    charged, nothing is left held, the process forgets itself and exits with 0."""
+    upstream, upstream_url = fake
+    upstream.header_delay = 1.0  # the signal arrives while every request waits for upstream
+    store = open_store(backend.url)
+    try:
+        at = now_us()
+        await store.run(services.create_team, "eng", at)
+        await store.run(services.create_user, "alice", "eng", at)
+        key = (await store.run(services.create_key, "alice", None, at))["key"]
+        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+        gateway = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
+        try:
+            await wait_ready(gateway)
+            body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "x"}] * 2}
+
+            async def chat(session: aiohttp.ClientSession, stream: bool) -> tuple[int, bytes]:
+                async with session.post(
+                    gateway.url + "/api/v1/chat",
+                    json=dict(body, stream=stream),
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    return resp.status, await resp.read()
+
+            async with aiohttp.ClientSession() as session:
+                calls = [asyncio.ensure_future(chat(session, i % 2 == 0)) for i in range(10)]
+                deadline = time.monotonic() + 10
+                while await _count(store, "SELECT COUNT(*) FROM holds") < 10:
+                    assert time.monotonic() < deadline, "requests never got their holds"
+                    await asyncio.sleep(0.05)
+                gateway.process.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*calls)
+            assert [status for status, _ in answers] == [200] * 10
+            assert all(b"[DONE]" in text for status, text in answers[::2])
+            assert await asyncio.to_thread(gateway.process.wait, 15) == 0
+        finally:
+            gateway.stop()
+        rows = await store.run(
+            lambda c: c.execute(text("SELECT outcome, COUNT(*) FROM ledger GROUP BY outcome")).all()
+        )
+        assert [tuple(r) for r in rows] == [("charged", 10)]
+        assert await _count(store, "SELECT COUNT(*) FROM holds") == 0
+        assert await _count(store, "SELECT COUNT(*) FROM instances") == 0
     finally:
         await store.close()
 

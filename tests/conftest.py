@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import create_engine, text
 
@@ -78,6 +79,11 @@ class Backend:
 
     name: str
     url: str
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The tests run on the event loop `gateway serve` runs on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -109,6 +109,10 @@ def test_servers_run_on_uvloop() -> None:
     assert run_loop(loop_module()).startswith("uvloop")
 
 
+async def test_the_tests_run_on_the_servers_event_loop() -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
 @pytest.mark.slow
 def test_demo_prints_a_curl_that_works(tmp_path: Path) -> None:
     port = free_port()

@@ -20,7 +20,7 @@ from . import metering
 from .errors import LedgerUnavailable
 from .metrics import Metrics
 from .store import Store
-from .windows import PERIODS, from_us, window_key
+from .windows import PERIODS, window_keys
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ _BUDGETS_NOW = text(
     "FROM budgets b "
     "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
     "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
-    "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
-    "WHEN 'daily' THEN :daily WHEN 'weekly' THEN :weekly WHEN 'monthly' THEN :monthly ELSE :total END"
+    + metering.CURRENT_COUNTER
 ).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
 
 Labels = tuple[str, str, str]
@@ -61,9 +60,7 @@ class BudgetNow:
 
 def budgets_now(conn: Connection, at: int) -> list[BudgetNow]:
     """Unit of work: every budget with its spent and held in the window containing `at` (µs)."""
-    moment = from_us(at)
-    windows = {period: window_key(period, moment) for period in PERIODS}
-    rows = conn.execute(_BUDGETS_NOW, windows).all()
+    rows = conn.execute(_BUDGETS_NOW, window_keys(at)).all()
     return [BudgetNow(r[0], str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
 

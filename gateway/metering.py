@@ -85,12 +85,17 @@ def new_request_id() -> str:
 # SQLite: the budgets that apply to a caller, each with its counter of the window the request falls
 # in (NULLs where that window has none yet). The batch holds the write lock, so nothing read here
 # can change before the admission's own updates.
-_BUDGETS_AND_COUNTERS = (
-    "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros FROM budgets b "
+# Joins each budget `b` to its counter `c` of the window bound as :daily, :weekly, :monthly and
+# :total (the keys of `window_keys`); NULLs where that window has no counter yet.
+CURRENT_COUNTER = (
     "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
     + " ".join(f"WHEN '{period}' THEN :{period}" for period in PERIODS)
-    + " END WHERE (b.scope = 'key' AND b.subject = :key) OR (b.scope = 'user' AND b.subject = :user) "
-    "OR (b.scope = 'team' AND b.subject = :team)"
+    + " END"
+)
+_BUDGETS_AND_COUNTERS = (
+    "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros FROM budgets b "
+    f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject = :key) "
+    "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team)"
 )
 
 # Creates the window's counter with this hold, or adds the hold to it, only if it still fits: one
@@ -199,7 +204,7 @@ def admit_many(
             charge.credits,
             charge.stream,
             at,
-            *window_keys(at),
+            *window_keys(at).values(),
         )
         for (name, _), value in zip(_ADMIT_ARGS, values, strict=True):
             params[name].append(value)
@@ -239,7 +244,7 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
         return admitted
     caller = charge.caller
     credits = charge.credits
-    windows = dict(zip(PERIODS, window_keys(at), strict=True))
+    windows = window_keys(at)
     budgets = sorted(
         db.all(
             _BUDGETS_AND_COUNTERS,

@@ -283,11 +283,9 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, args, future))
-        if not self._busy and not self._paused:
-            # Soon, not now: the units of every request that gets here in this turn of the loop
-            # (and in the next ones, while more keep coming) then share the transaction.
-            self._busy = True
-            loop.call_soon(self._gather, 0, 0)
+        # Soon, not now: the units of every request that gets here in this turn of the loop (and in
+        # the next ones, while more keep coming) then share the transaction.
+        self._resume()
         # A caller cancelled meanwhile cancels only its wait: the unit runs and commits all the same.
         return await future
 

@@ -48,10 +48,10 @@ def window_key(period: str, now: datetime) -> int:
     return int(window_start(period, now).timestamp())
 
 
-def window_keys(us: int) -> tuple[int, ...]:
+def window_keys(us: int) -> dict[str, int]:
     """The key of each period's window (in `PERIODS` order) at `us` microseconds since the epoch."""
     # Every window starts at a UTC midnight, so the keys change only from one day to the next.
-    return _window_keys_of_day(us // DAY_US)
+    return dict(zip(PERIODS, _window_keys_of_day(us // DAY_US), strict=True))
 
 
 @functools.lru_cache(maxsize=4)

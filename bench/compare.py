@@ -50,16 +50,8 @@ class Gateway:
 def start(gateway: Gateway, servers: proxy.Servers, upstream_url: str) -> None:
     """Migrate a fresh database, make the account, start `gateway serve` from the gateway's tree."""
     port = proxy.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONPATH"] = str(gateway.tree)
-    env |= {
-        "GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{servers.workdir / gateway.label}.db",
-        "GATEWAY_LOG_LEVEL": "WARNING",
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_UPSTREAM_URL": upstream_url,
-        "GATEWAY_UPSTREAM_API_KEY": "bench-upstream-key",
-    }
+    database_url = f"sqlite+aiosqlite:///{servers.workdir / gateway.label}.db"
+    env = proxy.gateway_env(gateway.tree, database_url, upstream_url, port)
     proxy.gateway_cli(env, "db", "upgrade")
     account = proxy.make_account(env)
     argv = [sys.executable, "-m", "gateway", "serve", "--no-migrate"]

@@ -539,6 +539,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def gateway_env(tree: Path, database_url: str, upstream_url: str, port: int | None = None) -> dict[str, str]:
+    """A benchmarked gateway's environment: the `gateway` package of `tree` (installed or not), no
+    GATEWAY_* settings of the caller's, the benchmark's database, upstream and port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    return env | {
+        "GATEWAY_DATABASE_URL": database_url,
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        "GATEWAY_HOST": "127.0.0.1",
+        **({"GATEWAY_PORT": str(port)} if port else {}),
+        "GATEWAY_UPSTREAM_URL": upstream_url,
+        "GATEWAY_UPSTREAM_API_KEY": "bench-upstream-key",
+    }
+
+
 def start_servers(args: argparse.Namespace, servers: Servers) -> tuple[dict[str, Target], str, Account]:
     """The upstream, the bare proxy and the gateway (database migrated, account made), all ready."""
     py, workdir = sys.executable, servers.workdir
@@ -557,17 +572,10 @@ def start_servers(args: argparse.Namespace, servers: Servers) -> tuple[dict[str,
     pids["bare"] = servers.start("bare", bare + (["--uvloop"] if args.uvloop else []), env)
 
     database_url = args.database_url or f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
-    gateway_env = env | {
-        "GATEWAY_DATABASE_URL": database_url,
-        "GATEWAY_LOG_LEVEL": "WARNING",
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(ports["gateway"]),
-        "GATEWAY_UPSTREAM_URL": upstream_url,
-        "GATEWAY_UPSTREAM_API_KEY": "bench-upstream-key",
-    }
-    gateway_cli(gateway_env, "db", "upgrade")
-    account = make_account(gateway_env)
-    pids["gateway"] = servers.start("gateway", [py, "-m", "gateway", "serve", "--no-migrate"], gateway_env)
+    env_of_gateway = gateway_env(ROOT, database_url, upstream_url, ports["gateway"])
+    gateway_cli(env_of_gateway, "db", "upgrade")
+    account = make_account(env_of_gateway)
+    pids["gateway"] = servers.start("gateway", [py, "-m", "gateway", "serve", "--no-migrate"], env_of_gateway)
 
     servers.wait_ready("direct", base["direct"])
     servers.wait_ready("bare", base["bare"])

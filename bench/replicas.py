@@ -262,14 +262,7 @@ class Bench:
         self.upstream_pid = self.servers.start("upstream", upstream, env)
 
         def gateway_env(database_url: str, port: int | None = None) -> dict[str, str]:
-            return env | {
-                "GATEWAY_DATABASE_URL": database_url,
-                "GATEWAY_LOG_LEVEL": "WARNING",
-                "GATEWAY_HOST": "127.0.0.1",
-                **({"GATEWAY_PORT": str(port)} if port else {}),
-                "GATEWAY_UPSTREAM_URL": upstream_url,
-                "GATEWAY_UPSTREAM_API_KEY": "bench-upstream-key",
-            }
+            return proxy.gateway_env(ROOT, database_url, upstream_url, port)
 
         sqlite_url = f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
         backends = {"SQLite": sqlite_url, "PostgreSQL": pg_url}

@@ -26,18 +26,24 @@ async def _count(store: Any, query: str) -> int:
     return int(await store.run(lambda conn: conn.execute(text(query)).scalar_one()))
 
 
+async def _alice_of_eng(store: Any) -> str:
+    """Team eng with a daily budget of 100, its user alice, and her key's secret."""
+    at = now_us()
+    await store.run(services.create_team, "eng", at)
+    await store.run(services.create_user, "alice", "eng", at)
+    key = (await store.run(services.create_key, "alice", None, at))["key"]
+    await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+    return str(key)
+
+
 @pytest.mark.slow
 async def test_holds_of_a_killed_process_expire(backend: Backend, fake: Any, tmp_path: Any) -> None:
     upstream, upstream_url = fake
     upstream.header_delay = 2.5  # requests stay in flight long enough to kill the process under them
     store = open_store(backend.url)
     try:
-        at = now_us()
-        await store.run(services.create_team, "eng", at)
-        await store.run(services.create_user, "alice", "eng", at)
-        key = (await store.run(services.create_key, "alice", None, at))["key"]
-        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
-        await store.run(services.set_budget, "user", "alice", "daily", "100", at)
+        key = await _alice_of_eng(store)
+        await store.run(services.set_budget, "user", "alice", "daily", "100", now_us())
 
         doomed = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
         survivor = None
@@ -102,11 +108,7 @@ async def test_sigterm_answers_and_charges_requests_in_flight(
     upstream.header_delay = 1.0  # the signal arrives while every request waits for upstream
     store = open_store(backend.url)
     try:
-        at = now_us()
-        await store.run(services.create_team, "eng", at)
-        await store.run(services.create_user, "alice", "eng", at)
-        key = (await store.run(services.create_key, "alice", None, at))["key"]
-        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+        key = await _alice_of_eng(store)
         gateway = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
         try:
             await wait_ready(gateway)

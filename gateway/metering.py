@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,11 +184,20 @@ _SETTLE_PG = f"SELECT r.i, gateway_settle({_SETTLE_CALL}) {_SETTLE_FROM} ORDER B
 def admit_many(
     conn: Connection, calls: Sequence[tuple[Charge, str, int]]
 ) -> list[tuple[bool, Admission | BudgetExceeded]]:
-    """PostgreSQL: admit `calls` (`admit`'s arguments each) in one statement, each alone.
+    """Admit `calls` (`admit`'s arguments each) together, each as if it came alone.
 
-    Each request is admitted or refused on its own, as if it came alone: a refusal undoes only its
-    own hold. Results are (True, Admission) or (False, BudgetExceeded), in the order of `calls`.
+    A refusal takes nothing from the others: results are (True, Admission) or (False,
+    BudgetExceeded), in the order of `calls`, exactly what admitting them one after the other
+    would give. PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
     """
+    if conn.dialect.name == "postgresql":
+        return _admit_pg(conn, calls)
+    return _admit_sqlite(sql_of(conn), calls)
+
+
+def _admit_pg(
+    conn: Connection, calls: Sequence[tuple[Charge, str, int]]
+) -> list[tuple[bool, Admission | BudgetExceeded]]:
     params: dict[str, list[Any]] = {name: [] for name, _ in _ADMIT_ARGS}
     for charge, instance_id, at in calls:
         caller = charge.caller
@@ -223,6 +232,100 @@ def admit_many(
     return results
 
 
+def _admit_sqlite(
+    db: Sql, calls: Sequence[tuple[Charge, str, int]]
+) -> list[tuple[bool, Admission | BudgetExceeded]]:
+    """SQLite: decided here, in order, then written with one statement per table and counter.
+
+    The store's batch holds the write lock, so the counters read here cannot change before this
+    group's own updates: each call is decided against them plus the holds placed by the calls
+    before it, and a refusal writes nothing. Each caller's budgets are read once; each counter is
+    then updated once, by the sum of the holds placed on it.
+    """
+    # (budget_id, window_start) -> [limit, spent, held, added by this group]
+    counters: dict[tuple[int, int], list[int]] = {}
+    budgets_of: dict[Hashable, list[tuple[int, str, str, int]]] = {}
+    results: list[tuple[bool, Admission | BudgetExceeded]] = []
+    holds: list[dict[str, Any]] = []
+    allocation_rows: list[dict[str, Any]] = []
+    for charge, instance_id, at in calls:
+        windows = window_keys(at)
+        who = _caller_and_day(charge, instance_id, at)
+        budgets = budgets_of.get(who)
+        if budgets is None:
+            budgets = budgets_of[who] = []
+            caller = charge.caller
+            read = db.all(
+                _BUDGETS_AND_COUNTERS,
+                {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
+            )
+            for budget_id, scope, period, limit, spent, held in sorted(read):
+                window = windows[period]
+                # A counter another caller of this group shares (their team's) is as that left it.
+                counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
+                budgets.append((budget_id, scope, period, window))
+        credits = charge.credits
+        # Refused at the first budget (in id order) it does not fit.
+        refusal: BudgetExceeded | None = None
+        remaining: int | None = None
+        for budget_id, scope, period, window in budgets:
+            limit, spent, held, _ = counters[(budget_id, window)]
+            left = limit - spent - held - credits
+            if left < 0:
+                refusal = _refusal(charge, scope, period, limit, window, spent, held)
+                break
+            remaining = left if remaining is None else min(remaining, left)
+        if refusal is not None:
+            results.append((False, refusal))
+            continue
+        allocations = tuple((budget_id, window) for budget_id, _, _, window in budgets)
+        for allocation in allocations:
+            counter = counters[allocation]
+            counter[2] += credits
+            counter[3] += credits
+            allocation_rows.append(
+                {
+                    "request_id": charge.request_id,
+                    "budget": allocation[0],
+                    "window": allocation[1],
+                    "credits": credits,
+                }
+            )
+        holds.append(_hold(charge, instance_id, at))
+        results.append((True, Admission(charge, at, allocations, remaining)))
+    if holds:
+        db.many(_INSERT_HOLD, holds)
+    if allocation_rows:
+        db.many(_INSERT_ALLOCATION, allocation_rows)
+    # The counters still change only through the conditional update, which cannot fail here: the
+    # write lock has been held since the reads above. If it ever did, the admissions are a bug, not
+    # refusals: the unit rolls back (nothing of it stays) and its requests are answered 500.
+    for (budget_id, window), (_, _, _, added) in sorted(counters.items()):
+        if added and db.changed(_PLACE_HOLD, {"window": window, "credits": added, "budget": budget_id}) != 1:
+            raise CounterMismatch(
+                f"budget {budget_id}, window {window}: the counter refused holds its read said fit"
+            )
+    return results
+
+
+def _hold(charge: Charge, instance_id: str, at: int) -> dict[str, Any]:
+    """The holds row of an admitted charge, named as `_INSERT_HOLD` takes it."""
+    caller = charge.caller
+    return {
+        "request_id": charge.request_id,
+        "instance_id": instance_id,
+        "key_id": caller.key_id,
+        "user_id": caller.user_id,
+        "team_id": caller.team_id,
+        "model": charge.model,
+        "message_count": charge.message_count,
+        "unit_price": charge.unit_price,
+        "credits": charge.credits,
+        "stream": charge.stream,
+        "admitted_at": at,
+    }
+
+
 def _caller_and_day(charge: Charge, _instance_id: str, at: int) -> Hashable:
     """Requests that lock the same counters, in the same order: one caller's, the same UTC day."""
     caller = charge.caller
@@ -236,64 +339,10 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     The counters are updated last, so on PostgreSQL their row locks, which every request of a team
     waits for, are held for as short a time as the transaction allows.
     """
-    db = sql_of(conn)
-    if conn.dialect.name == "postgresql":
-        ((_, admitted),) = admit_many(conn, [(charge, instance_id, at)])
-        if isinstance(admitted, BudgetExceeded):
-            raise admitted
-        return admitted
-    caller = charge.caller
-    credits = charge.credits
-    windows = window_keys(at)
-    budgets = sorted(
-        db.all(
-            _BUDGETS_AND_COUNTERS,
-            {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
-        )
-    )
-    # Refused before anything is written, at the first budget (in id order) it does not fit.
-    remaining: int | None = None
-    for _budget_id, scope, period, limit, spent, held in budgets:
-        left = limit - (spent or 0) - (held or 0) - credits
-        if left < 0:
-            raise _refusal(charge, scope, period, limit, windows[period], spent or 0, held or 0)
-        remaining = left if remaining is None else min(remaining, left)
-    db.many(
-        _INSERT_HOLD,
-        [
-            {
-                "request_id": charge.request_id,
-                "instance_id": instance_id,
-                "key_id": caller.key_id,
-                "user_id": caller.user_id,
-                "team_id": caller.team_id,
-                "model": charge.model,
-                "message_count": charge.message_count,
-                "unit_price": charge.unit_price,
-                "credits": credits,
-                "stream": charge.stream,
-                "admitted_at": at,
-            }
-        ],
-    )
-    allocations = tuple((row[0], windows[row[2]]) for row in budgets)
-    if allocations:
-        db.many(
-            _INSERT_ALLOCATION,
-            [
-                {"request_id": charge.request_id, "budget": b, "window": w, "credits": credits}
-                for b, w in allocations
-            ],
-        )
-    # The counters still change only through the conditional update, which cannot fail here: the
-    # write lock has been held since the read above. If it ever did, the admission is a bug, not a
-    # refusal: the unit rolls back (nothing of it stays) and the request is answered 500.
-    for budget_id, window in allocations:
-        if db.changed(_PLACE_HOLD, {"window": window, "credits": credits, "budget": budget_id}) != 1:
-            raise CounterMismatch(
-                f"budget {budget_id}, window {window}: the counter refused a hold its read said fits"
-            )
-    return Admission(charge, at, allocations, remaining)
+    ((_, result),) = admit_many(conn, [(charge, instance_id, at)])
+    if isinstance(result, BudgetExceeded):
+        raise result
+    return result
 
 
 class CounterMismatch(RuntimeError):
@@ -328,43 +377,72 @@ def _refusal(
     )
 
 
-def _write_settlement(
-    db: Sql,
-    *,
-    request_id: str,
-    allocations: list[tuple[int, int]] | tuple[tuple[int, int], ...],
-    credits: int,
-    settlement: Settlement,
-    ledger: dict[str, Any],
+def _ledger_row(hold: Mapping[str, Any], settlement: Settlement, at: int) -> dict[str, Any]:
+    """The ledger row of a settled hold (a holds row, named as `_hold` names it)."""
+    return {
+        **hold,
+        "credits": hold["credits"] if settlement.outcome == "charged" else 0,
+        "settled_at": at,
+        "outcome": settlement.outcome,
+        "upstream_status": settlement.upstream_status,
+        "prompt_tokens": settlement.prompt_tokens,
+        "completion_tokens": settlement.completion_tokens,
+        "total_tokens": settlement.total_tokens,
+        "stream": bool(hold["stream"]),
+        "duration_us": max(at - hold["admitted_at"], 0),
+    }
+
+
+def _write_settlements(
+    db: Sql, ledger_rows: Sequence[Mapping[str, Any]], counters: Mapping[tuple[int, int], tuple[int, int]]
 ) -> None:
-    spent = credits if settlement.outcome == "charged" else 0
-    db.many(
-        _INSERT_LEDGER,
-        [
-            {
-                **ledger,
-                "request_id": request_id,
-                "credits": spent,
-                "outcome": settlement.outcome,
-                "upstream_status": settlement.upstream_status,
-                "prompt_tokens": settlement.prompt_tokens,
-                "completion_tokens": settlement.completion_tokens,
-                "total_tokens": settlement.total_tokens,
-            }
-        ],
-    )
+    """Write settled holds' ledger rows, then release (credits held) and charge (credits spent)
+    each counter by its `(budget_id, window_start): (released, spent)`, in lock order."""
+    if ledger_rows:
+        db.many(_INSERT_LEDGER, ledger_rows)
     # Counters last: on PostgreSQL their row locks are then held only until the commit.
-    if allocations:
+    if counters:
         db.many(
             _SETTLE_COUNTER,
-            [{"credits": credits, "spent": spent, "budget": b, "window": w} for b, w in allocations],
+            [
+                {"credits": released, "spent": spent, "budget": b, "window": w}
+                for (b, w), (released, spent) in sorted(counters.items())
+            ],
         )
 
 
 def settle_many(
     conn: Connection, calls: Sequence[tuple[Admission, Settlement, int]]
 ) -> list[tuple[bool, bool]]:
-    """PostgreSQL: settle `calls` (`settle`'s arguments each) in one statement; (True, settled) each."""
+    """Settle `calls` (`settle`'s arguments each) together; (True, settled) for each.
+
+    PostgreSQL: one statement. SQLite: each hold is deleted on its own (so one already gone changes
+    nothing of it), then the ledger rows are written together and each counter is updated once.
+    """
+    if conn.dialect.name == "postgresql":
+        return _settle_pg(conn, calls)
+    db = sql_of(conn)
+    results: list[tuple[bool, bool]] = []
+    ledger_rows: list[dict[str, Any]] = []
+    counters: dict[tuple[int, int], tuple[int, int]] = {}
+    for admission, settlement, at in calls:
+        charge = admission.charge
+        if not db.changed(_DELETE_HOLD, {"request_id": charge.request_id}):
+            results.append((True, False))
+            continue
+        row = _ledger_row(_hold(charge, "", admission.admitted_at), settlement, at)
+        ledger_rows.append(row)
+        for allocation in admission.allocations:
+            released, spent = counters.get(allocation, (0, 0))
+            counters[allocation] = (released + charge.credits, spent + row["credits"])
+        results.append((True, True))
+    _write_settlements(db, ledger_rows, counters)
+    return results
+
+
+def _settle_pg(
+    conn: Connection, calls: Sequence[tuple[Admission, Settlement, int]]
+) -> list[tuple[bool, bool]]:
     params: dict[str, list[Any]] = {name: [] for name, _ in _SETTLE_ARGS}
     for admission, settlement, at in calls:
         values = (
@@ -397,38 +475,16 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
 
     Returns False, changing nothing, if the hold is already gone (expired by another process).
     """
-    charge = admission.charge
-    db = sql_of(conn)
-    if conn.dialect.name == "postgresql":
-        return settle_many(conn, [(admission, settlement, at)])[0][1]
-    if not db.changed(_DELETE_HOLD, {"request_id": charge.request_id}):
-        return False
-    caller = charge.caller
-    _write_settlement(
-        db,
-        request_id=charge.request_id,
-        allocations=admission.allocations,
-        credits=charge.credits,
-        settlement=settlement,
-        ledger={
-            "admitted_at": admission.admitted_at,
-            "settled_at": at,
-            "team_id": caller.team_id,
-            "user_id": caller.user_id,
-            "key_id": caller.key_id,
-            "model": charge.model,
-            "message_count": charge.message_count,
-            "unit_price": charge.unit_price,
-            "stream": charge.stream,
-            "duration_us": max(at - admission.admitted_at, 0),
-        },
-    )
-    return True
+    return settle_many(conn, [(admission, settlement, at)])[0][1]
 
 
+# The holds columns as `_hold` names them.
+_HOLD_COLUMNS = (
+    "request_id, key_id, user_id, team_id, model, message_count, unit_price_micros AS unit_price, "
+    "credits_micros AS credits, stream, admitted_at"
+)
 _STALE_HOLDS = text(
-    "SELECT request_id, key_id, user_id, team_id, model, message_count, unit_price_micros, "
-    "credits_micros, stream, admitted_at FROM holds h WHERE h.admitted_at < :cutoff AND NOT EXISTS "
+    f"SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.admitted_at < :cutoff AND NOT EXISTS "
     "(SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.heartbeat_at >= :cutoff) "
     "ORDER BY admitted_at LIMIT :limit"
 )
@@ -436,9 +492,7 @@ _STALE_HOLDS = text(
 _FREE_IDEMPOTENCY_KEY = "DELETE FROM idempotency_keys WHERE request_id = :request_id AND state = 'in_flight'"
 # This process's own old holds: those it is not settling were lost (see `expire_holds`).
 _OWN_STALE_HOLDS = text(
-    "SELECT request_id, key_id, user_id, team_id, model, message_count, unit_price_micros, "
-    "credits_micros, stream, admitted_at FROM holds "
-    "WHERE instance_id = :instance_id AND admitted_at < :cutoff"
+    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE instance_id = :instance_id AND admitted_at < :cutoff"
 )
 _ALLOCATIONS_OF = text(
     "SELECT budget_id, window_start FROM allocations WHERE request_id = :request_id ORDER BY budget_id"
@@ -461,48 +515,25 @@ def expire_holds(
 
     Safe to run in many processes at once: a hold is released only by whoever deletes its row.
     """
-    expired = 0
     db = sql_of(conn)
     rows = list(conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all())
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
+    ledger_rows: list[dict[str, Any]] = []
     # Released credits per counter, applied last and in (budget, window) order: the order every
     # admission and settlement locks counters in, so on PostgreSQL a sweep of many holds cannot
     # deadlock with them.
-    released: dict[tuple[int, int], int] = {}
+    released: dict[tuple[int, int], tuple[int, int]] = {}
     for row in rows:
         if not db.changed(_DELETE_HOLD, {"request_id": row["request_id"]}):
             continue
         db.many(_FREE_IDEMPOTENCY_KEY, [{"request_id": row["request_id"]}])
         for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all():
-            released[(b, w)] = released.get((b, w), 0) + row["credits_micros"]
-        _write_settlement(
-            db,
-            request_id=row["request_id"],
-            allocations=(),
-            credits=row["credits_micros"],
-            settlement=Settlement("expired"),
-            ledger={
-                "admitted_at": row["admitted_at"],
-                "settled_at": at,
-                "team_id": row["team_id"],
-                "user_id": row["user_id"],
-                "key_id": row["key_id"],
-                "model": row["model"],
-                "message_count": row["message_count"],
-                "unit_price": row["unit_price_micros"],
-                "stream": bool(row["stream"]),
-                "duration_us": max(at - row["admitted_at"], 0),
-            },
-        )
-        expired += 1
-    if released:
-        db.many(
-            _SETTLE_COUNTER,
-            [{"credits": c, "spent": 0, "budget": b, "window": w} for (b, w), c in sorted(released.items())],
-        )
-    return expired
+            released[(b, w)] = (released.get((b, w), (0, 0))[0] + row["credits"], 0)
+        ledger_rows.append(_ledger_row(dict(row), Settlement("expired"), at))
+    _write_settlements(db, ledger_rows, released)
+    return len(ledger_rows)
 
 
 _UPSERT_INSTANCE = text(

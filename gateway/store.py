@@ -4,9 +4,10 @@ A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. Th
 
 - SQLite: on the event loop itself, with group commit. Units that arrive in the same turn of the
   loop (and the next few turns, while more keep arriving), or while a batch runs, share one
-  transaction: one `BEGIN IMMEDIATE`, a savepoint per unit
-  so a refused admission rolls back alone, one `COMMIT`, then every caller is answered. Each
-  request still gets its answer only after its own commit. A batch is a few hundred microseconds
+  transaction: one `BEGIN IMMEDIATE`, a savepoint per unit so that one failing rolls back alone,
+  one `COMMIT`, then every caller is answered. The admissions of a batch run as one unit, a few
+  statements for all of them, and so do its settlements (see `grouped`). Each request still gets
+  its answer only after its own commit. A batch is a few hundred microseconds
   of SQLite work (no fsync: WAL with `synchronous=NORMAL`, checkpoints in a thread of their own),
   cheaper run in place than the two thread hops and GIL hand-offs a database thread costs. Only
   when another process holds the write lock does a batch wait, for up to the busy timeout, in a
@@ -250,7 +251,11 @@ class SqliteStore:
     def _units(
         conn: Connection, raw: sqlite3.Connection, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
-        """Inside the batch's transaction: each unit, and COMMIT. A lone unit needs no savepoint."""
+        """Inside the batch's transaction: each unit, and COMMIT. A lone unit needs no savepoint.
+
+        The calls of a grouped unit (see `grouped`) run together, as one call of its `many`, where
+        the first of them comes: the batch is then as if they had come one after the other there.
+        """
         if len(batch) == 1:
             fn, args = batch[0]
             try:
@@ -262,21 +267,23 @@ class SqliteStore:
                 return [(False, exc)]
             raw.execute("COMMIT")
             return [(True, result)]
-        results: list[tuple[bool, Any]] = []
-        for fn, args in batch:
-            raw.execute("SAVEPOINT unit")
-            try:
-                result = fn(conn, *args)
-            except Exception as exc:
-                if _is_outage(exc):
-                    raise
-                raw.execute("ROLLBACK TO unit")
-                results.append((False, exc))
-            else:
-                results.append((True, result))
-            raw.execute("RELEASE unit")
+        together: dict[Callable[..., Any], list[int]] = {}
+        for index, (fn, _) in enumerate(batch):
+            if fn in _GROUPS:
+                together.setdefault(fn, []).append(index)
+        results: list[tuple[bool, Any] | None] = [None] * len(batch)
+        for index, (fn, args) in enumerate(batch):
+            if results[index] is not None:
+                continue
+            members = together.get(fn, [index])
+            if len(members) == 1:
+                results[index] = _in_savepoint(raw, fn, conn, *args)
+                continue
+            calls = [batch[member][1] for member in members]
+            for member, result in zip(members, _together(raw, _GROUPS[fn].many, conn, calls), strict=True):
+                results[member] = result
         raw.execute("COMMIT")
-        return results
+        return [result for result in results if result is not None]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in a transaction, batched with whatever else is waiting."""
@@ -485,6 +492,41 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
 
 
+def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """SQLite, inside a transaction: `fn(*args)`, rolled back alone if it raises; (ok, result or error)."""
+    raw.execute("SAVEPOINT unit")
+    try:
+        outcome: tuple[bool, Any] = (True, fn(*args))
+    except Exception as exc:
+        if _is_outage(exc):
+            raise
+        raw.execute("ROLLBACK TO unit")
+        outcome = (False, exc)
+    raw.execute("RELEASE unit")
+    return outcome
+
+
+def _together(
+    raw: sqlite3.Connection,
+    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]],
+    conn: Connection,
+    calls: list[tuple[Any, ...]],
+) -> list[tuple[bool, Any]]:
+    """SQLite: `many(conn, calls)` in a savepoint; if it raises, each call alone, so one call's error
+    (a bug) is that call's only."""
+    ok, results = _in_savepoint(raw, many, conn, calls)
+    if ok:
+        if len(results) != len(calls):
+            raise AssertionError(f"{len(results)} results for {len(calls)} calls")
+        return list(results)
+    log.warning("grouped calls failed together (%s); running the %d calls one by one", results, len(calls))
+    alone: list[tuple[bool, Any]] = []
+    for args in calls:
+        ok, result = _in_savepoint(raw, many, conn, [args])
+        alone.append(result[0] if ok else (False, result))
+    return alone
+
+
 def _select_one(conn: Connection) -> None:
     conn.execute(text("SELECT 1"))
 
@@ -524,7 +566,8 @@ def grouped(
     call of `many(conn, [args, ...])`, which returns (ok, result or error) for each: one round
     trip and one commit for all of them (group commit). `key` must group only calls that lock the
     same rows in the same order, so that groups cannot deadlock with each other or with lone
-    calls. SQLite runs the unit like any other (it batches everything already).
+    calls. On SQLite, where a batch holds the only write lock, every call of the unit in a batch
+    goes to one call of `many`, whatever its key: a few statements for all of them.
     """
 
     def mark(fn: F) -> F:

@@ -162,7 +162,11 @@ class MeteringMachine(RuleBasedStateMachine):
         settlement = Settlement("charged", 200) if charged else Settlement("upstream_error", 500)
         with self.tx() as conn:
             assert metering.settle(conn, hold.admission, settlement, self.now)
-        del self.open[request_id]
+        self._settled(request_id, charged)
+
+    def _settled(self, request_id: str, charged: bool) -> None:
+        """The model after a settlement of an open hold."""
+        hold, applicable = self.open.pop(request_id)
         cost = hold.admission.charge.credits
         for a in applicable:
             if a[:3] in self.limits and self.generation[a[:3]] == a[3]:
@@ -171,6 +175,55 @@ class MeteringMachine(RuleBasedStateMachine):
                     self.spent[a] += cost
             else:  # the budget was deleted meanwhile: nothing to count against
                 self.held[a] -= cost
+
+    @rule(
+        requests=st.lists(
+            st.tuples(st.sampled_from(CALLERS), st.integers(1, 4), st.sampled_from(["live", "dead"])),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    def admit_together(self, requests: list[tuple[str, int, str]]) -> None:
+        """Several admissions in one call of `admit_many`, as the store groups them: each is decided
+        as if it came alone after the ones before it, whatever callers and budgets they share."""
+        calls = []
+        for who, messages, instance in requests:
+            charge = Charge(
+                f"r{next(self.ids)}",
+                self.callers[who],
+                "openai/gpt-oss-20b",
+                messages,
+                PRICE,
+                messages * PRICE,
+                False,
+            )
+            calls.append((charge, instance, self.now))
+        with self.tx() as conn:
+            results = metering.admit_many(conn, calls)
+        assert len(results) == len(calls)
+        for (charge, instance, _), (admitted, result) in zip(calls, results, strict=True):
+            applicable = self._applicable(charge.caller)
+            cost = charge.credits
+            fits = all(self.spent[a] + self.held[a] + cost <= self.limits[a[:3]] for a in applicable)
+            assert admitted == fits, f"{charge.request_id}: admitted {admitted}, fits {fits}"
+            if not admitted:
+                assert isinstance(result, BudgetExceeded)
+                continue
+            for a in applicable:
+                self.held[a] += cost
+            self.open[charge.request_id] = (Open(result, instance), applicable)
+
+    @rule(data=st.data(), charged=st.booleans())
+    @precondition(lambda self: bool(self.open))
+    def settle_together(self, data: st.DataObject, charged: bool) -> None:
+        """Several settlements in one call of `settle_many`, as the store groups them."""
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.open)), min_size=1, max_size=5, unique=True))
+        settlement = Settlement("charged", 200) if charged else Settlement("upstream_error", 500)
+        calls = [(self.open[request_id][0].admission, settlement, self.now) for request_id in chosen]
+        with self.tx() as conn:
+            assert metering.settle_many(conn, calls) == [(True, True)] * len(calls)
+        for request_id in chosen:
+            self._settled(request_id, charged)
 
     @rule(hours=st.integers(1, 30))
     def advance_clock(self, hours: int) -> None:

@@ -98,6 +98,61 @@ async def test_units_arriving_over_several_turns_share_a_transaction(
         await store.close()
 
 
+# A grouped unit (see `store.grouped`): `_put(conn, i)` alone, `_put_many(conn, calls)` together.
+_GROUP_CALLS: list[list[int]] = []
+
+
+def _put_many(conn: Connection, calls: list[tuple[int]]) -> list[tuple[bool, Any]]:
+    _GROUP_CALLS.append([i for (i,) in calls])
+    results: list[tuple[bool, Any]] = []
+    for (i,) in calls:
+        _insert(conn, i)
+        if i == 13:
+            raise ValueError("13 is refused, and fails the statement it is in")
+        results.append((True, i))
+    return results
+
+
+@store_module.grouped(_put_many, lambda i: i % 2)
+def _put(conn: Connection, i: int) -> int:
+    ((_, result),) = _put_many(conn, [(i,)])
+    return int(result)
+
+
+async def test_a_grouped_units_calls_in_a_batch_go_together_whatever_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _store(tmp_path)
+    try:
+        sizes = _batch_sizes(monkeypatch)
+        _GROUP_CALLS.clear()
+        units = [store.run(_put, i) for i in range(6)] + [store.run(_insert, 100)]
+        assert await asyncio.gather(*units) == [0, 1, 2, 3, 4, 5, 100]
+        # One transaction, and one call of `_put_many` for the six (of both keys): the key only
+        # matters on PostgreSQL, where it keeps groups from deadlocking.
+        assert sizes == [7]
+        assert _GROUP_CALLS == [[0, 1, 2, 3, 4, 5]]
+        assert await store.read(_count) == 7
+    finally:
+        await store.close()
+
+
+async def test_grouped_calls_that_fail_together_run_one_by_one(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    try:
+        _GROUP_CALLS.clear()
+        results = await asyncio.gather(
+            *(store.run(_put, i) for i in (11, 12, 13, 14)), return_exceptions=True
+        )
+        assert results[:2] == [11, 12] and results[3] == 14
+        assert isinstance(results[2], ValueError)
+        # Together first (rolled back whole: nothing of it stays), then each alone.
+        assert _GROUP_CALLS == [[11, 12, 13, 14], [11], [12], [13], [14]]
+        assert await store.read(_count) == 3
+    finally:
+        await store.close()
+
+
 async def test_a_lock_held_elsewhere_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
     store = await _store(tmp_path)
     other = sqlite3.connect(tmp_path / "store.db", isolation_level=None, check_same_thread=False)

@@ -29,6 +29,9 @@ log = logging.getLogger("gateway")
 
 T = TypeVar("T")
 
+# Allocations between two collections of the young generation while serving (see `_run_servers`).
+GC_YOUNG_THRESHOLD = 20_000
+
 DEMO_TEAM, DEMO_USER, DEMO_BUDGET = "demo-team", "demo-user", "100"
 
 
@@ -289,10 +292,7 @@ async def _run_servers(settings: Settings, fake: FakeUpstream | None = None, fak
             settings.port,
             settings.upstream_url,
         )
-        # Everything made at start-up (modules, the app, the pools) lives as long as the process:
-        # out of the collector's sight, full collections under load take milliseconds, not tens.
-        gc.collect()
-        gc.freeze()
+        tune_collector()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -301,6 +301,21 @@ async def _run_servers(settings: Settings, fake: FakeUpstream | None = None, fak
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+def tune_collector() -> None:
+    """Set the garbage collector up for serving, once everything made at start-up exists.
+
+    That (modules, the app, the pools) lives as long as the process: frozen, out of the
+    collector's sight, full collections under load take milliseconds, not tens. And the young
+    generation is collected every GC_YOUNG_THRESHOLD allocations not yet freed, not every 700: the
+    objects of the requests in flight come and go by the hundreds, so at 700 it was collected every
+    18 requests, each time going through all of theirs (5% of the CPU at 5,100 req/s); at 20,000,
+    hardly ever while nothing but requests is made, and a collection finds most of them gone.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway import migrate
-from gateway.cli import main, run_loop
+from gateway.cli import main, run_loop, tune_collector
 
 from .conftest import Backend, World
 from .procs import free_port
@@ -107,6 +108,30 @@ def test_servers_run_on_uvloop() -> None:
         return type(asyncio.get_running_loop()).__module__
 
     assert run_loop(loop_module()).startswith("uvloop")
+
+
+def test_serving_the_collector_leaves_requests_objects_alone() -> None:
+    """After `tune_collector` (as `gateway serve` calls it), a burst of objects made and dropped, as
+    the requests in flight make them, starts no collection; at the default threshold it did."""
+
+    def collections() -> int:
+        return sum(int(stats["collections"]) for stats in gc.get_stats())
+
+    def burst() -> int:
+        before = collections()
+        for _ in range(20):
+            held = [{"request": i} for i in range(2_000)]
+            del held
+        return collections() - before
+
+    default = gc.get_threshold()
+    try:
+        assert burst() > 0
+        tune_collector()
+        assert burst() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*default)
 
 
 async def test_the_tests_run_on_the_servers_event_loop() -> None:

@@ -23,7 +23,10 @@ from .store import Sql, grouped, sql_of
 from .windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
 
 
-@dataclass(frozen=True)
+# The records of a request's way through metering: made several times a request, so plain slotted
+# dataclasses, never changed once made. (frozen=True would say so, but its __init__ sets each field
+# through object.__setattr__: measured with callgrind, 4% of the gateway's instructions a request.)
+@dataclass(slots=True)
 class Caller:
     """Who a gateway key belongs to."""
 
@@ -34,7 +37,7 @@ class Caller:
     team_name: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Charge:
     """A priced request about to be admitted."""
 
@@ -47,7 +50,7 @@ class Charge:
     stream: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admission:
     """An admitted request: the budget windows it holds on and what they have left after it."""
 
@@ -57,7 +60,7 @@ class Admission:
     remaining: int | None  # smallest remaining micro-credits across the budgets; None when none applies
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Settlement:
     """How an admitted request ended, as the ledger records it."""
 

@@ -24,7 +24,6 @@ from .errors import (
 )
 from .idempotency import Answer, Replay, Reservation, replay_headers
 from .metering import Admission, Charge, Settlement
-from .metrics import child
 from .pricing import cost, format_credits
 from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
 from .upstream import (
@@ -206,7 +205,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
-                child(metrics.requests, model_label, exc.outcome).inc()
+                metrics.requests.labels(model_label, exc.outcome).inc()
             raise
         return await _forward(request, admission, body, started, reservation)
     finally:
@@ -290,7 +289,7 @@ async def _exchange(
         upstream_headers(request.headers, api_key),
         settings.upstream_timeout_seconds,
     ) as upstream:
-        child(app[METRICS].upstream_first_byte, charge.model).observe(time.perf_counter() - forwarded_at)
+        app[METRICS].upstream_first_byte.labels(charge.model).observe(time.perf_counter() - forwarded_at)
         status = upstream.status
         ok = 200 <= status < 300
         headers = relayed_headers(upstream)
@@ -401,17 +400,17 @@ def record_settlement(
     """Count a settled request in the metrics."""
     metrics = app[METRICS]
     charge = admission.charge
-    child(metrics.requests, charge.model, settlement.outcome).inc()
+    metrics.requests.labels(charge.model, settlement.outcome).inc()
     if settlement.outcome == "charged":
         team = charge.caller.team_name or ""
-        child(metrics.credits_charged, charge.model, team).inc(charge.credits / 1_000_000)
-        child(metrics.messages_charged, charge.model, team).inc(charge.message_count)
+        metrics.credits_charged.labels(charge.model, team).inc(charge.credits / 1_000_000)
+        metrics.messages_charged.labels(charge.model, team).inc(charge.message_count)
         if settlement.prompt_tokens is not None:
-            child(metrics.tokens, charge.model, "prompt").inc(settlement.prompt_tokens)
+            metrics.tokens.labels(charge.model, "prompt").inc(settlement.prompt_tokens)
         if settlement.completion_tokens is not None:
-            child(metrics.tokens, charge.model, "completion").inc(settlement.completion_tokens)
+            metrics.tokens.labels(charge.model, "completion").inc(settlement.completion_tokens)
     if duration is not None:
-        child(metrics.request_duration, charge.model, "true" if charge.stream else "false").observe(duration)
+        metrics.request_duration.labels(charge.model, "true" if charge.stream else "false").observe(duration)
     if admission.allocations:
         # The budget gauges refresh soon after, once for a burst of settlements.
         app[GAUGES].mark_dirty()

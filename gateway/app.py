@@ -19,9 +19,20 @@ from .gauges import BudgetGauges
 from .metrics import Metrics
 from .middlewares import error_middleware
 from .settings import Settings
-from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
+from .state import (
+    BACKGROUND,
+    DEADLINES,
+    GAUGES,
+    INSTANCE_ID,
+    KEYS,
+    METRICS,
+    SETTINGS,
+    SETTLING,
+    STORE,
+    UPSTREAM,
+)
 from .store import Store, open_store
-from .upstream import new_session
+from .upstream import Deadlines, new_session
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +128,7 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     async with new_session() as session:
         app[UPSTREAM] = session
+        app[DEADLINES] = Deadlines()
         yield
 
 

@@ -25,7 +25,18 @@ from .errors import (
 from .idempotency import Answer, Replay, Reservation, replay_headers
 from .metering import Admission, Charge, Settlement
 from .pricing import cost, format_credits
-from .state import BACKGROUND, GAUGES, INSTANCE_ID, KEYS, METRICS, SETTINGS, SETTLING, STORE, UPSTREAM
+from .state import (
+    BACKGROUND,
+    DEADLINES,
+    GAUGES,
+    INSTANCE_ID,
+    KEYS,
+    METRICS,
+    SETTINGS,
+    SETTLING,
+    STORE,
+    UPSTREAM,
+)
 from .upstream import (
     SseUsageScanner,
     end_stream,
@@ -282,13 +293,15 @@ async def _exchange(
     charge = admission.charge
     api_key = str(settings.upstream_api_key) if settings.upstream_api_key else None
     forwarded_at = progress.forwarded_at
-    async with open_upstream(
+    upstream = await open_upstream(
         app[UPSTREAM],
+        app[DEADLINES],
         settings.upstream_url,
         body,
         upstream_headers(request.headers, api_key),
         settings.upstream_timeout_seconds,
-    ) as upstream:
+    )
+    try:
         app[METRICS].upstream_first_byte.labels(charge.model).observe(time.perf_counter() - forwarded_at)
         status = upstream.status
         ok = 200 <= status < 300
@@ -338,6 +351,8 @@ async def _exchange(
         else:
             progress.settlement = Settlement("upstream_error", status)
         return web.Response(body=content, status=status, headers=headers)
+    finally:
+        upstream.release()
 
 
 SETTLE_RETRY_MAX_SECONDS = 5.0

@@ -12,12 +12,15 @@ from .gauges import BudgetGauges
 from .metrics import Metrics
 from .settings import Settings
 from .store import Store
+from .upstream import Deadlines
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 KEYS = web.AppKey("keys", KeyCache)
 UPSTREAM = web.AppKey("upstream", ClientSession)
+# The upstream calls' timeouts (see `upstream.Deadlines`).
+DEADLINES = web.AppKey("deadlines", Deadlines)
 INSTANCE_ID = web.AppKey("instance_id", str)
 # Work that outlives its request: settlements being retried, requests whose client left.
 BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background")

@@ -12,8 +12,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,19 +58,89 @@ def upstream_headers(client_headers: Mapping[str, str], api_key: str | None) -> 
     return headers
 
 
-@asynccontextmanager
+class Deadlines:
+    """Timeouts for many calls at once, with one timer for all those of the same length.
+
+    `asyncio.timeout` arms a timer of its own for each call and cancels it after: under uvloop,
+    2.5% of a request's instructions (callgrind). Calls given the same number of seconds expire in
+    the order they start, so one timer, set for the oldest still waiting, serves them all. A call
+    past its deadline is cancelled and, as with `asyncio.timeout`, its CancelledError becomes
+    TimeoutError, unless the task was cancelled from elsewhere too.
+    """
+
+    def __init__(self) -> None:
+        # Calls waiting, by length, oldest first (dicts keep insertion order).
+        self.waiting: dict[float, dict[Deadline, None]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+
+    def expiring(self, seconds: float) -> Deadline:
+        """`with deadlines.expiring(s):` raises TimeoutError in the task if the block takes over `s`."""
+        return Deadline(self, seconds)
+
+    def arm(self, loop: asyncio.AbstractEventLoop, deadline: Deadline) -> None:
+        """Set the timer of the deadline's length, if none is set (an older deadline's goes first)."""
+        if deadline.seconds not in self._timers:
+            self._timers[deadline.seconds] = loop.call_at(deadline.when, self._expire, deadline.seconds)
+
+    def _expire(self, seconds: float) -> None:
+        """Cancel the calls of this length past their deadline; set the timer for the next one."""
+        del self._timers[seconds]
+        waiting = self.waiting[seconds]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for deadline in list(waiting):
+            if deadline.when > now:
+                self.arm(loop, deadline)
+                return
+            del waiting[deadline]
+            deadline.expired = True
+            deadline.task.cancel()
+
+
+class Deadline:
+    """One call's deadline: a context manager, like `asyncio.timeout`'s, kept by `Deadlines`."""
+
+    __slots__ = ("cancelling", "deadlines", "expired", "seconds", "task", "waiting", "when")
+
+    def __init__(self, deadlines: Deadlines, seconds: float) -> None:
+        self.deadlines = deadlines
+        self.seconds = seconds
+        self.expired = False
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        self.task = task
+        self.cancelling = task.cancelling()
+        loop = task.get_loop()
+        self.when = loop.time() + self.seconds
+        waiting = self.deadlines.waiting.get(self.seconds)
+        if waiting is None:
+            waiting = self.deadlines.waiting[self.seconds] = {}
+        self.waiting = waiting
+        waiting[self] = None
+        self.deadlines.arm(loop, self)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self.waiting.pop(self, None)
+        if self.expired and self.task.uncancel() <= self.cancelling and kind is asyncio.CancelledError:
+            raise TimeoutError from error
+
+
 async def open_upstream(
     session: aiohttp.ClientSession,
+    deadlines: Deadlines,
     url: str,
     body: bytes,
     headers: dict[str, str],
     timeout: float,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST to upstream and yield its response once the headers are in (504 / 502 otherwise)."""
+) -> aiohttp.ClientResponse:
+    """POST to upstream; its response once the headers are in (504 / 502 otherwise). Release it."""
     try:
-        async with asyncio.timeout(timeout):
+        with deadlines.expiring(timeout):
             data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
-            response = await session.post(url, data=data, headers=headers, allow_redirects=False)
+            return await session.post(url, data=data, headers=headers, allow_redirects=False)
     except TimeoutError:
         raise UpstreamTimeout(
             f"The upstream API sent no response headers within {timeout:g} seconds; nothing was charged."
@@ -80,10 +149,6 @@ async def open_upstream(
         raise UpstreamUnavailable(
             f"The upstream API could not be reached ({type(exc).__name__}); nothing was charged. Retry later."
         ) from None
-    try:
-        yield response
-    finally:
-        response.release()
 
 
 def relayed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:

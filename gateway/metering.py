@@ -249,8 +249,8 @@ def _admit_sqlite(
     counters: dict[tuple[int, int], list[int]] = {}
     budgets_of: dict[Hashable, list[tuple[int, str, str, int]]] = {}
     results: list[tuple[bool, Admission | BudgetExceeded]] = []
-    holds: list[dict[str, Any]] = []
-    allocation_rows: list[dict[str, Any]] = []
+    holds: list[tuple[Any, ...]] = []
+    allocation_rows: list[tuple[Any, ...]] = []
     for charge, instance_id, at in calls:
         windows = window_keys(at)
         who = _caller_and_day(charge, instance_id, at)
@@ -286,14 +286,7 @@ def _admit_sqlite(
             counter = counters[allocation]
             counter[2] += credits
             counter[3] += credits
-            allocation_rows.append(
-                {
-                    "request_id": charge.request_id,
-                    "budget": allocation[0],
-                    "window": allocation[1],
-                    "credits": credits,
-                }
-            )
+            allocation_rows.append((charge.request_id, allocation[0], allocation[1], credits))
         holds.append(_hold(charge, instance_id, at))
         results.append((True, Admission(charge, at, allocations, remaining)))
     if holds:
@@ -311,22 +304,22 @@ def _admit_sqlite(
     return results
 
 
-def _hold(charge: Charge, instance_id: str, at: int) -> dict[str, Any]:
-    """The holds row of an admitted charge, named as `_INSERT_HOLD` takes it."""
+def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
+    """The holds row of an admitted charge, as `_INSERT_HOLD` takes it."""
     caller = charge.caller
-    return {
-        "request_id": charge.request_id,
-        "instance_id": instance_id,
-        "key_id": caller.key_id,
-        "user_id": caller.user_id,
-        "team_id": caller.team_id,
-        "model": charge.model,
-        "message_count": charge.message_count,
-        "unit_price": charge.unit_price,
-        "credits": charge.credits,
-        "stream": charge.stream,
-        "admitted_at": at,
-    }
+    return (
+        charge.request_id,
+        instance_id,
+        caller.key_id,
+        caller.user_id,
+        caller.team_id,
+        charge.model,
+        charge.message_count,
+        charge.unit_price,
+        charge.credits,
+        charge.stream,
+        at,
+    )
 
 
 def _caller_and_day(charge: Charge, _instance_id: str, at: int) -> Hashable:
@@ -380,24 +373,41 @@ def _refusal(
     )
 
 
-def _ledger_row(hold: Mapping[str, Any], settlement: Settlement, at: int) -> dict[str, Any]:
-    """The ledger row of a settled hold (a holds row, named as `_hold` names it)."""
-    return {
-        **hold,
-        "credits": hold["credits"] if settlement.outcome == "charged" else 0,
-        "settled_at": at,
-        "outcome": settlement.outcome,
-        "upstream_status": settlement.upstream_status,
-        "prompt_tokens": settlement.prompt_tokens,
-        "completion_tokens": settlement.completion_tokens,
-        "total_tokens": settlement.total_tokens,
-        "stream": bool(hold["stream"]),
-        "duration_us": max(at - hold["admitted_at"], 0),
-    }
+def _ledger_row(
+    request_id: str,
+    admitted_at: int,
+    caller: tuple[str, int, int | None],
+    priced: tuple[str, int, int, int, bool],
+    settlement: Settlement,
+    at: int,
+) -> tuple[Any, ...]:
+    """The ledger row, as `_INSERT_LEDGER` takes it, of a hold settled at `at`: its `caller` is
+    (key_id, user_id, team_id), `priced` (model, message_count, unit_price, credits, stream)."""
+    key_id, user_id, team_id = caller
+    model, message_count, unit_price, credits, stream = priced
+    return (
+        request_id,
+        admitted_at,
+        at,
+        team_id,
+        user_id,
+        key_id,
+        model,
+        message_count,
+        unit_price,
+        credits if settlement.outcome == "charged" else 0,
+        settlement.outcome,
+        settlement.upstream_status,
+        settlement.prompt_tokens,
+        settlement.completion_tokens,
+        settlement.total_tokens,
+        bool(stream),
+        max(at - admitted_at, 0),
+    )
 
 
 def _write_settlements(
-    db: Sql, ledger_rows: Sequence[Mapping[str, Any]], counters: Mapping[tuple[int, int], tuple[int, int]]
+    db: Sql, ledger_rows: Sequence[tuple[Any, ...]], counters: Mapping[tuple[int, int], tuple[int, int]]
 ) -> None:
     """Write settled holds' ledger rows, then release (credits held) and charge (credits spent)
     each counter by its `(budget_id, window_start): (released, spent)`, in lock order."""
@@ -407,10 +417,7 @@ def _write_settlements(
     if counters:
         db.many(
             _SETTLE_COUNTER,
-            [
-                {"credits": released, "spent": spent, "budget": b, "window": w}
-                for (b, w), (released, spent) in sorted(counters.items())
-            ],
+            [(released, spent, b, w) for (b, w), (released, spent) in sorted(counters.items())],
         )
 
 
@@ -426,18 +433,28 @@ def settle_many(
         return _settle_pg(conn, calls)
     db = sql_of(conn)
     results: list[tuple[bool, bool]] = []
-    ledger_rows: list[dict[str, Any]] = []
+    ledger_rows: list[tuple[Any, ...]] = []
     counters: dict[tuple[int, int], tuple[int, int]] = {}
     for admission, settlement, at in calls:
         charge = admission.charge
         if not db.changed(_DELETE_HOLD, {"request_id": charge.request_id}):
             results.append((True, False))
             continue
-        row = _ledger_row(_hold(charge, "", admission.admitted_at), settlement, at)
-        ledger_rows.append(row)
+        caller = charge.caller
+        ledger_rows.append(
+            _ledger_row(
+                charge.request_id,
+                admission.admitted_at,
+                (caller.key_id, caller.user_id, caller.team_id),
+                (charge.model, charge.message_count, charge.unit_price, charge.credits, charge.stream),
+                settlement,
+                at,
+            )
+        )
+        spent = charge.credits if settlement.outcome == "charged" else 0
         for allocation in admission.allocations:
-            released, spent = counters.get(allocation, (0, 0))
-            counters[allocation] = (released + charge.credits, spent + row["credits"])
+            released, charged = counters.get(allocation, (0, 0))
+            counters[allocation] = (released + charge.credits, charged + spent)
         results.append((True, True))
     _write_settlements(db, ledger_rows, counters)
     return results
@@ -481,7 +498,7 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
     return settle_many(conn, [(admission, settlement, at)])[0][1]
 
 
-# The holds columns as `_hold` names them.
+# A hold's columns, as `expire_holds` reads them.
 _HOLD_COLUMNS = (
     "request_id, key_id, user_id, team_id, model, message_count, unit_price_micros AS unit_price, "
     "credits_micros AS credits, stream, admitted_at"
@@ -523,7 +540,7 @@ def expire_holds(
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
-    ledger_rows: list[dict[str, Any]] = []
+    ledger_rows: list[tuple[Any, ...]] = []
     # Released credits per counter, applied last and in (budget, window) order: the order every
     # admission and settlement locks counters in, so on PostgreSQL a sweep of many holds cannot
     # deadlock with them.
@@ -531,10 +548,19 @@ def expire_holds(
     for row in rows:
         if not db.changed(_DELETE_HOLD, {"request_id": row["request_id"]}):
             continue
-        db.many(_FREE_IDEMPOTENCY_KEY, [{"request_id": row["request_id"]}])
+        db.many(_FREE_IDEMPOTENCY_KEY, [(row["request_id"],)])
         for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all():
             released[(b, w)] = (released.get((b, w), (0, 0))[0] + row["credits"], 0)
-        ledger_rows.append(_ledger_row(dict(row), Settlement("expired"), at))
+        ledger_rows.append(
+            _ledger_row(
+                row["request_id"],
+                row["admitted_at"],
+                (row["key_id"], row["user_id"], row["team_id"]),
+                (row["model"], row["message_count"], row["unit_price"], row["credits"], row["stream"]),
+                Settlement("expired"),
+                at,
+            )
+        )
     _write_settlements(db, ledger_rows, released)
     return len(ledger_rows)
 

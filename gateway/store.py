@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import sqlite3
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -721,7 +722,9 @@ class Sql(Protocol):
 
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None: ...
 
-    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run a write once per row; a row's values in the order the statement names them first."""
+        ...
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
         """Run a write; how many rows it inserted, updated or deleted."""
@@ -741,8 +744,10 @@ class _DriverSql:
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
         return self._raw.execute(sql, params).fetchone()
 
-    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._raw.executemany(sql, rows)
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        # Numbered parameters, bound from tuples: sqlite3 binds a named one by making a string of
+        # its name and looking it up, which for a ledger row costs a fifth of the insert.
+        self._raw.executemany(_numbered(sql), rows)
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
         return self._raw.execute(sql, params).rowcount
@@ -751,6 +756,23 @@ class _DriverSql:
 @functools.lru_cache(maxsize=256)
 def _clause(sql: str) -> TextClause:
     return text(sql)
+
+
+# A `:name` parameter (not a PostgreSQL `::type` cast).
+_PARAMETER = re.compile(r"(?<!:):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(sql: str) -> tuple[str, ...]:
+    """The names of a statement's parameters, each once, in the order they first appear."""
+    return tuple(dict.fromkeys(_PARAMETER.findall(sql)))
+
+
+@functools.lru_cache(maxsize=256)
+def _numbered(sql: str) -> str:
+    """The statement with `?N` (SQLite's numbered parameters) for each `:name`, in `_parameters` order."""
+    number = {name: i for i, name in enumerate(_parameters(sql), start=1)}
+    return _PARAMETER.sub(lambda m: f"?{number[m.group(1)]}", sql)
 
 
 class _AlchemySql:
@@ -765,8 +787,9 @@ class _AlchemySql:
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
         return self._conn.execute(_clause(sql), params).first()
 
-    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._conn.execute(_clause(sql), list(rows))
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        names = _parameters(sql)
+        self._conn.execute(_clause(sql), [dict(zip(names, row, strict=True)) for row in rows])
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
         return self._conn.execute(_clause(sql), params).rowcount

@@ -217,3 +217,24 @@ async def test_close_during_a_checkpoint_and_work_after_close(
     # A late unit (a settlement retried after shutdown, say) is refused, not left waiting forever.
     with pytest.raises(LedgerUnavailable):
         await asyncio.wait_for(store.run(_insert, 99), 5)
+
+
+def _put_rows(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> list[Any]:
+    conn.execute(text("CREATE TABLE u (a INTEGER, b TEXT, c INTEGER)"))
+    store_module.sql_of(conn).many(sql, rows)
+    return list(conn.execute(text("SELECT a, b, c FROM u ORDER BY a")).all())
+
+
+async def test_many_takes_each_rows_values_in_the_order_the_statement_first_names_them(
+    tmp_path: Path,
+) -> None:
+    """`Sql.many` binds tuples (sqlite3 binds them faster than mappings): the `:name`s become
+    numbered parameters, a name used twice takes one value, and a PostgreSQL `::cast` is no name."""
+    store = await _store(tmp_path)
+    try:
+        sql = "INSERT INTO u (c, b, a) VALUES (:count, :label, :count + :base)"
+        rows = await store.run(_put_rows, sql, [(1, "x", 10), (2, "y", 20)])
+        assert rows == [(11, "x", 1), (22, "y", 2)]
+    finally:
+        await store.close()
+    assert store_module._parameters("SELECT CAST(:a AS int)::text, :b, :a") == ("a", "b")

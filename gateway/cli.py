@@ -29,7 +29,7 @@ log = logging.getLogger("gateway")
 
 T = TypeVar("T")
 
-# Allocations between two collections of the young generation while serving (see `_run_servers`).
+# Allocations between two collections of the young generation while serving (see `tune_collector`).
 GC_YOUNG_THRESHOLD = 20_000
 
 DEMO_TEAM, DEMO_USER, DEMO_BUDGET = "demo-team", "demo-user", "100"

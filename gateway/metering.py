@@ -101,8 +101,9 @@ _BUDGETS_AND_COUNTERS = (
     "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team)"
 )
 
-# Creates the window's counter with this hold, or adds the hold to it, only if it still fits: one
-# row changed, or none. The limit is read inside the statement so a budget change is never missed.
+# Creates the window's counter with these holds (one request's, or a group's sum), or adds them to
+# it, only if they still fit: one row changed, or none. The limit is read inside the statement so
+# a budget change is never missed.
 # (No RETURNING: SQLite buffers a RETURNING statement's rows in a temporary B-tree of its own.)
 _PLACE_HOLD = (
     "INSERT INTO budget_counters (budget_id, window_start, spent_micros, held_micros) "
@@ -187,7 +188,7 @@ _SETTLE_PG = f"SELECT r.i, gateway_settle({_SETTLE_CALL}) {_SETTLE_FROM} ORDER B
 def admit_many(
     conn: Connection, calls: Sequence[tuple[Charge, str, int]]
 ) -> list[tuple[bool, Admission | BudgetExceeded]]:
-    """Admit `calls` (`admit`'s arguments each) together, each as if it came alone.
+    """Admit `calls` (`admit`'s arguments each) together, as if one after the other.
 
     A refusal takes nothing from the others: results are (True, Admission) or (False,
     BudgetExceeded), in the order of `calls`, exactly what admitting them one after the other
@@ -203,21 +204,8 @@ def _admit_pg(
 ) -> list[tuple[bool, Admission | BudgetExceeded]]:
     params: dict[str, list[Any]] = {name: [] for name, _ in _ADMIT_ARGS}
     for charge, instance_id, at in calls:
-        caller = charge.caller
-        values = (
-            charge.request_id,
-            instance_id,
-            caller.key_id,
-            caller.user_id,
-            caller.team_id,
-            charge.model,
-            charge.message_count,
-            charge.unit_price,
-            charge.credits,
-            charge.stream,
-            at,
-            *window_keys(at).values(),
-        )
+        # The hold's columns, then the window of each period.
+        values = (*_hold(charge, instance_id, at), *window_keys(at).values())
         for (name, _), value in zip(_ADMIT_ARGS, values, strict=True):
             params[name].append(value)
     rows_of: list[list[Any]] = [[] for _ in calls]
@@ -247,6 +235,9 @@ def _admit_sqlite(
     """
     # (budget_id, window_start) -> [limit, spent, held, added by this group]
     counters: dict[tuple[int, int], list[int]] = {}
+    # The counters this group's admissions hold on: each gets its update, even adding 0 credits (a
+    # free model's), so that every window with allocations has its counter, as one by one it would.
+    placed: set[tuple[int, int]] = set()
     budgets_of: dict[Hashable, list[tuple[int, str, str, int]]] = {}
     results: list[tuple[bool, Admission | BudgetExceeded]] = []
     holds: list[tuple[Any, ...]] = []
@@ -286,6 +277,7 @@ def _admit_sqlite(
             counter = counters[allocation]
             counter[2] += credits
             counter[3] += credits
+            placed.add(allocation)
             allocation_rows.append((charge.request_id, allocation[0], allocation[1], credits))
         holds.append(_hold(charge, instance_id, at))
         results.append((True, Admission(charge, at, allocations, remaining)))
@@ -295,9 +287,11 @@ def _admit_sqlite(
         db.many(_INSERT_ALLOCATION, allocation_rows)
     # The counters still change only through the conditional update, which cannot fail here: the
     # write lock has been held since the reads above. If it ever did, the admissions are a bug, not
-    # refusals: the unit rolls back (nothing of it stays) and its requests are answered 500.
-    for (budget_id, window), (_, _, _, added) in sorted(counters.items()):
-        if added and db.changed(_PLACE_HOLD, {"window": window, "credits": added, "budget": budget_id}) != 1:
+    # refusals: the group rolls back (nothing of it stays), and its calls are run one by one, where
+    # those it fails again are answered 500.
+    for budget_id, window in sorted(placed):
+        added = counters[(budget_id, window)][3]
+        if db.changed(_PLACE_HOLD, {"window": window, "credits": added, "budget": budget_id}) != 1:
             raise CounterMismatch(
                 f"budget {budget_id}, window {window}: the counter refused holds its read said fit"
             )

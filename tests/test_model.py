@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from gateway import metering, migrate, services
+from gateway import ledger, metering, migrate, services
 from gateway.errors import BudgetExceeded
 from gateway.metering import Admission, Caller, Charge, Settlement
 from gateway.windows import window_key
@@ -178,23 +178,28 @@ class MeteringMachine(RuleBasedStateMachine):
 
     @rule(
         requests=st.lists(
-            st.tuples(st.sampled_from(CALLERS), st.integers(1, 4), st.sampled_from(["live", "dead"])),
+            st.tuples(
+                st.sampled_from(CALLERS),
+                st.integers(1, 4),
+                st.sampled_from(["live", "dead"]),
+                st.sampled_from([PRICE, 0]),  # 0: a free model, which still has its counters
+            ),
             min_size=1,
             max_size=6,
         )
     )
-    def admit_together(self, requests: list[tuple[str, int, str]]) -> None:
+    def admit_together(self, requests: list[tuple[str, int, str, int]]) -> None:
         """Several admissions in one call of `admit_many`, as the store groups them: each is decided
         as if it came alone after the ones before it, whatever callers and budgets they share."""
         calls = []
-        for who, messages, instance in requests:
+        for who, messages, instance, price in requests:
             charge = Charge(
                 f"r{next(self.ids)}",
                 self.callers[who],
                 "openai/gpt-oss-20b",
                 messages,
-                PRICE,
-                messages * PRICE,
+                price,
+                messages * price,
                 False,
             )
             calls.append((charge, instance, self.now))
@@ -208,6 +213,8 @@ class MeteringMachine(RuleBasedStateMachine):
             assert admitted == fits, f"{charge.request_id}: admitted {admitted}, fits {fits}"
             if isinstance(result, BudgetExceeded):
                 continue
+            lefts = [self.limits[a[:3]] - self.spent[a] - self.held[a] - cost for a in applicable]
+            assert result.remaining == (min(lefts) if lefts else None)
             for a in applicable:
                 self.held[a] += cost
             self.open[charge.request_id] = (Open(result, instance), applicable)
@@ -250,6 +257,9 @@ class MeteringMachine(RuleBasedStateMachine):
         with self.tx() as conn:
             for row in conn.execute(text(counters_equal_ledger_sql())).all():
                 assert (row[2], row[3]) == (row[4], row[5]), f"counter differs from the ledger: {row}"
+            # What `gateway ledger verify` checks, which also finds allocations without a counter.
+            verified = ledger.verify(conn)
+            assert verified["ok"], verified["differences"]
             rows = conn.execute(
                 text(
                     "SELECT b.scope, b.period, b.subject, c.window_start, c.spent_micros, c.held_micros "

@@ -165,6 +165,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
             background.add(work)
             work.add_done_callback(lambda task: _detached_done(background, task))
         raise
+    finally:
+        del work  # this frame is in an error's traceback: no reference cycle through the task
 
 
 def _detached_done(background: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:

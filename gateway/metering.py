@@ -331,7 +331,10 @@ def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admiss
     """
     ((_, result),) = admit_many(conn, [(charge, instance_id, at)])
     if isinstance(result, BudgetExceeded):
-        raise result
+        try:
+            raise result
+        finally:
+            del result  # this frame is in the refusal's traceback: no reference cycle through it
     return result
 
 

@@ -54,6 +54,8 @@ class Count:
         self.created = time.time()
 
     def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"a counter only goes up; asked to add {amount}")
         self.value += amount
 
 
@@ -172,7 +174,7 @@ class FastHistogram(_Family[Observations]):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ):
-        self.bounds = (*sorted(buckets), math.inf)
+        self.bounds = tuple(sorted({*buckets, math.inf}))
         super().__init__(name, documentation, labelnames, registry)
 
     def _new(self) -> Observations:

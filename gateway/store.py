@@ -238,15 +238,24 @@ class SqliteStore:
                     raw.execute("PRAGMA busy_timeout=0")
             return self._units(conn, raw, batch)
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
-            if raw is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    if raw.in_transaction:
-                        raw.execute("ROLLBACK")
-            self._drop_connection()
+            self._abandon(raw)
             # Locked (past the busy timeout), unreadable, full: the database, not a faulty unit.
             self._outage = _is_outage(exc)
             error = _unavailable(exc)
             return [(False, error)] * len(batch)
+        except BaseException:
+            # A bug in the store itself: nothing of the batch stays, nor its write lock (in the
+            # thread, nobody else would roll it back).
+            self._abandon(raw)
+            raise
+
+    def _abandon(self, raw: sqlite3.Connection | None) -> None:
+        """Roll back whatever the writer has under way, and drop its connection."""
+        if raw is not None:
+            with contextlib.suppress(sqlite3.Error):
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+        self._drop_connection()
 
     @staticmethod
     def _units(
@@ -283,8 +292,11 @@ class SqliteStore:
             calls = [batch[member][1] for member in members]
             for member, result in zip(members, _together(raw, _GROUPS[fn].many, conn, calls), strict=True):
                 results[member] = result
+        done = [result for result in results if result is not None]
+        if len(done) != len(batch):
+            raise AssertionError(f"{len(done)} results for a batch of {len(batch)}")
         raw.execute("COMMIT")
-        return [result for result in results if result is not None]
+        return done
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in a transaction, batched with whatever else is waiting."""
@@ -295,7 +307,12 @@ class SqliteStore:
         # the next ones, while more keep coming) then share the transaction.
         self._resume()
         # A caller cancelled meanwhile cancels only its wait: the unit runs and commits all the same.
-        return await future
+        try:
+            return await future
+        finally:
+            # A unit's error keeps this frame in its traceback: without the future, no reference
+            # cycle keeps the request (its body, up to the size limit) alive until a collection.
+            del future
 
     def _gather(self, seen: int, turns: int) -> None:
         """Run the batch now, or one turn of the loop later if units arrived during the last one.
@@ -323,6 +340,9 @@ class SqliteStore:
         batch, self._pending = self._pending, []
         units = [(fn, args) for fn, args, _ in batch]
         futures = [future for _, _, future in batch]
+        # This frame outlives the batch when a unit's error keeps it in its traceback (through the
+        # unit's own frame): what it holds must not lead back to that error (see `_finish_batch`).
+        batch.clear()
         try:
             results = None
             if self._conn is not None and not self._next_in_thread:
@@ -350,6 +370,11 @@ class SqliteStore:
         if not isinstance(results, list):
             results = [(False, _unavailable(results))] * len(futures)
         _answer(futures, results)
+        # The lists `_flush` made: emptied, so no reference cycle runs from a unit's error through
+        # its traceback to `_flush`'s frame and back (it would keep the request alive until a
+        # collection: its body, up to the size limit, under a flood of refusals).
+        futures.clear()
+        results.clear()
         if self._outage and self._pending:
             # Work queued while that batch waited out the busy timeout would wait as long again:
             # fail it now, so that during an outage every caller hears within one busy timeout.
@@ -497,14 +522,16 @@ def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -
     """SQLite, inside a transaction: `fn(*args)`, rolled back alone if it raises; (ok, result or error)."""
     raw.execute("SAVEPOINT unit")
     try:
-        outcome: tuple[bool, Any] = (True, fn(*args))
+        result = fn(*args)
     except Exception as exc:
         if _is_outage(exc):
             raise
         raw.execute("ROLLBACK TO unit")
-        outcome = (False, exc)
+        raw.execute("RELEASE unit")
+        # Returned, not kept in a local: this frame is in the error's traceback (no cycle).
+        return (False, exc)
     raw.execute("RELEASE unit")
-    return outcome
+    return (True, result)
 
 
 def _together(
@@ -513,19 +540,29 @@ def _together(
     conn: Connection,
     calls: list[tuple[Any, ...]],
 ) -> list[tuple[bool, Any]]:
-    """SQLite: `many(conn, calls)` in a savepoint; if it raises, each call alone, so one call's error
-    (a bug) is that call's only."""
-    ok, results = _in_savepoint(raw, many, conn, calls)
+    """SQLite: `many(conn, calls)` in a savepoint; if it raises (or answers for the wrong number of
+    calls), each call alone, so one call's error (a bug) is that call's only."""
+    ok, results = _in_savepoint(raw, _answered, many, conn, calls)
     if ok:
-        if len(results) != len(calls):
-            raise AssertionError(f"{len(results)} results for {len(calls)} calls")
         return list(results)
     log.warning("grouped calls failed together (%s); running the %d calls one by one", results, len(calls))
     alone: list[tuple[bool, Any]] = []
     for args in calls:
-        ok, result = _in_savepoint(raw, many, conn, [args])
+        ok, result = _in_savepoint(raw, _answered, many, conn, [args])
         alone.append(result[0] if ok else (False, result))
     return alone
+
+
+def _answered(
+    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]],
+    conn: Connection,
+    calls: list[tuple[Any, ...]],
+) -> list[tuple[bool, Any]]:
+    """`many(conn, calls)`, which must answer each call once."""
+    results = many(conn, calls)
+    if len(results) != len(calls):
+        raise AssertionError(f"{len(results)} results for {len(calls)} calls")
+    return results
 
 
 def _select_one(conn: Connection) -> None:
@@ -617,7 +654,12 @@ class PostgresStore:
             self._waiting[key] = []
             self._start_group(key, group, [(args, future)])
         # A caller cancelled meanwhile cancels only its wait: the call runs all the same.
-        return await future
+        try:
+            return await future
+        finally:
+            # No reference cycle through an error (see `SqliteStore.run`): neither the future nor
+            # the list it was queued in.
+            del future, waiting
 
     def _start_group(
         self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
@@ -758,8 +800,9 @@ def _clause(sql: str) -> TextClause:
     return text(sql)
 
 
-# A `:name` parameter (not a PostgreSQL `::type` cast).
-_PARAMETER = re.compile(r"(?<!:):([A-Za-z_]\w*)")
+# A `:name` parameter, as SQLAlchemy's `text()` finds them (not a PostgreSQL `::type` cast, nor an
+# escaped `\:`).
+_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 
 
 @functools.lru_cache(maxsize=256)

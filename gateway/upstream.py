@@ -38,6 +38,8 @@ CHUNK_FRAMING = 32
 # aiohttp warns about bytes bodies over 1 MiB (written in one go); larger ones go as a BytesIO,
 # which it writes in chunks.
 LARGE_BODY = 1 << 20
+# How early a timer may fire (see `Deadlines._expire`).
+CLOCK_RESOLUTION_SECONDS = 0.001
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -87,7 +89,9 @@ class Deadlines:
         del self._timers[seconds]
         waiting = self.waiting[seconds]
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        # Timers fire to the loop's clock resolution (uvloop's: a millisecond), so possibly that
+        # early: a deadline within it is due, or the timer would be set again and again meanwhile.
+        now = loop.time() + CLOCK_RESOLUTION_SECONDS
         for deadline in list(waiting):
             if deadline.when > now:
                 self.arm(loop, deadline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from gateway import metering, services
 from gateway import store as store_module
+from gateway.errors import BudgetExceeded
 from gateway.metering import now_us
 from gateway.pricing import format_credits
 
@@ -367,3 +369,26 @@ async def test_unknown_route_is_json(world: World) -> None:
     resp = await world.client.get("/nope")
     assert resp.status == 404
     assert (await resp.json())["error"]["type"] == "not_found"
+
+
+async def test_a_refused_request_is_freed_at_once_not_left_for_the_collector(world: World) -> None:
+    """A refusal's traceback holds the frames it came through, the handler's with the request body
+    (up to the size limit) among them: if a reference cycle ran through it, a flood of refused large
+    requests would be kept until a collection (it took a gateway to nearly 1 GB). Through the
+    store's batch (a lone unit, which raises) and a group (whose refusals are returned)."""
+    key = await world.key("alice")
+    await world.budget("user", "alice", "0")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await _error(await world.chat(key["key"]), 402, "budget_exceeded")
+        answers = await asyncio.gather(*(world.chat(key["key"]) for _ in range(5)))
+        assert [a.status for a in answers] == [402] * 5
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, BudgetExceeded)]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

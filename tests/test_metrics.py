@@ -400,3 +400,10 @@ def test_the_fast_metrics_expose_what_prometheus_clients_would(observations: lis
     gauge.dec()
     assert _samples(ours) == _samples(theirs)
     assert [f.name for f in ours.collect()] == [f.name for f in theirs.collect()]
+
+
+def test_a_fast_counter_refuses_to_go_down() -> None:
+    counter = FastCounter("x_total", "doc", ["model"], CollectorRegistry())
+    with pytest.raises(ValueError):
+        counter.labels("m").inc(-1)
+    assert counter.labels("m").value == 0

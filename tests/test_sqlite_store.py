@@ -153,6 +153,27 @@ async def test_grouped_calls_that_fail_together_run_one_by_one(tmp_path: Path) -
         await store.close()
 
 
+def _short_many(conn: Connection, calls: list[tuple[int]]) -> list[tuple[bool, Any]]:
+    """A buggy `many`: together, it writes every call's row but answers one call short."""
+    results: list[tuple[bool, Any]] = [(True, _insert(conn, i)) for (i,) in calls]
+    return results[:-1] if len(results) > 1 else results
+
+
+@store_module.grouped(_short_many, lambda i: 0)
+def _short(conn: Connection, i: int) -> int:
+    return int(_short_many(conn, [(i,)])[0][1])
+
+
+async def test_grouped_calls_answered_for_the_wrong_number_run_one_by_one(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    try:
+        assert await asyncio.gather(*(store.run(_short, i) for i in (21, 22, 23))) == [21, 22, 23]
+        # The group's writes were rolled back with it: each row once, from the calls alone.
+        assert await store.read(_count) == 3
+    finally:
+        await store.close()
+
+
 async def test_a_lock_held_elsewhere_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
     store = await _store(tmp_path)
     other = sqlite3.connect(tmp_path / "store.db", isolation_level=None, check_same_thread=False)

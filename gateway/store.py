@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from .errors import LedgerUnavailable
+from .errors import GatewayError, LedgerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class SqliteStore:
                 if _is_outage(exc):
                     raise
                 raw.execute("ROLLBACK")
-                return [(False, exc)]
+                return [(False, _for_caller(exc))]
             raw.execute("COMMIT")
             return [(True, result)]
         together: dict[Callable[..., Any], list[int]] = {}
@@ -340,9 +340,6 @@ class SqliteStore:
         batch, self._pending = self._pending, []
         units = [(fn, args) for fn, args, _ in batch]
         futures = [future for _, _, future in batch]
-        # This frame outlives the batch when a unit's error keeps it in its traceback (through the
-        # unit's own frame): what it holds must not lead back to that error (see `_finish_batch`).
-        batch.clear()
         try:
             results = None
             if self._conn is not None and not self._next_in_thread:
@@ -370,11 +367,6 @@ class SqliteStore:
         if not isinstance(results, list):
             results = [(False, _unavailable(results))] * len(futures)
         _answer(futures, results)
-        # The lists `_flush` made: emptied, so no reference cycle runs from a unit's error through
-        # its traceback to `_flush`'s frame and back (it would keep the request alive until a
-        # collection: its body, up to the size limit, under a flood of refusals).
-        futures.clear()
-        results.clear()
         if self._outage and self._pending:
             # Work queued while that batch waited out the busy timeout would wait as long again:
             # fail it now, so that during an outage every caller hears within one busy timeout.
@@ -518,6 +510,14 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
 
 
+def _for_caller(exc: Exception) -> Exception:
+    """A unit's error as its caller gets it. A refusal (a GatewayError, such as BudgetExceeded)
+    loses its traceback, which says nothing a refusal needs: it held the store's frames, and through
+    them the batch with this very error, in a reference cycle that kept each refused request (its
+    body, up to the size limit) alive until a collection. A bug keeps its traceback, for the log."""
+    return exc.with_traceback(None) if isinstance(exc, GatewayError) else exc
+
+
 def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
     """SQLite, inside a transaction: `fn(*args)`, rolled back alone if it raises; (ok, result or error)."""
     raw.execute("SAVEPOINT unit")
@@ -528,8 +528,7 @@ def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -
             raise
         raw.execute("ROLLBACK TO unit")
         raw.execute("RELEASE unit")
-        # Returned, not kept in a local: this frame is in the error's traceback (no cycle).
-        return (False, exc)
+        return (False, _for_caller(exc))
     raw.execute("RELEASE unit")
     return (True, result)
 

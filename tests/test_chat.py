@@ -375,7 +375,8 @@ async def test_a_refused_request_is_freed_at_once_not_left_for_the_collector(wor
     """A refusal's traceback holds the frames it came through, the handler's with the request body
     (up to the size limit) among them: if a reference cycle ran through it, a flood of refused large
     requests would be kept until a collection (it took a gateway to nearly 1 GB). Through the
-    store's batch (a lone unit, which raises) and a group (whose refusals are returned)."""
+    store's batch (a lone unit, which raises), a group (whose refusals are returned), and units
+    raising in a batch of several."""
     key = await world.key("alice")
     await world.budget("user", "alice", "0")
     gc.collect()
@@ -384,7 +385,18 @@ async def test_a_refused_request_is_freed_at_once_not_left_for_the_collector(wor
     try:
         await _error(await world.chat(key["key"]), 402, "budget_exceeded")
         answers = await asyncio.gather(*(world.chat(key["key"]) for _ in range(5)))
-        assert [a.status for a in answers] == [402] * 5
+        # With an Idempotency-Key, a unit of its own in the batch, which raises the refusal.
+        answers += await asyncio.gather(
+            *(
+                world.client.post(
+                    "/api/v1/chat",
+                    json={"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {key['key']}", "Idempotency-Key": f"refused-{i}"},
+                )
+                for i in range(5)
+            )
+        )
+        assert [a.status for a in answers] == [402] * 10
         gc.collect()
         left = [type(o).__name__ for o in gc.garbage if isinstance(o, BudgetExceeded)]
         assert left == []

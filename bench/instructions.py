@@ -1,0 +1,164 @@
+"""Instructions a request: the gateway and the bare proxy counted by callgrind, under the same load.
+
+How the speed changes of this project's later sessions were chosen. Time on this VM moves by 10 to
+15 % from one run to the next, and more from day to day; the number of instructions a process runs
+for a request does not (about 1 % between runs). Starts the fake upstream (bench/upstream.py), then,
+one at a time, the bare proxy (bench/bare_proxy.py) and the gateway of this working tree (or of
+--rev, checked out in a temporary worktree) under `valgrind --tool=callgrind`, with instrumentation
+off while they start. Each gets a warm-up of wrk, then the counters are zeroed and wrk runs for
+--duration seconds (bounded); instructions (callgrind's total) over the 2xx answers wrk counted.
+The gateway is fully metered, on a fresh SQLite file with bench/proxy.py's account. Under callgrind
+a process runs about 50 times slower, so at 32 connections the SQLite batches are full (64 units).
+
+    python bench/instructions.py              # this tree's gateway and the bare proxy, ~2 minutes
+    python bench/instructions.py --rev HEAD~3 # the gateway of an earlier revision beside them
+
+Needs valgrind (callgrind_control) and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import loadgen
+import proxy
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CONNECTIONS = 32
+WARMUP_SECONDS = 5.0
+
+
+def callgrind(pid: int, *args: str) -> None:
+    """Send a callgrind_control command to the process."""
+    subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, timeout=60, check=True)
+
+
+def count(
+    servers: proxy.Servers,
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    url: str,
+    ready: str,
+    headers: dict[str, str],
+    seconds: float,
+) -> tuple[int, int]:
+    """Start `argv` under callgrind, load it, and return (2xx answers, instructions) of the measured run."""
+    out = servers.workdir / f"{name}.callgrind"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    pid = servers.start(name, [*valgrind, *argv], env)
+    servers.wait_ready(name, ready)
+    script = loadgen.write_wrk_script(servers.workdir / f"{name}.lua", proxy.chat_body(False), headers)
+    callgrind(pid, "-i", "on")
+    loadgen.run_wrk(script, url, WARMUP_SECONDS, CONNECTIONS, 1)
+    callgrind(pid, "-z")
+    run = loadgen.run_wrk(script, url, seconds, CONNECTIONS, 1)
+    callgrind(pid, "-i", "off")
+    callgrind(pid, "-d")
+    servers.stop(name)
+    totals = [
+        int(match.group(1))
+        for path in servers.workdir.glob(f"{name}.callgrind*")
+        for match in re.finditer(r"^totals: (\d+)", path.read_text(errors="replace"), re.MULTILINE)
+    ]
+    if run.requests == 0 or not totals:
+        raise SystemExit(f"{name}: nothing measured (see {servers.workdir}/{name}.log)")
+    return run.requests - run.non2xx, max(totals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rev", help="also count the gateway of this git revision")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (<= 60)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.duration <= 60:
+        parser.error("--duration must be between 1 and 60 seconds")
+    for tool in ("valgrind", "callgrind_control", "wrk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(
+                f"{tool} is not installed (apt-get install -y --no-install-recommends valgrind wrk)"
+            )
+    py = str(Path(sys.executable).resolve())  # the interpreter itself, not a shim valgrind would trace
+    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
+        workdir = Path(tmp)
+        servers = proxy.Servers(workdir)
+        trees = {"gateway": ROOT}
+        try:
+            if args.rev:
+                trees[f"gateway {args.rev}"] = workdir / "rev"
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(workdir / "rev"), args.rev],
+                    check=True,
+                    capture_output=True,
+                )
+            port = proxy.free_port()
+            upstream_url = f"http://127.0.0.1:{port}/api/v1/chat"
+            servers.start(
+                "upstream",
+                [py, str(BENCH / "upstream.py"), "--port", str(port)],
+                proxy.gateway_env(ROOT, "", ""),
+            )
+            servers.wait_ready("upstream", f"http://127.0.0.1:{port}/")
+            results: dict[str, tuple[int, int]] = {}
+            bare_port = proxy.free_port()
+            bare = [py, str(BENCH / "bare_proxy.py"), "--port", str(bare_port), "--upstream", upstream_url]
+            bare_url = f"http://127.0.0.1:{bare_port}/api/v1/chat"
+            results["bare proxy"] = count(
+                servers,
+                "bare",
+                bare,
+                proxy.gateway_env(ROOT, "", ""),
+                bare_url,
+                bare_url,
+                headers={"Content-Type": "application/json"},
+                seconds=args.duration,
+            )
+            for name, tree in trees.items():
+                gw_port = proxy.free_port()
+                label = re.sub(r"\W+", "-", name)
+                env = proxy.gateway_env(
+                    tree, f"sqlite+aiosqlite:///{workdir / label}.db", upstream_url, gw_port
+                )
+                proxy.gateway_cli(env, "db", "upgrade")
+                account = proxy.make_account(env)
+                url = f"http://127.0.0.1:{gw_port}"
+                results[name] = count(
+                    servers,
+                    label,
+                    [py, "-m", "gateway", "serve", "--no-migrate"],
+                    env,
+                    f"{url}/api/v1/chat",
+                    f"{url}/readyz",
+                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {account.secret}"},
+                    seconds=args.duration,
+                )
+        finally:
+            servers.stop_all()
+            if args.rev:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(workdir / "rev")],
+                    capture_output=True,
+                )
+    bare_per = results["bare proxy"][1] / results["bare proxy"][0]
+    print(
+        f"callgrind, wrk at {CONNECTIONS} connections, {args.duration:g} s measured "
+        f"after {WARMUP_SECONDS:g} s of warm-up"
+    )
+    print(f"{'target':<24} {'2xx':>7} {'instructions a request':>24} {'bare / target':>14}")
+    for name, (answers, instructions) in results.items():
+        per = instructions / answers
+        print(f"{name:<24} {answers:>7,} {per:>24,.0f} {bare_per / per:>14.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

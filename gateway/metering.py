@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -374,14 +374,15 @@ def _ledger_row(
     request_id: str,
     admitted_at: int,
     caller: tuple[str, int, int | None],
-    priced: tuple[str, int, int, int, bool],
+    priced: tuple[str, int, int, bool],
+    spent: int,
     settlement: Settlement,
     at: int,
 ) -> tuple[Any, ...]:
-    """The ledger row, as `_INSERT_LEDGER` takes it, of a hold settled at `at`: its `caller` is
-    (key_id, user_id, team_id), `priced` (model, message_count, unit_price, credits, stream)."""
+    """The ledger row, as `_INSERT_LEDGER` takes it, of a hold settled at `at` that charged `spent`:
+    its `caller` is (key_id, user_id, team_id), `priced` (model, message_count, unit_price, stream)."""
     key_id, user_id, team_id = caller
-    model, message_count, unit_price, credits, stream = priced
+    model, message_count, unit_price, stream = priced
     return (
         request_id,
         admitted_at,
@@ -392,7 +393,7 @@ def _ledger_row(
         model,
         message_count,
         unit_price,
-        credits if settlement.outcome == "charged" else 0,
+        spent,
         settlement.outcome,
         settlement.upstream_status,
         settlement.prompt_tokens,
@@ -401,6 +402,18 @@ def _ledger_row(
         bool(stream),
         max(at - admitted_at, 0),
     )
+
+
+def _release(
+    counters: dict[tuple[int, int], tuple[int, int]],
+    allocations: Iterable[tuple[int, int]],
+    credits: int,
+    spent: int,
+) -> None:
+    """Add a settled hold to `counters`, by (budget_id, window_start): (credits released, spent)."""
+    for allocation in allocations:
+        released, charged = counters.get(allocation, (0, 0))
+        counters[allocation] = (released + credits, charged + spent)
 
 
 def _write_settlements(
@@ -438,20 +451,19 @@ def settle_many(
             results.append((True, False))
             continue
         caller = charge.caller
+        spent = charge.credits if settlement.outcome == "charged" else 0
         ledger_rows.append(
             _ledger_row(
                 charge.request_id,
                 admission.admitted_at,
                 (caller.key_id, caller.user_id, caller.team_id),
-                (charge.model, charge.message_count, charge.unit_price, charge.credits, charge.stream),
+                (charge.model, charge.message_count, charge.unit_price, charge.stream),
+                spent,
                 settlement,
                 at,
             )
         )
-        spent = charge.credits if settlement.outcome == "charged" else 0
-        for allocation in admission.allocations:
-            released, charged = counters.get(allocation, (0, 0))
-            counters[allocation] = (released + charge.credits, charged + spent)
+        _release(counters, admission.allocations, charge.credits, spent)
         results.append((True, True))
     _write_settlements(db, ledger_rows, counters)
     return results
@@ -546,14 +558,16 @@ def expire_holds(
         if not db.changed(_DELETE_HOLD, {"request_id": row["request_id"]}):
             continue
         db.many(_FREE_IDEMPOTENCY_KEY, [(row["request_id"],)])
-        for b, w in conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all():
-            released[(b, w)] = (released.get((b, w), (0, 0))[0] + row["credits"], 0)
+        allocations = conn.execute(_ALLOCATIONS_OF, {"request_id": row["request_id"]}).all()
+        # An expired hold charges nothing.
+        _release(released, [(b, w) for b, w in allocations], row["credits"], 0)
         ledger_rows.append(
             _ledger_row(
                 row["request_id"],
                 row["admitted_at"],
                 (row["key_id"], row["user_id"], row["team_id"]),
-                (row["model"], row["message_count"], row["unit_price"], row["credits"], row["stream"]),
+                (row["model"], row["message_count"], row["unit_price"], row["stream"]),
+                0,
                 Settlement("expired"),
                 at,
             )

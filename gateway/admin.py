@@ -13,6 +13,7 @@ import functools
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from . import ledger, reports, services
 from .auth import bearer_token
 from .chat import read_body
 from .errors import AdminDisabled, InvalidRequest, Unauthorized
+from .jsonout import json_response
 from .metering import now_us
 from .state import GAUGES, KEYS, SETTINGS, STORE
 
@@ -81,7 +83,8 @@ def query_params(request: web.Request, allowed: tuple[str, ...]) -> dict[str, st
 async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
     try:
-        payload = json.loads(body)
+        # A Decimal, not a float, so that a limit of 123456789012.345678 stays exactly that.
+        payload = json.loads(body, parse_float=Decimal)
     except (ValueError, RecursionError):
         payload = None
     if not isinstance(payload, dict):
@@ -110,16 +113,14 @@ def _budgets_changed(request: web.Request) -> None:
 async def create_team(request: web.Request) -> web.Response:
     """POST /admin/v1/teams {"name"} -> 201."""
     body = await _json_body(request, ("name",))
-    return web.json_response(
-        await _run(request, services.create_team, body.get("name"), now_us()), status=201
-    )
+    return json_response(await _run(request, services.create_team, body.get("name"), now_us()), status=201)
 
 
 @_admin
 async def list_teams(request: web.Request) -> web.Response:
     """GET /admin/v1/teams."""
     query_params(request, ())
-    return web.json_response(await _run(request, services.list_teams))
+    return json_response(await _run(request, services.list_teams))
 
 
 @_admin
@@ -127,14 +128,14 @@ async def create_user(request: web.Request) -> web.Response:
     """POST /admin/v1/users {"name", "team"?} -> 201."""
     body = await _json_body(request, ("name", "team"))
     user = await _run(request, services.create_user, body.get("name"), body.get("team"), now_us())
-    return web.json_response(user, status=201)
+    return json_response(user, status=201)
 
 
 @_admin
 async def list_users(request: web.Request) -> web.Response:
     """GET /admin/v1/users."""
     query_params(request, ())
-    return web.json_response(await _run(request, services.list_users))
+    return json_response(await _run(request, services.list_users))
 
 
 @_admin
@@ -142,7 +143,7 @@ async def create_key(request: web.Request) -> web.Response:
     """POST /admin/v1/keys {"user", "name"?} -> 201 with the secret, shown only here."""
     body = await _json_body(request, ("user", "name"))
     key = await _run(request, services.create_key, body.get("user"), body.get("name"), now_us())
-    return web.json_response(key, status=201)
+    return json_response(key, status=201)
 
 
 @_admin
@@ -151,7 +152,7 @@ async def list_keys(request: web.Request) -> web.Response:
     user = query_params(request, ("user",)).get("user")
     if user is not None:
         services.check_name("user", user)
-    return web.json_response(await _run(request, services.list_keys, user))
+    return json_response(await _run(request, services.list_keys, user))
 
 
 @_admin
@@ -173,7 +174,7 @@ async def set_budget(request: web.Request) -> web.Response:
     args = [body.get(name) for name in BUDGET_FIELDS]
     budget = await _run(request, services.set_budget, *args, now_us())
     _budgets_changed(request)
-    return web.json_response(budget)
+    return json_response(budget)
 
 
 @_admin
@@ -190,7 +191,7 @@ async def list_budgets(request: web.Request) -> web.Response:
     """GET /admin/v1/budgets[?scope=&subject=] with each budget's current window."""
     params = query_params(request, ("scope", "subject"))
     budgets = await _run(request, services.list_budgets, params.get("scope"), params.get("subject"))
-    return web.json_response(budgets)
+    return json_response(budgets)
 
 
 @_admin
@@ -207,7 +208,7 @@ async def usage_report(request: web.Request) -> web.Response:
             charset="utf-8",
             headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
         )
-    return web.json_response(report.json())
+    return json_response(report.json())
 
 
 LEDGER_PARAMS = ("user", "team", "key", "model", "outcome", "from", "to", "limit", "cursor")
@@ -228,4 +229,4 @@ async def list_ledger(request: web.Request) -> web.Response:
         limit=params.get("limit"),
         cursor=params.get("cursor"),
     )
-    return web.json_response(await _run(request, ledger.list_entries, query))
+    return json_response(await _run(request, ledger.list_entries, query))

@@ -21,6 +21,7 @@ from aiohttp import web
 from . import ledger, migrate, reports, services
 from .errors import GatewayError, LedgerUnavailable
 from .fake_upstream import FakeUpstream
+from .jsonout import dumps
 from .metering import now_us
 from .settings import ConfigError, Settings
 from .store import open_store
@@ -162,7 +163,7 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
         await store.close()
     if args.json:
         if result is not None:
-            print(json.dumps(result, indent=2))
+            print(dumps(result, indent=2))
     else:
         print(show(result))
     # `ledger verify` found a difference.

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import GatewayError
+from .jsonout import json_response
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
     """The JSON response for a gateway error."""
-    return web.json_response(error.body(), status=error.status, headers=headers)
+    return json_response(error.body(), status=error.status, headers=headers)
 
 
 @web.middleware
@@ -33,12 +34,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = f"{exc.reason}: {request.method} {request.path}"
         if exc.status == 404:
             message += " is not an endpoint of this gateway; chat is POST /api/v1/chat"
-        return web.json_response(
+        return json_response(
             {"error": {"type": kind, "message": message}}, status=exc.status, headers=_allow(exc)
         )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response(
+        return json_response(
             {"error": {"type": "internal_error", "message": "The gateway failed unexpectedly; see its log."}},
             status=500,
         )

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 
 MICROS = 1_000_000
+
+# Scaling to micros must be exact: the default context rounds to 28 digits, which would take
+# 1.0000000000000000000000000001 for 1. Sixty digits hold any amount under 10**24 credits to a
+# millionth of a micro-credit, so rounding here means a fraction of a micro-credit.
+_EXACT = Context(prec=60, traps=[Inexact])
+_TOO_LARGE = 24  # the decimal exponent of 10**24 credits, far past any 64-bit amount
 
 DEFAULT_PRICES: Mapping[str, str] = {
     "openai/gpt-oss-20b": "0.1",
@@ -23,18 +29,26 @@ def parse_credits(value: object, *, allow_zero: bool = True) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise ValueError(f"expected a number of credits, got {value!r}")
+    # A Decimal comes from a JSON number (the admin API parses them so): show it as it was written.
+    shown = str(value) if isinstance(value, Decimal) else repr(value)
     try:
         # str() first so that a float such as 0.1 means the decimal 0.1, not its binary neighbour.
         amount = Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError(f"expected a number of credits, got {value!r}") from None
+        raise ValueError(f"expected a number of credits, got {shown}") from None
     if not amount.is_finite():
-        raise ValueError(f"expected a finite number of credits, got {value!r}")
-    micros = amount * MICROS
-    if micros != micros.to_integral_value():
-        raise ValueError(f"{value!r} has more than 6 decimal places")
-    if micros < 0 or (micros == 0 and not allow_zero):
-        raise ValueError(f"{value!r} must be {'zero or more' if allow_zero else 'more than zero'}")
+        raise ValueError(f"expected a finite number of credits, got {shown}")
+    if amount < 0 or (not amount and not allow_zero):
+        raise ValueError(f"{shown} must be {'zero or more' if allow_zero else 'more than zero'}")
+    if amount and amount.adjusted() >= _TOO_LARGE:
+        raise ValueError(f"{shown} is too large")  # before scaling: 1e999999 would overflow it
+    try:
+        micros = amount.scaleb(6, _EXACT)
+        exact = micros == micros.to_integral_value()
+    except Inexact:
+        exact = False
+    if not exact:
+        raise ValueError(f"{shown} has more than 6 decimal places")
     return int(micros)
 
 
@@ -47,10 +61,19 @@ def format_credits(micros: int) -> str:
     return f"{sign}{whole}.{frac:06d}".rstrip("0")
 
 
-def credits_json(micros: int) -> int | float:
-    """Render micro-credits as a JSON number: an int when whole, else the float of the exact decimal."""
+def credits_json(micros: int) -> int | float | Decimal:
+    """Micro-credits as a JSON number that `jsonout.dumps` writes exactly: 3, 0.75, 123456789012.345678.
+
+    An int when whole. Else the float nearest (int / int is correctly rounded) when its repr is the
+    exact decimal: from 0.0001 (repr's fixed notation) to 15 significant digits (a double keeps any
+    15, so no shorter repr exists). Else a Decimal: json.dumps cannot write one, so dumps writes it.
+    """
     whole, frac = divmod(micros, MICROS)
-    return whole if not frac else float(format_credits(micros))
+    if not frac:
+        return whole
+    if 100 <= abs(micros) < 10**15:
+        return micros / MICROS
+    return Decimal(format_credits(micros))
 
 
 class PriceTable:

@@ -20,6 +20,7 @@ from aiohttp import web
 from sqlalchemy import Connection, text
 
 from .admin import query_params
+from .jsonout import json_response
 from .metering import Caller, now_us
 from .pricing import credits_json
 from .services import list_budgets
@@ -38,7 +39,7 @@ async def my_usage(request: web.Request) -> web.Response:
     """GET /api/v1/usage: the calling key's budgets and usage this window."""
     caller = await request.app[KEYS].caller(request.headers.get("Authorization"))
     query_params(request, ())
-    return web.json_response(await request.app[STORE].read(key_usage, caller, now_us()))
+    return json_response(await request.app[STORE].read(key_usage, caller, now_us()))
 
 
 _USAGE = text(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -235,6 +236,44 @@ async def test_budgets(admin_world: World) -> None:
     assert (await w.chat(key["key"])).status == 200
     gone = {k: body[k] for k in ("scope", "subject", "period")}
     await error(await call(w, "DELETE", "/admin/v1/budgets", json=gone), 404, "not_found", "subject")
+
+
+async def test_budget_amounts_are_exact_past_15_digits(admin_world: World) -> None:
+    """A float keeps ~16 digits (123456789012.34567): the limit goes in and comes out as written."""
+    w = admin_world
+    # Sent as raw text: aiohttp's json= would round the number through a float on the way in.
+    raw = b'{"scope": "team", "subject": "eng", "period": "monthly", "limit": 123456789012.345678}'
+    resp = await call(w, "PUT", "/admin/v1/budgets", data=raw)
+    assert resp.status == 200, await resp.text()
+    answered = await resp.text()
+    assert '"limit": 123456789012.345678' in answered
+    assert '"remaining": 123456789012.345678' in answered
+    assert await w.sql("SELECT limit_micros FROM budgets") == [(123456789012345678,)]
+    listed = await (await call(w, "GET", "/admin/v1/budgets")).text()
+    assert json.loads(listed, parse_float=Decimal)[0]["limit"] == Decimal("123456789012.345678")
+    assert json.loads(listed, parse_float=Decimal)[0]["remaining"] == Decimal("123456789012.345678")
+    await error(
+        await call(w, "PUT", "/admin/v1/budgets", data=raw.replace(b"345678}", b"3456789}")),
+        400,
+        "invalid_request",
+        "limit",
+    )
+    for absurd in (b"1e999999", b"1.0000000000000000000000000001"):
+        body = b'{"scope": "team", "subject": "eng", "period": "daily", "limit": ' + absurd + b"}"
+        await error(await call(w, "PUT", "/admin/v1/budgets", data=body), 400, "invalid_request", "limit")
+
+
+async def test_a_refusal_writes_small_amounts_as_decimals(admin_world: World) -> None:
+    """The 402 body on the chat path: 0.000001, not the float's 1e-06."""
+    w = admin_world
+    key = await w.key("alice")
+    await w.budget("user", "alice", "0.000001")
+    resp = await w.chat(key["key"])
+    assert resp.status == 402
+    text = await resp.text()
+    assert '"limit": 0.000001' in text and '"remaining": 0.000001' in text and '"cost": 0.1' in text
+    refusal = json.loads(text, parse_float=Decimal)["error"]
+    assert (refusal["limit"], refusal["spent"], refusal["cost"]) == (Decimal("0.000001"), 0, Decimal("0.1"))
 
 
 @pytest.mark.parametrize(

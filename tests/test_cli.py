@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,25 @@ def test_admin_commands(
     assert json.loads(out)[0]["revoked_at"] is not None
     code, _, err = _run(capsys, "keys", "revoke", "key_missing")
     assert code == 1 and "No key" in err
+
+
+def test_json_amounts_are_exact(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json writes credit amounts from the micro-credits: no float rounding, no 1e-06."""
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", backend.url)
+    assert _run(capsys, "teams", "create", "eng")[0] == 0
+    code, out, _ = _run(
+        capsys, "budgets", "set", "team", "eng", "123456789012.345678", "--period", "daily", "--json"
+    )
+    assert code == 0 and '"limit": 123456789012.345678' in out
+    assert _run(capsys, "budgets", "set", "team", "eng", "0.000001", "--period", "total")[0] == 0
+    code, out, _ = _run(capsys, "budgets", "list", "--json")
+    listed = {b["period"]: b for b in json.loads(out, parse_float=Decimal)}
+    assert listed["daily"]["limit"] == listed["daily"]["remaining"] == Decimal("123456789012.345678")
+    assert listed["total"]["limit"] == Decimal("0.000001") and '"limit": 0.000001' in out
+    code, out, _ = _run(capsys, "budgets", "list")
+    assert code == 0 and "123456789012.345678" in out and "0.000001" in out
 
 
 def test_database_down_is_one_line(

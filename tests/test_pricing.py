@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.jsonout import dumps
 from gateway.pricing import DEFAULT_PRICES, PriceTable, cost, credits_json, format_credits, parse_credits
 from gateway.windows import PERIODS, window_end, window_start
 
@@ -26,6 +29,75 @@ def test_json_number_round_trips(amount: int) -> None:
     assert parse_credits(credits_json(amount)) == amount
 
 
+# Every amount a 64-bit micro-credit column holds, and the small and 15-digit edges around them.
+any_micros = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=-(10**6), max_value=10**6),
+    st.integers(min_value=10**15 - 10**4, max_value=10**15 + 10**4),
+)
+
+
+@given(any_micros)
+def test_json_credits_are_the_exact_decimal(amount: int) -> None:
+    text = dumps({"credits": credits_json(amount)})
+    assert json.loads(text, parse_float=Decimal)["credits"] == Decimal(amount) / 1_000_000
+    # Written as the plain decimal, never 1e-06 or 17 rounded digits.
+    assert text == f'{{"credits": {format_credits(amount)}}}'
+    if amount >= 0:
+        assert parse_credits(json.loads(text, parse_float=Decimal)["credits"]) == amount
+
+
+@pytest.mark.parametrize(
+    ("micros", "text"),
+    [
+        (123456789012345678, "123456789012.345678"),
+        (750_000, "0.75"),
+        (3_000_000, "3"),
+        (0, "0"),
+        (1, "0.000001"),
+        (99, "0.000099"),
+        (100, "0.0001"),
+        (999_999_999_999_999, "999999999.999999"),
+        (1_000_000_000_000_001, "1000000000.000001"),
+        (2**63 - 1, "9223372036854.775807"),
+    ],
+)
+def test_json_credits_examples(micros: int, text: str) -> None:
+    assert dumps(credits_json(micros)) == text
+    assert dumps([credits_json(micros)], indent=2) == f"[\n  {text}\n]"
+    assert str(credits_json(micros)) == text  # what the CLI's tables show
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values, st.sampled_from([None, 2]))
+def test_dumps_writes_what_json_dumps_writes(value: Any, indent: int | None) -> None:
+    assert dumps(value, indent=indent) == json.dumps(value, indent=indent)
+    # With a Decimal in it the document is written by dumps itself, and still reads the same.
+    with_decimal = [value, Decimal("0.5")]
+    assert dumps(with_decimal, indent=indent) == json.dumps([value, 0.5], indent=indent)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [float("nan"), float("inf"), [Decimal("NaN")], {"x": Decimal("Infinity")}, [Decimal(1), float("nan")]],
+)
+def test_dumps_refuses_what_is_not_json(bad: object) -> None:
+    with pytest.raises(ValueError):
+        dumps(bad)
+
+
+@pytest.mark.parametrize("bad", [object(), [Decimal(1), object()], {1: Decimal(1)}, {Decimal(1): 2}])
+def test_dumps_refuses_what_json_cannot_hold(bad: object) -> None:
+    with pytest.raises(TypeError):
+        dumps(bad)
+
+
 @given(st.integers(min_value=1, max_value=10_000), st.sampled_from(sorted(DEFAULT_PRICES)))
 def test_cost_is_messages_times_price_exactly(messages: int, model: str) -> None:
     price = PriceTable.from_config().unit_price(model)
@@ -40,10 +112,47 @@ def test_parse(text: object, micros: int) -> None:
     assert parse_credits(text) == micros
 
 
-@pytest.mark.parametrize("bad", ["0.0000001", "-1", "abc", "nan", "inf", None, True, [1]])
+@pytest.mark.parametrize(
+    ("text", "micros"),
+    [
+        (Decimal("123456789012.345678"), 123456789012345678),  # a JSON number the admin API parsed
+        ("9223372036854.775807", 2**63 - 1),
+        ("1." + "0" * 1000, 1_000_000),
+        ("0e999999999", 0),
+    ],
+)
+def test_parse_is_exact_past_28_digits(text: object, micros: int) -> None:
+    assert parse_credits(text) == micros
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "0.0000001",
+        "-1",
+        "abc",
+        "nan",
+        "inf",
+        None,
+        True,
+        [1],
+        # The default decimal context rounds these to 28 digits, to 1 and 0.
+        "1.0000000000000000000000000001",
+        Decimal("0.0000000000000000000000000000001"),
+        "1e-9999999",
+        "1e999999",  # overflowed the default decimal context: not even a ValueError
+        "-1e999999",
+        "1e24",
+    ],
+)
 def test_parse_refuses(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_credits(bad)
+
+
+def test_parse_shows_a_json_number_as_written() -> None:
+    with pytest.raises(ValueError, match=r"^0\.1234567 has more than 6 decimal places$"):
+        parse_credits(Decimal("0.1234567"))
 
 
 def test_defaults() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -65,6 +67,18 @@ async def test_own_budgets_and_usage(world: World) -> None:
     for secret in (laptop["key"], phone["key"], bob["key"], bob["id"], phone["id"]):
         assert secret not in text
     assert "bob" not in text and "carol" not in text
+
+
+async def test_amounts_are_exact_past_15_digits(world: World) -> None:
+    key = await world.key("alice")
+    await world.budget("user", "alice", "123456789012.345678")
+    await traffic(world, key["key"], (1, "openai/gpt-oss-20b"))
+    resp = await call(world, "GET", PATH, token=key["key"])
+    assert resp.status == 200
+    text = await resp.text()
+    assert '"limit": 123456789012.345678' in text and '"remaining": 123456789012.245678' in text
+    budget = json.loads(text, parse_float=Decimal)["budgets"][0]
+    assert (budget["spent"], budget["remaining"]) == (Decimal("0.1"), Decimal("123456789012.245678"))
 
 
 async def test_another_users_key_sees_only_their_own(world: World) -> None:

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import admin, expiry, metering, openapi, usage
+from . import admin, expiry, metering, openapi, usage, workers
 from .auth import KeyCache, lookup_caller
 from .chat import chat
 from .errors import LedgerUnavailable
@@ -80,9 +80,18 @@ def server_args(settings: Settings) -> dict[str, float]:
 
 
 def create_app(
-    settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    metrics: Metrics | None = None,
+    worker: workers.Worker | None = None,
 ) -> web.Application:
-    """The gateway application; `store` and `metrics` may be injected (tests share them)."""
+    """The gateway application; `store` and `metrics` may be injected (tests share them).
+
+    As one `worker` of several (`gateway serve --workers`), it answers /metrics for the whole
+    server, names its process in a header, and leaves hold expiry and the budget gauges of the
+    server to worker 0.
+    """
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=settings.max_body_bytes,
@@ -94,15 +103,24 @@ def create_app(
     app[BACKGROUND] = set()
     app[SETTLING] = set()
     app[GAUGES] = BudgetGauges(app[METRICS])
+    sweeper = worker is None or worker.sweeper
+    scrape = metrics_view
+    if worker is not None:
+        files = workers.MetricsFiles(worker, app[METRICS])
+        # First in, so last out: its final write comes after every request has been counted.
+        app.cleanup_ctx.append(files.ctx)
+        scrape = files.view
+        workers.tag_responses(app)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_upstream_ctx)
-    app.cleanup_ctx.append(_expiry_ctx)
-    app.cleanup_ctx.append(_gauges_ctx)
+    app.cleanup_ctx.append(_expiry_ctx(sweeper))
+    if sweeper:
+        app.cleanup_ctx.append(_gauges_ctx)
     app.router.add_post("/api/v1/chat", chat)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/metrics", scrape)
     for module in (usage, admin, openapi):
         module.add_routes(app.router)
     return app
@@ -132,20 +150,27 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
-    store, metrics, instance, settling = app[STORE], app[METRICS], app[INSTANCE_ID], app[SETTLING]
-    ttl = app[SETTINGS].hold_ttl_seconds
-    try:
-        await expiry.beat_and_sweep(store, metrics, instance, ttl)
-    except LedgerUnavailable:
-        log.warning("database unavailable at start-up; hold expiry will retry")
-    task = asyncio.get_running_loop().create_task(expiry.run_forever(store, metrics, instance, ttl, settling))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    with contextlib.suppress(LedgerUnavailable):
-        await store.run(metering.retire, instance)
+def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Heartbeats, and (for the `sweeper`) release of dead processes' holds (see `expiry`)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store, metrics, instance, settling = app[STORE], app[METRICS], app[INSTANCE_ID], app[SETTLING]
+        ttl = app[SETTINGS].hold_ttl_seconds
+        try:
+            await expiry.beat_and_sweep(store, metrics, instance, ttl, sweeper=sweeper)
+        except LedgerUnavailable:
+            log.warning("database unavailable at start-up; hold expiry will retry")
+        task = asyncio.get_running_loop().create_task(
+            expiry.run_forever(store, metrics, instance, ttl, settling, sweeper=sweeper)
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(LedgerUnavailable):
+            await store.run(metering.retire, instance)
+
+    return ctx
 
 
 async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:

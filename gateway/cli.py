@@ -14,11 +14,12 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import ledger, migrate, reports, services
+from . import ledger, migrate, reports, services, workers
 from .errors import GatewayError, LedgerUnavailable
 from .fake_upstream import FakeUpstream
 from .jsonout import dumps
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the database first")
+    serve.add_argument(
+        "--workers", metavar="N", help="processes serving the port (default: $GATEWAY_WORKERS or 1)"
+    )
+    # Given by `serve --workers N` to the worker processes it starts (gateway/workers.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo", parents=[common], help="run the gateway with a fake upstream and a demo key"
     )
@@ -120,9 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fake-upstream":
             return _fake_upstream(args)
-        settings = Settings.load(args.config)
+        settings = Settings.load(args.config, flags={"workers": getattr(args, "workers", None)})
         if args.command == "serve":
-            return _serve(settings, migrate_first=not args.no_migrate)
+            return _serve(settings, args)
         if args.command == "demo":
             return _demo(settings)
         if args.command == "db":
@@ -261,21 +269,43 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def _serve(settings: Settings, *, migrate_first: bool) -> int:
-    if migrate_first:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.worker_index is not None:
+        # One of a `serve --workers` server's processes: its parent has migrated.
+        worker = workers.Worker(args.worker_index, settings.workers, Path(args.worker_dir), args.parent_fd)
+        run_loop(_run_servers(settings, worker=worker))
+        return 0
+    if not args.no_migrate:
         migrate.upgrade(settings.database_url)
     elif not asyncio.run(migrate.check_current(settings.database_url)):
         log.warning(
             "database unreachable at start-up: its schema is not checked; serving 503 until it is back"
         )
+    if settings.workers > 1:
+        try:
+            return workers.serve(settings, args.config)
+        except OSError as exc:
+            print(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 1
     run_loop(_run_servers(settings))
     return 0
 
 
-async def _run_servers(settings: Settings, fake: FakeUpstream | None = None, fake_port: int = 0) -> None:
-    """Serve the gateway (and a fake upstream) until SIGINT or SIGTERM."""
+async def _run_servers(
+    settings: Settings,
+    fake: FakeUpstream | None = None,
+    fake_port: int = 0,
+    *,
+    worker: workers.Worker | None = None,
+) -> None:
+    """Serve the gateway (and a fake upstream) until SIGINT or SIGTERM, or as one `worker` of several."""
     from .app import create_app
 
+    # Before serving: a signal that comes early stops the server once it has started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     runners: list[web.AppRunner] = []
     try:
         if fake is not None:
@@ -283,21 +313,22 @@ async def _run_servers(settings: Settings, fake: FakeUpstream | None = None, fak
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", fake_port).start()
             runners.append(runner)
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = web.AppRunner(create_app(settings, worker=worker), access_log=None)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        log.info(
-            "gateway serving on http://%s:%d, forwarding to %s",
-            settings.host,
-            settings.port,
-            settings.upstream_url,
-        )
+        # Workers bind the port side by side; the kernel spreads connections across them.
+        await web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None).start()
+        if worker is None:
+            log.info(
+                "gateway serving on http://%s:%d, forwarding to %s",
+                settings.host,
+                settings.port,
+                settings.upstream_url,
+            )
+        else:
+            log.info("worker %d serving (pid %d)", worker.index, os.getpid())
+            workers.watch_parent(worker, stop.set)
         tune_collector()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         for runner in reversed(runners):

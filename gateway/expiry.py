@@ -23,23 +23,34 @@ def sweep_interval(ttl: float) -> float:
 
 
 async def beat_and_sweep(
-    store: Store, metrics: Metrics, instance_id: str, ttl: float, settling: Collection[str] = ()
+    store: Store,
+    metrics: Metrics,
+    instance_id: str,
+    ttl: float,
+    settling: Collection[str] = (),
+    *,
+    sweeper: bool = True,
 ) -> int:
     """Mark this process alive, then release every hold older than the TTL whose process is silent.
 
     Also this process's own holds older than the TTL that are not in `settling` (the requests it
     has admitted and not yet settled): they were lost, e.g. in an outage during an admission.
+    Not the `sweeper` (the other workers of a `serve --workers` server): only those of its own,
+    and no purge of old idempotency keys; one sweeper a server is enough.
     """
     now = metering.now_us()
     await store.run(metering.heartbeat, instance_id, now, now - FORGET_AFTER_US)
-    await store.run(idempotency.purge, now)
+    if sweeper:
+        await store.run(idempotency.purge, now)
+    # Other processes' holds come in batches of `batch`; this one's own all at once.
+    batch = 500 if sweeper else 0
     total = 0
     while True:
         expired = await store.run(
             metering.expire_holds,
             now - int(ttl * 1_000_000),
             metering.now_us(),
-            500,
+            batch,
             instance_id,
             frozenset(settling),
         )
@@ -47,19 +58,25 @@ async def beat_and_sweep(
         if expired:
             metrics.holds_expired.inc(expired)
             log.warning("released %d hold(s) left by stopped gateway processes or lost in an outage", expired)
-        if expired < 500:
+        if expired < batch or not sweeper:
             return total
 
 
 async def run_forever(
-    store: Store, metrics: Metrics, instance_id: str, ttl: float, settling: Collection[str] = ()
+    store: Store,
+    metrics: Metrics,
+    instance_id: str,
+    ttl: float,
+    settling: Collection[str] = (),
+    *,
+    sweeper: bool = True,
 ) -> None:
     """Beat and sweep every interval until cancelled; a database outage is logged and outlived."""
     interval = sweep_interval(ttl)
     while True:
         await asyncio.sleep(interval)
         try:
-            await beat_and_sweep(store, metrics, instance_id, ttl, settling)
+            await beat_and_sweep(store, metrics, instance_id, ttl, settling, sweeper=sweeper)
         except LedgerUnavailable:
             log.warning("hold expiry skipped: database unavailable")
         except Exception:

@@ -5,6 +5,10 @@ when scraped. prometheus_client's take a lock and run a few Python checks on eac
 histogram looks for its bucket one by one): nine updates a request came to 5% of the gateway's
 instructions (callgrind). Both kinds are exposed alike, `_created` series included. The rest (budget
 gauges, expired holds) change a few times a second and stay prometheus_client's.
+
+Under `gateway serve --workers N` each worker process has its own; `snapshot` turns a registry's
+samples into JSON-ready data, `merge` adds several processes' up into one server's, and
+`exposition` renders that for a scrape (gateway/workers.py moves them between processes).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import bisect
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -256,3 +260,91 @@ class Metrics:
             "Holds released by expiry (a sign of crashed processes).",
             registry=r,
         )
+
+
+# ------------------------------------------------------------------ across worker processes
+
+# A registry's samples as JSON-ready data: per metric family its name, documentation, type and
+# samples as [sample name, labels, value].
+Snapshot = list[dict[str, Any]]
+
+# Gauges that every process would read alike from the database: a server shows them once.
+SHOWN_ONCE = frozenset(
+    {"gateway_budget_limit_credits", "gateway_budget_spent_credits", "gateway_budget_remaining_credits"}
+)
+# Families whose samples count what happened: they outlive the process that counted them.
+_ADDED = ("counter", "histogram", "summary")
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    """Every sample of `registry`, to be merged with other processes' (see `merge`)."""
+    return [
+        {
+            "name": family.name,
+            "documentation": family.documentation,
+            "type": family.type,
+            "samples": [[s.name, s.labels, s.value] for s in family.samples],
+        }
+        for family in registry.collect()
+    ]
+
+
+def totals(snap: Snapshot) -> Snapshot:
+    """What of a process's snapshot still counts once it has stopped: its counters and histograms.
+
+    Its gauges (requests in flight, budgets) said what was true while it ran.
+    """
+    return [family for family in snap if family["type"] in _ADDED]
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Several processes' snapshots as one server's.
+
+    Counters and histograms are added up, series by series (`_created`: the earliest); so are
+    gauges (requests in flight), except those in SHOWN_ONCE and of other types, taken from the
+    first snapshot that has samples of them.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    # Per family: (sample name, labels) -> its [name, labels, value] in the merged family.
+    index: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[Any]]] = {}
+    for snap in snapshots:
+        for family in snap:
+            name = family["name"]
+            into = merged.get(name)
+            if into is None:
+                into = merged[name] = {**family, "samples": []}
+                index[name] = {}
+            elif family["type"] not in (*_ADDED, "gauge") or name in SHOWN_ONCE:
+                if into["samples"]:
+                    continue
+            seen = index[name]
+            for sample_name, labels, value in family["samples"]:
+                key = (sample_name, tuple(sorted(labels.items())))
+                sample = seen.get(key)
+                if sample is None:
+                    seen[key] = sample = [sample_name, labels, value]
+                    into["samples"].append(sample)
+                elif sample_name.endswith("_created"):
+                    sample[2] = min(sample[2], value)
+                else:
+                    sample[2] += value
+    return list(merged.values())
+
+
+class _Fixed(Collector):
+    """A merged snapshot, collected as a registry's metrics are."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.snap:
+            metric = Metric(family["name"], family["documentation"], family["type"])
+            for name, labels, value in family["samples"]:
+                metric.add_sample(name, labels, value)
+            yield metric
+
+
+def exposition(snap: Snapshot) -> bytes:
+    """A (merged) snapshot in Prometheus's text format, as `generate_latest` renders a registry."""
+    return generate_latest(_Fixed(snap))

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 from .pricing import PriceTable
 
+# More worker processes than this is a typo, not a machine (`gateway serve --workers`).
+MAX_WORKERS = 256
+
 
 class ConfigError(Exception):
     """A bad setting; its message is the one line shown to the operator."""
@@ -71,6 +74,13 @@ def _port(name: str, value: object) -> int:
     return port
 
 
+def _workers(name: str, value: object) -> int:
+    workers: int = _positive(int)(name, value)
+    if workers > MAX_WORKERS:
+        raise ConfigError(f"{name}: {value!r} is too many worker processes (1-{MAX_WORKERS})")
+    return workers
+
+
 def _database_url(name: str, value: object) -> str:
     return _url(name, _text(name, value), ("sqlite+aiosqlite", "postgresql+asyncpg"))
 
@@ -97,6 +107,7 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "client_read_timeout_seconds": (_positive(float), 30.0),
     "cache_ttl_seconds": (_positive(float), 2.0),
     "db_pool_size": (_positive(int), 10),
+    "workers": (_workers, 1),
 }
 
 
@@ -121,13 +132,22 @@ class Settings:
     # How long key and budget lookups are cached; revocation takes effect on every replica within it.
     cache_ttl_seconds: float = 2.0
     db_pool_size: int = 10
+    # Processes serving the one port (SO_REUSEPORT) under `gateway serve`; 1 is a single process.
+    workers: int = 1
     pricing: PriceTable = field(default_factory=PriceTable.from_config)
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        flags: Mapping[str, str | None] | None = None,
     ) -> Settings:
-        """Read the TOML file (if any), apply GATEWAY_* variables over it, and validate."""
+        """Read the TOML file (if any), apply GATEWAY_* variables over it, and validate.
+
+        `flags` are command-line options (`{"workers": "4"}` for `--workers 4`; None when not
+        given), over the file and the environment alike.
+        """
         env = os.environ if environ is None else environ
         path = path or env.get("GATEWAY_CONFIG") or None
         raw: dict[str, Any] = {}
@@ -149,7 +169,10 @@ class Settings:
         values: dict[str, Any] = {}
         for name, (cast, default) in _FIELDS.items():
             env_name = f"GATEWAY_{name.upper()}"
-            if env_name in env and env[env_name] != "":
+            flag = (flags or {}).get(name)
+            if flag is not None:
+                values[name] = cast(f"--{name.replace('_', '-')}", flag)
+            elif env_name in env and env[env_name] != "":
                 values[name] = cast(env_name, env[env_name])
             elif name in raw:
                 values[name] = cast(name, raw[name])

@@ -29,15 +29,25 @@ def hash_key(secret: str) -> str:
 
 
 _LOOKUP = text(
-    "SELECT k.id, u.id, u.name, t.id, t.name FROM api_keys k JOIN users u ON u.id = k.user_id "
-    "LEFT JOIN teams t ON t.id = u.team_id WHERE k.key_hash = :hash AND k.revoked_at IS NULL"
+    "SELECT k.id, u.id, u.name, t.id, t.name, k.revoked_at FROM api_keys k JOIN users u ON u.id = k.user_id "
+    "LEFT JOIN teams t ON t.id = u.team_id WHERE k.key_hash = :hash"
 )
 
 
-def lookup_caller(conn: Connection, key_hash: str) -> Caller | None:
-    """The live key with this hash, or None if unknown or revoked."""
+def lookup_caller(conn: Connection, key_hash: str) -> Caller | str:
+    """The live key with this hash, or why there is none: `unknown` or `revoked`."""
     row = conn.execute(_LOOKUP, {"hash": key_hash}).first()
-    return Caller(row[0], row[1], row[2], row[3], row[4]) if row else None
+    if row is None:
+        return "unknown"
+    if row[5] is not None and row[5] <= time.time_ns() // 1_000:
+        return "revoked"
+    return Caller(row[0], row[1], row[2], row[3], row[4])
+
+
+_REFUSED = {
+    "unknown": "This gateway key is unknown. Check it, or ask an administrator for a key.",
+    "revoked": "This gateway key has been revoked. Ask an administrator for a new key.",
+}
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -56,7 +66,7 @@ class KeyCache:
     moment ago works at once.
     """
 
-    def __init__(self, load: Callable[[str], Awaitable[Caller | None]], ttl: float) -> None:
+    def __init__(self, load: Callable[[str], Awaitable[Caller | str]], ttl: float) -> None:
         self._load = load
         self._ttl = ttl
         self._entries: dict[str, tuple[float, Caller]] = {}
@@ -67,7 +77,8 @@ class KeyCache:
         if token is None:
             raise Unauthorized(
                 "Missing gateway key: send it as 'Authorization: Bearer <key>'. An administrator "
-                "creates keys with 'gateway keys create USER'."
+                "creates keys with 'gateway keys create USER'.",
+                reason="missing",
             )
         digest = hash_key(token)
         now = time.monotonic()
@@ -75,11 +86,9 @@ class KeyCache:
         if entry is not None and entry[0] > now:
             return entry[1]
         caller = await self._load(digest)
-        if caller is None:
+        if isinstance(caller, str):
             self._entries.pop(digest, None)
-            raise Unauthorized(
-                "This gateway key is unknown or has been revoked. Ask an administrator for a key."
-            )
+            raise Unauthorized(_REFUSED[caller], reason=caller)
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries.clear()
         self._entries[digest] = (now + self._ttl, caller)

@@ -36,6 +36,7 @@ _BUDGETS_NOW = text(
     "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
     "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
     + metering.CURRENT_COUNTER
+    + " WHERE b.deleted_at IS NULL"
 ).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
 
 Labels = tuple[str, str, str]

@@ -17,10 +17,12 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from .errors import BudgetExceeded
+from .errors import BudgetExceeded, Unauthorized
 from .pricing import credits_json, format_credits
 from .store import Sql, grouped, sql_of
 from .windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
+
+Refusal = BudgetExceeded | Unauthorized
 
 
 # The records of a request's way through metering: made several times a request, so plain slotted
@@ -95,24 +97,29 @@ CURRENT_COUNTER = (
     + " ".join(f"WHEN '{period}' THEN :{period}" for period in PERIODS)
     + " END"
 )
+# `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts).
 _BUDGETS_AND_COUNTERS = (
-    "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros FROM budgets b "
+    "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
+    "b.enforce AND b.deleted_at IS NULL FROM budgets b "
     f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject = :key) "
     "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team)"
 )
 
 # Creates the window's counter with these holds (one request's, or a group's sum), or adds them to
-# it, only if they still fit: one row changed, or none. The limit is read inside the statement so
-# a budget change is never missed.
+# it, only if they still fit (or add nothing, or the budget does not refuse): one row changed, or
+# none. The limit is read inside the statement so a budget change is never missed.
 # (No RETURNING: SQLite buffers a RETURNING statement's rows in a temporary B-tree of its own.)
 _PLACE_HOLD = (
     "INSERT INTO budget_counters (budget_id, window_start, spent_micros, held_micros) "
-    "SELECT b.id, :window, 0, :credits FROM budgets b WHERE b.id = :budget AND :credits <= b.limit_micros "
+    "SELECT b.id, :window, 0, :credits FROM budgets b WHERE b.id = :budget AND (:credits <= b.limit_micros "
+    "OR :credits = 0 OR NOT b.enforce OR b.deleted_at IS NOT NULL) "
     "ON CONFLICT (budget_id, window_start) DO UPDATE "
     "SET held_micros = budget_counters.held_micros + excluded.held_micros "
-    "WHERE budget_counters.spent_micros + budget_counters.held_micros + excluded.held_micros <= "
-    "(SELECT limit_micros FROM budgets WHERE id = excluded.budget_id)"
+    "WHERE excluded.held_micros = 0 OR (SELECT budget_counters.spent_micros + budget_counters.held_micros "
+    "+ excluded.held_micros <= b.limit_micros OR NOT b.enforce OR b.deleted_at IS NOT NULL "
+    "FROM budgets b WHERE b.id = excluded.budget_id)"
 )
+_KEY_REVOKED_AT = "SELECT revoked_at FROM api_keys WHERE id = :key"
 
 _INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
@@ -141,8 +148,8 @@ _INSERT_LEDGER = (
 )
 
 
-# On PostgreSQL, the same work in one statement (the functions of migration 0005), for one request
-# or for several requests of one caller at once (group commit, see `store.grouped`).
+# On PostgreSQL, the same work in one statement for the requests of any callers (the functions of
+# migration 0006, which take an array per column), run without BEGIN and COMMIT.
 _ADMIT_ARGS = (
     ("request_id", "varchar"),
     ("instance_id", "varchar"),
@@ -168,31 +175,24 @@ _SETTLE_ARGS = (
 )
 
 
-def _each(args: tuple[tuple[str, str], ...]) -> tuple[str, str]:
-    """`FROM` a row per request (arrays in, numbered `r.i` from 1), and the function's arguments."""
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in args)
-    names = ", ".join(name for name, _ in args)
-    return f"FROM unnest({arrays}) WITH ORDINALITY AS r({names}, i)", ", ".join(f"r.{n}" for n, _ in args)
+def _arrays(args: tuple[tuple[str, str], ...]) -> str:
+    """The function's arguments: one array parameter per column."""
+    return ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in args)
 
 
-_ADMIT_FROM, _ADMIT_CALL = _each(_ADMIT_ARGS)
-_ADMIT_PG = (
-    "SELECT r.i, a.budget_id, a.scope, a.period, a.limit_micros, a.window_start, a.spent_micros, "
-    f"a.held_micros, a.refused {_ADMIT_FROM} "
-    f"CROSS JOIN LATERAL gateway_admit({_ADMIT_CALL}) AS a ORDER BY r.i"
-)
-_SETTLE_FROM, _SETTLE_CALL = _each(_SETTLE_ARGS)
-_SETTLE_PG = f"SELECT r.i, gateway_settle({_SETTLE_CALL}) {_SETTLE_FROM} ORDER BY r.i"
+_ADMIT_PG = f"SELECT * FROM gateway_admit_batch({_arrays(_ADMIT_ARGS)})"
+_SETTLE_PG = f"SELECT * FROM gateway_settle_batch({_arrays(_SETTLE_ARGS)})"
 
 
 def admit_many(
     conn: Connection, calls: Sequence[tuple[Charge, str, int]]
-) -> list[tuple[bool, Admission | BudgetExceeded]]:
-    """Admit `calls` (`admit`'s arguments each) together, as if one after the other.
+) -> list[tuple[bool, Admission | Refusal]]:
+    """Admit `calls` (`admit`'s arguments each, from any callers) together, as if one after the other.
 
-    A refusal takes nothing from the others: results are (True, Admission) or (False,
-    BudgetExceeded), in the order of `calls`, exactly what admitting them one after the other
-    would give. PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
+    A refusal takes nothing from the others: results are (True, Admission) or (False, a refusal:
+    BudgetExceeded, or Unauthorized for a key revoked by now), in the order of `calls`, exactly
+    what admitting them one after the other would give. A request that costs 0 is always admitted.
+    PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
     """
     if conn.dialect.name == "postgresql":
         return _admit_pg(conn, calls)
@@ -201,7 +201,7 @@ def admit_many(
 
 def _admit_pg(
     conn: Connection, calls: Sequence[tuple[Charge, str, int]]
-) -> list[tuple[bool, Admission | BudgetExceeded]]:
+) -> list[tuple[bool, Admission | Refusal]]:
     params: dict[str, list[Any]] = {name: [] for name, _ in _ADMIT_ARGS}
     for charge, instance_id, at in calls:
         # The hold's columns, then the window of each period.
@@ -211,68 +211,90 @@ def _admit_pg(
     rows_of: list[list[Any]] = [[] for _ in calls]
     for row in sql_of(conn).all(_ADMIT_PG, params):
         rows_of[row[0] - 1].append(row)
-    results: list[tuple[bool, Admission | BudgetExceeded]] = []
+    results: list[tuple[bool, Admission | Refusal]] = []
     for (charge, _, at), rows in zip(calls, rows_of, strict=True):
-        refused = next((row for row in rows if row[8]), None)
-        if refused is not None:
-            _, _, scope, period, limit, window, spent, held, _ = refused
+        # Each row: request, budget, scope, period, limit, window, spent, held, enforce, refusal.
+        refused = rows[0][9]
+        if refused == "revoked":
+            results.append((False, revoked()))
+        elif refused is not None:
+            _, _, scope, period, limit, window, spent, held, _, _ = rows[0]
             results.append((False, _refusal(charge, scope, period, limit, window, spent, held)))
-            continue
-        remaining = min((row[4] - row[6] - row[7] for row in rows), default=None)
-        results.append((True, Admission(charge, at, tuple((row[1], row[5]) for row in rows), remaining)))
+        else:
+            counted = [row for row in rows if row[1] is not None]
+            remaining = min((row[4] - row[6] - row[7] for row in counted if row[8]), default=None)
+            allocations = tuple((row[1], row[5]) for row in counted)
+            results.append((True, Admission(charge, at, allocations, remaining)))
     return results
+
+
+def revoked() -> Unauthorized:
+    """The refusal of a key revoked by the time its request is admitted."""
+    return Unauthorized(
+        "This gateway key has been revoked. Ask an administrator for a new key.", reason="revoked"
+    )
 
 
 def _admit_sqlite(
     db: Sql, calls: Sequence[tuple[Charge, str, int]]
-) -> list[tuple[bool, Admission | BudgetExceeded]]:
+) -> list[tuple[bool, Admission | Refusal]]:
     """SQLite: decided here, in order, then written with one statement per table and counter.
 
     The store's batch holds the write lock, so the counters read here cannot change before this
     group's own updates: each call is decided against them plus the holds placed by the calls
-    before it, and a refusal writes nothing. Each caller's budgets are read once; each counter is
-    then updated once, by the sum of the holds placed on it.
+    before it, and a refusal writes nothing. Each caller's key and budgets are read once; each
+    counter is then updated once, by the sum of the holds placed on it.
     """
     # (budget_id, window_start) -> [limit, spent, held, added by this group]
     counters: dict[tuple[int, int], list[int]] = {}
     # The counters this group's admissions hold on: each gets its update, even adding 0 credits (a
     # free model's), so that every window with allocations has its counter, as one by one it would.
     placed: set[tuple[int, int]] = set()
-    budgets_of: dict[Hashable, list[tuple[int, str, str, int]]] = {}
-    results: list[tuple[bool, Admission | BudgetExceeded]] = []
+    # Per caller and day: whether the key is live, and its budgets (id, scope, period, window, enforce).
+    budgets_of: dict[Hashable, tuple[bool, list[tuple[int, str, str, int, bool]]]] = {}
+    results: list[tuple[bool, Admission | Refusal]] = []
     holds: list[tuple[Any, ...]] = []
     allocation_rows: list[tuple[Any, ...]] = []
     for charge, instance_id, at in calls:
         windows = window_keys(at)
-        who = _caller_and_day(charge, instance_id, at)
-        budgets = budgets_of.get(who)
-        if budgets is None:
-            budgets = budgets_of[who] = []
+        who = _caller_and_day(charge, at)
+        known = budgets_of.get(who)
+        if known is None:
             caller = charge.caller
+            key = db.first(_KEY_REVOKED_AT, {"key": caller.key_id})
+            live = key is not None and (key[0] is None or key[0] > at)
+            budgets: list[tuple[int, str, str, int, bool]] = []
+            known = budgets_of[who] = (live, budgets)
             read = db.all(
                 _BUDGETS_AND_COUNTERS,
                 {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
             )
-            for budget_id, scope, period, limit, spent, held in sorted(read):
+            for budget_id, scope, period, limit, spent, held, enforce in sorted(read):
                 window = windows[period]
                 # A counter another caller of this group shares (their team's) is as that left it.
                 counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
-                budgets.append((budget_id, scope, period, window))
+                budgets.append((budget_id, scope, period, window, bool(enforce)))
+        live, budgets = known
+        if not live:
+            results.append((False, revoked()))
+            continue
         credits = charge.credits
-        # Refused at the first budget (in id order) it does not fit.
+        # Refused at the first budget (in id order) it does not fit; a free request always fits.
         refusal: BudgetExceeded | None = None
         remaining: int | None = None
-        for budget_id, scope, period, window in budgets:
+        for budget_id, scope, period, window, enforce in budgets:
+            if not enforce:
+                continue
             limit, spent, held, _ = counters[(budget_id, window)]
             left = limit - spent - held - credits
-            if left < 0:
+            if left < 0 and credits > 0:
                 refusal = _refusal(charge, scope, period, limit, window, spent, held)
                 break
             remaining = left if remaining is None else min(remaining, left)
         if refusal is not None:
             results.append((False, refusal))
             continue
-        allocations = tuple((budget_id, window) for budget_id, _, _, window in budgets)
+        allocations = tuple((budget_id, window) for budget_id, _, _, window, _ in budgets)
         for allocation in allocations:
             counter = counters[allocation]
             counter[2] += credits
@@ -316,21 +338,21 @@ def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
     )
 
 
-def _caller_and_day(charge: Charge, _instance_id: str, at: int) -> Hashable:
-    """Requests that lock the same counters, in the same order: one caller's, the same UTC day."""
+def _caller_and_day(charge: Charge, at: int) -> Hashable:
+    """Requests with the same key and budgets: one caller's, the same UTC day."""
     caller = charge.caller
     return (caller.key_id, caller.user_id, caller.team_id, at // DAY_US)
 
 
-@grouped(admit_many, _caller_and_day)
+@grouped(admit_many)
 def admit(conn: Connection, charge: Charge, instance_id: str, at: int) -> Admission:
-    """Place a hold of the charge's credits on every budget that applies, or raise BudgetExceeded.
+    """Place a hold of the charge's credits on every budget that applies, or raise the refusal.
 
     The counters are updated last, so on PostgreSQL their row locks, which every request of a team
     waits for, are held for as short a time as the transaction allows.
     """
     ((_, result),) = admit_many(conn, [(charge, instance_id, at)])
-    if isinstance(result, BudgetExceeded):
+    if isinstance(result, (BudgetExceeded, Unauthorized)):
         try:
             raise result
         finally:
@@ -440,7 +462,8 @@ def settle_many(
     nothing of it), then the ledger rows are written together and each counter is updated once.
     """
     if conn.dialect.name == "postgresql":
-        return _settle_pg(conn, calls)
+        settled = _settle_pg(conn, [(a.charge.request_id, s, at) for a, s, at in calls])
+        return [(True, done) for done in settled]
     db = sql_of(conn)
     results: list[tuple[bool, bool]] = []
     ledger_rows: list[tuple[Any, ...]] = []
@@ -469,13 +492,13 @@ def settle_many(
     return results
 
 
-def _settle_pg(
-    conn: Connection, calls: Sequence[tuple[Admission, Settlement, int]]
-) -> list[tuple[bool, bool]]:
+def _settle_pg(conn: Connection, calls: Sequence[tuple[str, Settlement, int]]) -> list[bool]:
+    """PostgreSQL: settle held requests (request id, settlement, time) in one statement; whether
+    each was still held."""
     params: dict[str, list[Any]] = {name: [] for name, _ in _SETTLE_ARGS}
-    for admission, settlement, at in calls:
+    for request_id, settlement, at in calls:
         values = (
-            admission.charge.request_id,
+            request_id,
             at,
             settlement.outcome,
             settlement.upstream_status,
@@ -485,7 +508,7 @@ def _settle_pg(
         )
         for (name, _), value in zip(_SETTLE_ARGS, values, strict=True):
             params[name].append(value)
-    return [(True, bool(row[1])) for row in sql_of(conn).all(_SETTLE_PG, params)]
+    return [bool(row[1]) for row in sql_of(conn).all(_SETTLE_PG, params)]
 
 
 def ledger_outcome(conn: Connection, request_id: str) -> str | None:
@@ -494,11 +517,7 @@ def ledger_outcome(conn: Connection, request_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _admitted_caller_and_day(admission: Admission, _settlement: Settlement, _at: int) -> Hashable:
-    return _caller_and_day(admission.charge, "", admission.admitted_at)
-
-
-@grouped(settle_many, _admitted_caller_and_day)
+@grouped(settle_many)
 def settle(conn: Connection, admission: Admission, settlement: Settlement, at: int) -> bool:
     """Turn the hold into a charge (outcome `charged`) or release it, and write the ledger row.
 
@@ -549,10 +568,24 @@ def expire_holds(
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
+    if conn.dialect.name == "postgresql":
+        # The settlement statement, which locks counters in the order admissions do: a sweep of
+        # many holds cannot deadlock with them.
+        ids = sorted({row["request_id"] for row in rows})
+        if not ids:
+            return 0
+        expired = [
+            rid
+            for rid, done in zip(
+                ids, _settle_pg(conn, [(rid, Settlement("expired"), at) for rid in ids]), strict=True
+            )
+            if done
+        ]
+        if expired:
+            db.many(_FREE_IDEMPOTENCY_KEY, [(rid,) for rid in expired])
+        return len(expired)
     ledger_rows: list[tuple[Any, ...]] = []
-    # Released credits per counter, applied last and in (budget, window) order: the order every
-    # admission and settlement locks counters in, so on PostgreSQL a sweep of many holds cannot
-    # deadlock with them.
+    # Released credits per counter, applied last (SQLite: the batch holds the only write lock).
     released: dict[tuple[int, int], tuple[int, int]] = {}
     for row in rows:
         if not db.changed(_DELETE_HOLD, {"request_id": row["request_id"]}):

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,7 +73,8 @@ class Budget(Base):
         CheckConstraint("scope IN ('team', 'user', 'key')", name="scope"),
         CheckConstraint("period IN ('daily', 'weekly', 'monthly', 'total')", name="period"),
         CheckConstraint("limit_micros >= 0", name="limit_micros"),
-        # Never reuse the id of a deleted budget: holds still open name their budgets by id.
+        # Budget rows are never deleted (see `deleted_at`); AUTOINCREMENT keeps ids of rows deleted
+        # by older versions from being reused.
         {"sqlite_autoincrement": True},
     )
 
@@ -82,6 +84,11 @@ class Budget(Base):
     subject: Mapped[str] = mapped_column(String(32))
     period: Mapped[str] = mapped_column(String(8))
     limit_micros: Mapped[int] = mapped_column(BigInteger)
+    # False: counted, reported and alerted on, never refusing (a soft budget).
+    enforce: Mapped[bool] = mapped_column(Boolean, server_default=true())
+    # Set when deleted: the row and its counters stay (counted, not enforced, not listed), so that
+    # setting the budget again in the same window starts from what was spent in it.
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 

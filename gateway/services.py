@@ -188,24 +188,34 @@ def set_budget(
         text(
             "INSERT INTO budgets (scope, subject, period, limit_micros, created_at, updated_at) "
             "VALUES (:scope, :subject, :period, :limit, :at, :at) ON CONFLICT (scope, subject, period) "
-            "DO UPDATE SET limit_micros = excluded.limit_micros, updated_at = excluded.updated_at"
+            # A deleted budget set again is the same budget: its counters, and what they say was
+            # spent in the current window, still count.
+            "DO UPDATE SET limit_micros = excluded.limit_micros, updated_at = excluded.updated_at, "
+            "deleted_at = NULL"
         ),
         {"scope": scope, "subject": subject_id, "period": period, "limit": limit_micros, "at": at},
     )
     return list_budgets(conn, scope, str(subject), at, period=period)[0]
 
 
-def delete_budget(conn: Connection, scope: object, subject: object, period: object) -> None:
-    """Remove a budget: no limit applies to that subject and period afterwards."""
+def delete_budget(
+    conn: Connection, scope: object, subject: object, period: object, at: int | None = None
+) -> None:
+    """Remove a budget: no limit applies to that subject and period afterwards.
+
+    The row and its counters stay, counting spend but refusing nothing, so that a budget set again
+    in the same window is held to what was spent in it (requests in flight meanwhile included),
+    and `ledger verify` still checks them.
+    """
     scope = check_choice("scope", scope, SCOPES)
     period = check_choice("period", period, PERIODS)
     subject_id = _subject_id(conn, scope, subject)
     deleted = conn.execute(
         text(
-            "DELETE FROM budgets WHERE scope = :scope AND subject = :subject AND period = :period "
-            "RETURNING id"
+            "UPDATE budgets SET deleted_at = :at, updated_at = :at WHERE scope = :scope "
+            "AND subject = :subject AND period = :period AND deleted_at IS NULL RETURNING id"
         ),
-        {"scope": scope, "subject": subject_id, "period": period},
+        {"scope": scope, "subject": subject_id, "period": period, "at": now_us() if at is None else at},
     ).first()
     if deleted is None:
         raise NotFound(f"No {period} {scope} budget for {subject!r}.", field="subject")
@@ -240,7 +250,8 @@ def list_budgets(
     if period is not None:
         clauses.append("b.period = :period")
         params["period"] = period
-    query = _BUDGET_ROWS + (" WHERE " + " AND ".join(clauses) if clauses else "")
+    clauses.append("b.deleted_at IS NULL")
+    query = _BUDGET_ROWS + " WHERE " + " AND ".join(clauses)
     rows = conn.execute(text(query + " ORDER BY b.scope, b.subject, b.period"), params).all()
     moment = from_us(at)
     out = []

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from gateway import metering, services
-from gateway import store as store_module
 from gateway.errors import BudgetExceeded
 from gateway.metering import now_us
 from gateway.pricing import format_credits
+from gateway.store import sql as store_module
 
 from .conftest import World, assert_counters_match_ledger
 

@@ -281,7 +281,7 @@ async def test_admission_whose_commit_answer_is_lost_is_released_after_the_ttl(
     assert isinstance(setup.outage, TcpProxy)
     warm = await _chat(w, key, "warm")
     assert warm.status == 200
-    setup.outage.trap = b"gateway_admit("  # admission: one statement, committed by itself
+    setup.outage.trap = b"gateway_admit_batch("  # admission: one statement, committed by itself
     lost = await _chat(w, key, "lost")
     assert (lost.status, lost.error_type) == (503, "ledger_unavailable")
     assert setup.outage.trap is None, "the trap never sprang"
@@ -305,7 +305,7 @@ async def test_settlement_whose_commit_answer_is_lost_is_counted_once(setup: Set
     w, key = setup.world, setup.key
     assert isinstance(setup.outage, TcpProxy)
     assert (await _chat(w, key, "warm")).status == 200
-    setup.outage.trap = b"gateway_settle("
+    setup.outage.trap = b"gateway_settle_batch("
     lost = await _chat(w, key, "lost")
     assert lost.status == 200
     assert setup.outage.trap is None, "the trap never sprang"

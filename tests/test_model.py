@@ -66,7 +66,8 @@ class MeteringMachine(RuleBasedStateMachine):
         }
         # The model: limits by (scope, subject, period); usage by (scope, subject, period, window).
         self.limits: dict[tuple[str, str, str], int] = {}
-        self.generation: dict[tuple[str, str, str], int] = defaultdict(int)
+        # Every budget ever set: a deleted one still counts spend (it no longer limits it).
+        self.budgets: set[tuple[str, str, str]] = set()
         self.spent: dict[tuple[Any, ...], int] = defaultdict(int)
         self.held: dict[tuple[Any, ...], int] = defaultdict(int)
         self.open: dict[str, tuple[Open, list[tuple[Any, ...]]]] = {}
@@ -99,11 +100,18 @@ class MeteringMachine(RuleBasedStateMachine):
     def _applicable(self, caller: Caller) -> list[tuple[Any, ...]]:
         moment = datetime.fromtimestamp(self.now / 1_000_000, UTC)
         out = []
-        for (scope, subject, period), _limit in self.limits.items():
+        for scope, subject, period in sorted(self.budgets):
             if self._subjects(caller)[scope] == subject:
-                gen = self.generation[(scope, subject, period)]
-                out.append((scope, subject, period, gen, window_key(period, moment)))
+                out.append((scope, subject, period, window_key(period, moment)))
         return out
+
+    def _fits(self, applicable: list[tuple[Any, ...]], cost: int) -> bool:
+        """Whether a request fits every budget that limits it; one that costs nothing always does."""
+        return cost == 0 or all(
+            self.spent[a] + self.held[a] + cost <= self.limits[a[:3]]
+            for a in applicable
+            if a[:3] in self.limits
+        )
 
     @rule(
         scope=st.sampled_from(["key", "user", "team"]),
@@ -118,6 +126,7 @@ class MeteringMachine(RuleBasedStateMachine):
                 conn, scope, self._real(scope, subject), period, f"{limit / 1_000_000:.6f}", self.now
             )
         self.limits[(scope, subject, period)] = limit
+        self.budgets.add((scope, subject, period))
 
     @rule(data=st.data())
     @precondition(lambda self: bool(self.limits))
@@ -125,8 +134,7 @@ class MeteringMachine(RuleBasedStateMachine):
         scope, subject, period = data.draw(st.sampled_from(sorted(self.limits)))
         with self.tx() as conn:
             services.delete_budget(conn, scope, self._real(scope, subject), period)
-        del self.limits[(scope, subject, period)]
-        self.generation[(scope, subject, period)] += 1  # a new budget later starts from zero
+        del self.limits[(scope, subject, period)]  # set again, it starts from what it counted
 
     @rule(
         target=holds,
@@ -140,7 +148,7 @@ class MeteringMachine(RuleBasedStateMachine):
         cost = messages * PRICE
         charge = Charge(request_id, caller, "openai/gpt-oss-20b", messages, PRICE, cost, False)
         applicable = self._applicable(caller)
-        fits = all(self.spent[a] + self.held[a] + cost <= self.limits[a[:3]] for a in applicable)
+        fits = self._fits(applicable, cost)
         try:
             with self.tx() as conn:
                 admission = metering.admit(conn, charge, instance, self.now)
@@ -150,7 +158,7 @@ class MeteringMachine(RuleBasedStateMachine):
         assert fits, "admitted although a budget had no room"
         for a in applicable:
             self.held[a] += cost
-            assert self.spent[a] + self.held[a] <= self.limits[a[:3]]
+            assert cost == 0 or a[:3] not in self.limits or self.spent[a] + self.held[a] <= self.limits[a[:3]]
         self.open[request_id] = (Open(admission, instance), applicable)
         return request_id
 
@@ -169,12 +177,9 @@ class MeteringMachine(RuleBasedStateMachine):
         hold, applicable = self.open.pop(request_id)
         cost = hold.admission.charge.credits
         for a in applicable:
-            if a[:3] in self.limits and self.generation[a[:3]] == a[3]:
-                self.held[a] -= cost
-                if charged:
-                    self.spent[a] += cost
-            else:  # the budget was deleted meanwhile: nothing to count against
-                self.held[a] -= cost
+            self.held[a] -= cost
+            if charged:
+                self.spent[a] += cost
 
     @rule(
         requests=st.lists(
@@ -209,11 +214,15 @@ class MeteringMachine(RuleBasedStateMachine):
         for (charge, instance, _), (admitted, result) in zip(calls, results, strict=True):
             applicable = self._applicable(charge.caller)
             cost = charge.credits
-            fits = all(self.spent[a] + self.held[a] + cost <= self.limits[a[:3]] for a in applicable)
+            fits = self._fits(applicable, cost)
             assert admitted == fits, f"{charge.request_id}: admitted {admitted}, fits {fits}"
             if isinstance(result, BudgetExceeded):
                 continue
-            lefts = [self.limits[a[:3]] - self.spent[a] - self.held[a] - cost for a in applicable]
+            lefts = [
+                self.limits[a[:3]] - self.spent[a] - self.held[a] - cost
+                for a in applicable
+                if a[:3] in self.limits
+            ]
             assert result.remaining == (min(lefts) if lefts else None)
             for a in applicable:
                 self.held[a] += cost
@@ -270,8 +279,7 @@ class MeteringMachine(RuleBasedStateMachine):
             aliases = {c.key_id: name for name, c in self.callers.items()}
             for scope, period, subject, window, spent, held in rows:
                 shown = {"key": aliases.get(subject), "user": users.get(subject), "team": "eng"}[scope]
-                gen = self.generation[(scope, shown, period)]
-                key = (scope, shown, period, gen, window)
+                key = (scope, shown, period, window)
                 assert (spent, held) == (self.spent[key], self.held[key]), key
             open_holds = conn.execute(text("SELECT COUNT(*) FROM holds")).scalar_one()
             assert open_holds == len(self.open)

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import metering, services
+from gateway import services
 from gateway.metering import now_us
 from gateway.store import open_store
 
@@ -134,24 +134,3 @@ async def test_race_across_processes(backend: Backend, fake: Any, tmp_path: Any)
             assert (row[2], row[3]) == (row[4], row[5]), row
     finally:
         await store.close()
-
-
-def test_grouped_calls_lock_the_same_rows_as_one_call() -> None:
-    """PostgreSQL's group commit puts together only calls of one caller and one UTC day.
-
-    Such calls hold the same counters (the caller's key, user and team budgets, in the windows of
-    that day), so a group takes its row locks in the order a lone call would: groups cannot
-    deadlock with each other or with lone calls. Any other call goes in a statement of its own.
-    """
-    day = 86_400_000_000
-    alice = metering.Caller("k1", 1, "alice", 1, "eng")
-    at = 20_000 * day + 5
-    key = metering._caller_and_day  # the grouping rule itself
-    charge = metering.Charge("r", alice, "m", 1, 1, 1, False)
-    assert key(charge, "i", at) == key(charge, "other instance", at + day - 6)
-    for other in (
-        metering.Charge("r", metering.Caller("k2", 1, "alice", 1, "eng"), "m", 1, 1, 1, False),
-        metering.Charge("r", metering.Caller("k1", 1, "alice", 2, "ops"), "m", 1, 1, 1, False),
-    ):
-        assert key(other, "i", at) != key(charge, "i", at)
-    assert key(charge, "i", at) != key(charge, "i", at + day)

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, text
 
-from gateway import store as store_module
 from gateway.errors import LedgerUnavailable
-from gateway.store import SqliteStore
+from gateway.store import SqliteStore, grouped, sql_of
+from gateway.store import sqlite as store_module
+from gateway.store.sql import _parameters
 
 
 def _create(conn: Connection) -> None:
@@ -113,7 +114,7 @@ def _put_many(conn: Connection, calls: list[tuple[int]]) -> list[tuple[bool, Any
     return results
 
 
-@store_module.grouped(_put_many, lambda i: i % 2)
+@grouped(_put_many)
 def _put(conn: Connection, i: int) -> int:
     ((_, result),) = _put_many(conn, [(i,)])
     return int(result)
@@ -159,7 +160,7 @@ def _short_many(conn: Connection, calls: list[tuple[int]]) -> list[tuple[bool, A
     return results[:-1] if len(results) > 1 else results
 
 
-@store_module.grouped(_short_many, lambda i: 0)
+@grouped(_short_many)
 def _short(conn: Connection, i: int) -> int:
     return int(_short_many(conn, [(i,)])[0][1])
 
@@ -242,7 +243,7 @@ async def test_close_during_a_checkpoint_and_work_after_close(
 
 def _put_rows(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> list[Any]:
     conn.execute(text("CREATE TABLE u (a INTEGER, b TEXT, c INTEGER)"))
-    store_module.sql_of(conn).many(sql, rows)
+    sql_of(conn).many(sql, rows)
     return list(conn.execute(text("SELECT a, b, c FROM u ORDER BY a")).all())
 
 
@@ -258,4 +259,4 @@ async def test_many_takes_each_rows_values_in_the_order_the_statement_first_name
         assert rows == [(11, "x", 1), (22, "y", 2)]
     finally:
         await store.close()
-    assert store_module._parameters("SELECT CAST(:a AS int)::text, :b, :a") == ("a", "b")
+    assert _parameters("SELECT CAST(:a AS int)::text, :b, :a") == ("a", "b")

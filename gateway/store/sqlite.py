@@ -1,50 +1,35 @@
-"""Database access: every unit of work is one plain function run in one transaction.
+"""SQLite on the event loop with group commit; processes may share the file (WAL, BEGIN IMMEDIATE).
 
-A unit of work is `fn(conn, *args)` on a synchronous SQLAlchemy `Connection`. The store runs it:
-
-- SQLite: on the event loop itself, with group commit. Units that arrive in the same turn of the
-  loop (and the next few turns, while more keep arriving), or while a batch runs, share one
-  transaction: one `BEGIN IMMEDIATE`, a savepoint per unit so that one failing rolls back alone,
-  one `COMMIT`, then every caller is answered. The admissions of a batch run as one unit, a few
-  statements for all of them, and so do its settlements (see `grouped`). Each request still gets
-  its answer only after its own commit. A batch is a few hundred microseconds
-  of SQLite work (no fsync: WAL with `synchronous=NORMAL`, checkpoints in a thread of their own),
-  cheaper run in place than the two thread hops and GIL hand-offs a database thread costs. Only
-  when another process holds the write lock does a batch wait, for up to the busy timeout, in a
-  thread of its own, so the loop never blocks on a lock.
-- PostgreSQL: on an asyncpg pool, through `AsyncConnection.run_sync`, one transaction per unit,
-  retried on serialization failures and deadlocks. Admission and settlement are one statement each
-  there (functions made by migration 0005), marked `grouped`, and run without BEGIN and COMMIT:
-  one round trip each, where a round trip costs the gateway more than the statement. Calls of one
-  caller that arrive while another is under way go together in the next statement (group commit).
-
-A database that cannot be reached raises `LedgerUnavailable`; any other error raised by a unit
-(a refusal such as `BudgetExceeded`, or a bug) rolls back that unit alone and reaches its caller
-unchanged. SQLite reads run on a second connection in a thread of their own (`read`), so a long
-report never holds up admissions.
+Units that arrive in the same turn of the loop (and the next few turns, while more keep arriving),
+or while a batch runs, share one transaction: one `BEGIN IMMEDIATE`, a savepoint per unit so that
+one failing rolls back alone, one `COMMIT`, then every caller is answered. The admissions of a
+batch run as one unit, a few statements for all of them, and so do its settlements (see
+`units.grouped`). Each request still gets its answer only after its own commit. A batch is a few
+hundred microseconds of SQLite work (no fsync: WAL with `synchronous=NORMAL`, checkpoints in a
+thread of their own), cheaper run in place than the two thread hops and GIL hand-offs a database
+thread costs. Only when another process holds the write lock does a batch wait, for up to the busy
+timeout, in a thread of its own, so the loop never blocks on a lock. Reads run on a second
+connection in a thread of their own (`read`), so a long report never holds up admissions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import re
 import sqlite3
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, TextClause, create_engine, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from .errors import GatewayError, LedgerUnavailable
+from ..errors import GatewayError
+from .sql import driver_connection
+from .units import GROUPS, Many, answer, fail_waiting, select_one, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,75 +48,6 @@ CHECKPOINT_PAUSE_MAX_SECONDS = 0.05
 # at a time, for at most this many turns, and takes at most about this many units.
 GATHER_MAX_TURNS = 8
 GATHER_MAX_UNITS = 256
-# SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
-PG_RETRY_SQLSTATES = {"40001", "40P01"}
-PG_MAX_ATTEMPTS = 5
-# How long a unit waits for a free PostgreSQL connection. Waiting for the pool means the database
-# answers but every connection is busy (a burst): the unit queues rather than being told 503. A
-# database that cannot be reached fails its connections at once (or after the 2 s connect timeout),
-# which empties the queue with 503s well before this.
-PG_POOL_WAIT_SECONDS = 10
-
-
-class Store(Protocol):
-    """What the rest of the gateway needs of the database."""
-
-    dialect: str
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` in one transaction; it runs to its end even if the caller is cancelled."""
-        ...
-
-    async def read(self, fn: Callable[..., T], *args: Any) -> T: ...
-
-    async def ping(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-def sqlite_path(url: str) -> str:
-    """The file path of a sqlite URL (relative paths resolve against the working directory)."""
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        raise ValueError("GATEWAY_DATABASE_URL: an in-memory SQLite database cannot be shared; name a file")
-    return database
-
-
-def open_store(url: str, *, pool_size: int = 10) -> Store:
-    """The store for a configured database URL."""
-    if url.startswith("sqlite"):
-        return SqliteStore(sqlite_path(url))
-    return PostgresStore(url, pool_size=pool_size)
-
-
-UNAVAILABLE = "The gateway's ledger database cannot be reached, so nothing was forwarded. Retry shortly."
-
-
-def _unavailable(exc: BaseException) -> LedgerUnavailable:
-    log.warning("database unavailable: %s", exc)
-    error = LedgerUnavailable(UNAVAILABLE)
-    # For operators (the CLI prints it); never in an HTTP answer.
-    cause = getattr(exc, "orig", None) or exc
-    error.reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    return error
-
-
-def _answer(futures: Sequence[asyncio.Future[Any]], results: Sequence[tuple[bool, Any]]) -> None:
-    """Give each caller still waiting its (ok, result or error)."""
-    for future, (ok, value) in zip(futures, results, strict=True):
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-
-def _fail_waiting(futures: Iterable[asyncio.Future[Any]]) -> None:
-    """Tell each caller still waiting that the database cannot be reached (503)."""
-    for future in futures:
-        if not future.done():
-            future.set_exception(LedgerUnavailable(UNAVAILABLE))
 
 
 class SqliteStore:
@@ -241,7 +157,7 @@ class SqliteStore:
             self._abandon(raw)
             # Locked (past the busy timeout), unreadable, full: the database, not a faulty unit.
             self._outage = _is_outage(exc)
-            error = _unavailable(exc)
+            error = unavailable(exc)
             return [(False, error)] * len(batch)
         except BaseException:
             # A bug in the store itself: nothing of the batch stays, nor its write lock (in the
@@ -279,7 +195,7 @@ class SqliteStore:
             return [(True, result)]
         together: dict[Callable[..., Any], list[int]] = {}
         for index, (fn, _) in enumerate(batch):
-            if fn in _GROUPS:
+            if fn in GROUPS:
                 together.setdefault(fn, []).append(index)
         results: list[tuple[bool, Any] | None] = [None] * len(batch)
         for index, (fn, args) in enumerate(batch):
@@ -290,7 +206,7 @@ class SqliteStore:
                 results[index] = _in_savepoint(raw, fn, conn, *args)
                 continue
             calls = [batch[member][1] for member in members]
-            for member, result in zip(members, _together(raw, _GROUPS[fn].many, conn, calls), strict=True):
+            for member, result in zip(members, _together(raw, GROUPS[fn], conn, calls), strict=True):
                 results[member] = result
         done = [result for result in results if result is not None]
         if len(done) != len(batch):
@@ -365,13 +281,13 @@ class SqliteStore:
     ) -> None:
         self._busy = False
         if not isinstance(results, list):
-            results = [(False, _unavailable(results))] * len(futures)
-        _answer(futures, results)
+            results = [(False, unavailable(results))] * len(futures)
+        answer(futures, results)
         if self._outage and self._pending:
             # Work queued while that batch waited out the busy timeout would wait as long again:
             # fail it now, so that during an outage every caller hears within one busy timeout.
             waiting, self._pending = self._pending, []
-            _fail_waiting(future for _, _, future in waiting)
+            fail_waiting(future for _, _, future in waiting)
         if not self._outage:
             self._commits += 1
             if self._commits >= CHECKPOINT_EVERY_COMMITS and not self._checkpointing:
@@ -455,7 +371,7 @@ class SqliteStore:
                 with contextlib.suppress(SQLAlchemyError):
                     self._read_conn.close()
                 self._read_conn = None
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-only `fn(conn, *args)` on the reader connection, beside the writes."""
@@ -463,7 +379,7 @@ class SqliteStore:
 
     async def ping(self) -> None:
         """Raise LedgerUnavailable unless the database answers."""
-        await self.run(_select_one)
+        await self.run(select_one)
 
     def _close_reader(self) -> None:
         if self._read_conn is not None:
@@ -489,13 +405,6 @@ class SqliteStore:
         self._checkpointer.shutdown(wait=True)
         if self._engine is not None:
             self._engine.dispose()
-
-
-def driver_connection(conn: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under a SQLAlchemy one."""
-    raw = conn.connection.driver_connection
-    assert isinstance(raw, sqlite3.Connection)
-    return raw
 
 
 def _outcome(task: asyncio.Future[list[tuple[bool, Any]] | None]) -> list[tuple[bool, Any]] | BaseException:
@@ -535,7 +444,7 @@ def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -
 
 def _together(
     raw: sqlite3.Connection,
-    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]],
+    many: Many,
     conn: Connection,
     calls: list[tuple[Any, ...]],
 ) -> list[tuple[bool, Any]]:
@@ -553,7 +462,7 @@ def _together(
 
 
 def _answered(
-    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]],
+    many: Many,
     conn: Connection,
     calls: list[tuple[Any, ...]],
 ) -> list[tuple[bool, Any]]:
@@ -562,283 +471,3 @@ def _answered(
     if len(results) != len(calls):
         raise AssertionError(f"{len(results)} results for {len(calls)} calls")
     return results
-
-
-def _select_one(conn: Connection) -> None:
-    conn.execute(text("SELECT 1"))
-
-
-def _in_transaction(conn: Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-    with conn.begin():
-        return fn(conn, *args)
-
-
-# Units that are a single statement on PostgreSQL (admission and settlement, see migration 0005),
-# and how to run several calls of one of them as one statement. Only the `many` of a group reaches
-# `PostgresStore._run`: it is what runs without BEGIN and COMMIT.
-_ONE_STATEMENT: set[Callable[..., Any]] = set()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class _Group:
-    many: Callable[[Connection, list[tuple[Any, ...]]], list[tuple[bool, Any]]]
-    key: Callable[..., Hashable]
-
-
-_GROUPS: dict[Callable[..., Any], _Group] = {}
-# Calls of one group key per statement, at most.
-GROUP_MAX = 100
-# How long closing the PostgreSQL store waits for grouped calls under way or queued.
-CLOSE_WAIT_SECONDS = 10.0
-
-
-def grouped(
-    many: Callable[[Connection, Any], list[tuple[bool, Any]]], key: Callable[..., Hashable]
-) -> Callable[[F], F]:
-    """Mark a unit that is a single statement on PostgreSQL, and which of its calls can share one.
-
-    A statement is atomic on its own, so the store runs it without BEGIN and COMMIT. Calls that
-    arrive while one of the same `key(*args)` is under way wait for it, then go together as one
-    call of `many(conn, [args, ...])`, which returns (ok, result or error) for each: one round
-    trip and one commit for all of them (group commit). `key` must group only calls that lock the
-    same rows in the same order, so that groups cannot deadlock with each other or with lone
-    calls. On SQLite, where a batch holds the only write lock, every call of the unit in a batch
-    goes to one call of `many`, whatever its key: a few statements for all of them.
-    """
-
-    def mark(fn: F) -> F:
-        _ONE_STATEMENT.add(many)
-        _GROUPS[fn] = _Group(many, key)
-        return fn
-
-    return mark
-
-
-class PostgresStore:
-    """PostgreSQL on an asyncpg pool; each unit is one READ COMMITTED transaction, or one statement."""
-
-    dialect = "postgresql"
-
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
-        # Grouped calls waiting, and the keys with a statement under way (see `grouped`).
-        self._waiting: dict[Hashable, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
-        self._groups: set[asyncio.Task[None]] = set()
-        self._closing = False
-        self.engine: AsyncEngine = create_async_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_timeout=PG_POOL_WAIT_SECONDS,
-            pool_pre_ping=False,
-            connect_args={"timeout": 2, "command_timeout": 10},
-        )
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(conn, *args)` in its own transaction, retrying serialization failures."""
-        group = _GROUPS.get(fn)
-        if group is not None:
-            return await self._grouped(fn, group, args)
-        # shield: a caller cancelled meanwhile must not roll back a unit (a settlement) half-way.
-        return await asyncio.shield(self._run(fn, *args))
-
-    async def _grouped(self, fn: Callable[..., T], group: _Group, args: tuple[Any, ...]) -> T:
-        """Queue the call behind its key's statement under way, or start one."""
-        key = (fn, group.key(*args))
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        waiting = self._waiting.get(key)
-        if waiting is not None:
-            waiting.append((args, future))
-        else:
-            self._waiting[key] = []
-            self._start_group(key, group, [(args, future)])
-        # A caller cancelled meanwhile cancels only its wait: the call runs all the same.
-        try:
-            return await future
-        finally:
-            # No reference cycle through an error (see `SqliteStore.run`): neither the future nor
-            # the list it was queued in.
-            del future, waiting
-
-    def _start_group(
-        self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_group(key, group, calls))
-        self._groups.add(task)
-        task.add_done_callback(self._groups.discard)
-
-    async def _run_group(
-        self, key: Hashable, group: _Group, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
-    ) -> None:
-        """One statement for `calls`, then the next group of the key, whatever happens."""
-        cancelled = False
-        try:
-            results = await self._results(group, [args for args, _ in calls])
-            _answer([future for _, future in calls], results)
-        except asyncio.CancelledError:
-            cancelled = True
-        finally:
-            _fail_waiting(future for _, future in calls)
-            waiting = self._waiting.get(key, [])
-            if waiting and not cancelled and not self._closing:
-                self._waiting[key] = waiting[GROUP_MAX:]
-                self._start_group(key, group, waiting[:GROUP_MAX])
-            else:
-                self._waiting.pop(key, None)
-                _fail_waiting(future for _, future in waiting)
-        if cancelled:
-            raise asyncio.CancelledError
-
-    async def _results(self, group: _Group, calls: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
-        """(ok, result or error) for each call: together, or alone if together fails.
-
-        A database that cannot be reached fails them all. Any other error (a value the database
-        refuses, a bug) is one call's: each is then run alone, so the others are not lost with it.
-        """
-        try:
-            results = await self._run(group.many, calls)
-        except LedgerUnavailable as exc:
-            return [(False, exc)] * len(calls)
-        except Exception as exc:
-            if len(calls) == 1:
-                return [(False, exc)]
-            log.warning("a grouped statement failed (%s); running its %d calls one by one", exc, len(calls))
-            alone: list[tuple[bool, Any]] = []
-            for args in calls:
-                alone += await self._results(group, [args])
-            return alone
-        if len(results) != len(calls):
-            raise AssertionError(f"{len(results)} results for {len(calls)} calls")
-        return results
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        for attempt in range(1, PG_MAX_ATTEMPTS + 1):
-            try:
-                async with self.engine.connect() as conn:
-                    if fn in _ONE_STATEMENT:
-                        alone = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                        return await alone.run_sync(fn, *args)
-                    return await conn.run_sync(_in_transaction, fn, args)
-            except DBAPIError as exc:
-                sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-                    getattr(exc.orig, "__cause__", None), "sqlstate", None
-                )
-                if sqlstate in PG_RETRY_SQLSTATES and attempt < PG_MAX_ATTEMPTS:
-                    await asyncio.sleep(0.005 * attempt)
-                    continue
-                if exc.connection_invalidated or sqlstate is None or sqlstate.startswith(("08", "57")):
-                    raise _unavailable(exc) from None
-                raise
-            except (SQLAlchemyError, OSError, TimeoutError) as exc:
-                raise _unavailable(exc) from None
-        raise AssertionError("unreachable")
-
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Read-only work: a transaction like any other on PostgreSQL."""
-        return await self.run(fn, *args)
-
-    async def ping(self) -> None:
-        """Raise LedgerUnavailable unless the database answers."""
-        await self.run(_select_one)
-
-    async def close(self) -> None:
-        """Close the pool, once the grouped calls under way or queued are done (10 s at most)."""
-        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
-        while self._groups:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                break
-            await asyncio.wait(set(self._groups), timeout=left)
-        # Past the deadline: no new group starts, and whatever still waits hears 503.
-        self._closing = True
-        for waiting in self._waiting.values():
-            _fail_waiting(future for _, future in waiting)
-        await self.engine.dispose()
-
-
-class Sql(Protocol):
-    """The few ways the hot path talks SQL: the same `:name` statements on both dialects."""
-
-    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]: ...
-
-    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None: ...
-
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run a write once per row; a row's values in the order the statement names them first."""
-        ...
-
-    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
-        """Run a write; how many rows it inserted, updated or deleted."""
-        ...
-
-
-class _DriverSql:
-    """Straight to sqlite3 (which caches its prepared statements): several times cheaper per
-    statement than going through SQLAlchemy, and these statements run on every request."""
-
-    def __init__(self, raw: sqlite3.Connection) -> None:
-        self._raw = raw
-
-    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
-        return self._raw.execute(sql, params).fetchall()
-
-    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
-        return self._raw.execute(sql, params).fetchone()
-
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        # Numbered parameters, bound from tuples: sqlite3 binds a named one by making a string of
-        # its name and looking it up, which for a ledger row costs a fifth of the insert.
-        self._raw.executemany(_numbered(sql), rows)
-
-    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
-        return self._raw.execute(sql, params).rowcount
-
-
-@functools.lru_cache(maxsize=256)
-def _clause(sql: str) -> TextClause:
-    return text(sql)
-
-
-# A `:name` parameter, as SQLAlchemy's `text()` finds them (not a PostgreSQL `::type` cast, nor an
-# escaped `\:`).
-_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
-
-
-@functools.lru_cache(maxsize=256)
-def _parameters(sql: str) -> tuple[str, ...]:
-    """The names of a statement's parameters, each once, in the order they first appear."""
-    return tuple(dict.fromkeys(_PARAMETER.findall(sql)))
-
-
-@functools.lru_cache(maxsize=256)
-def _numbered(sql: str) -> str:
-    """The statement with `?N` (SQLite's numbered parameters) for each `:name`, in `_parameters` order."""
-    number = {name: i for i, name in enumerate(_parameters(sql), start=1)}
-    return _PARAMETER.sub(lambda m: f"?{number[m.group(1)]}", sql)
-
-
-class _AlchemySql:
-    """Through SQLAlchemy (PostgreSQL, on asyncpg)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
-        return list(self._conn.execute(_clause(sql), params).all())
-
-    def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
-        return self._conn.execute(_clause(sql), params).first()
-
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        names = _parameters(sql)
-        self._conn.execute(_clause(sql), [dict(zip(names, row, strict=True)) for row in rows])
-
-    def changed(self, sql: str, params: Mapping[str, Any]) -> int:
-        return self._conn.execute(_clause(sql), params).rowcount
-
-
-def sql_of(conn: Connection) -> Sql:
-    """The cheapest way to run the hot path's statements on this connection."""
-    if conn.dialect.name == "sqlite":
-        return _DriverSql(driver_connection(conn))
-    return _AlchemySql(conn)

@@ -245,6 +245,8 @@ class _Progress:
     # The first answer, kept for replays when the request carries an Idempotency-Key.
     answer: Answer | None = None
     settled: bool = False
+    # Its hold was expired by a sweep before it settled: it is not charged (see `_settle`).
+    expired: bool = False
 
     def unit(self, admission: Admission) -> tuple[Callable[..., bool], tuple[Any, ...]]:
         """The unit of work that settles the request, and its arguments (minus the time)."""
@@ -275,7 +277,7 @@ async def _forward(
     forwarded_at = time.perf_counter()
     progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at, reservation)
     try:
-        return await _exchange(request, admission, body, progress)
+        response = await _exchange(request, admission, body, progress)
     except GatewayError as exc:
         progress.upstream_done = time.perf_counter()
         if exc.outcome in ("upstream_timeout", "upstream_unavailable"):
@@ -285,6 +287,10 @@ async def _forward(
     finally:
         if not progress.settled:
             await _settle(request.app, admission, progress)
+    if progress.expired and not response.prepared:
+        # Not sent yet: the headers say what the ledger says.
+        response.headers.update(_credit_headers(admission, charged=False))
+    return response
 
 
 async def _exchange(
@@ -339,6 +345,9 @@ async def _exchange(
             # Settle before the end of the stream, so a client that has read it all sees its ledger row.
             await _settle(app, admission, progress)
             if not result.client_gone:
+                if progress.expired:
+                    # The headers went out saying charged; the stream's last line says otherwise.
+                    await _write_quietly(response, EXPIRED_NOTE)
                 await end_stream(response)
             return response
         progress.settlement = Settlement("upstream_unavailable", status)
@@ -358,6 +367,18 @@ async def _exchange(
 
 
 SETTLE_RETRY_MAX_SECONDS = 5.0
+# An SSE comment (ignored by clients' parsers, seen by people reading the stream).
+EXPIRED_NOTE = (
+    b": x-credits-charged 0 (this request's hold expired before it settled, so it was not charged)\n\n"
+)
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    """Write to a stream whose client may have left meanwhile."""
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError):
+        log.debug("client left before the end of the stream")
 
 
 async def _settle(app: web.Application, admission: Admission, progress: _Progress) -> None:
@@ -380,7 +401,15 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
         if not retrying:
             app[SETTLING].discard(admission.charge.request_id)
     if not done:
-        log.warning("request %s settled after its hold expired; left as expired", admission.charge.request_id)
+        # Its process stalled past the hold TTL and another released the hold: the budget may have
+        # been given to other requests since, so charging now could overspend. It stays `expired`,
+        # uncharged, and the caller is told so (`_forward`, EXPIRED_NOTE).
+        progress.expired = True
+        log.warning(
+            "request %s settled after its hold expired; left as expired, not charged",
+            admission.charge.request_id,
+        )
+        app[METRICS].requests.labels(admission.charge.model, "expired").inc()
         return
     finished = time.perf_counter()
     record_settlement(app, admission, settlement, finished - progress.started)

@@ -145,3 +145,43 @@ async def test_a_soft_deleted_budget_is_still_verified(world: World) -> None:
     result = await world.admin(ledger.verify)
     assert not result["ok"]
     assert [d["scope"] for d in result["differences"]] == ["user"]
+
+
+async def _expire_when_held(world: World) -> None:
+    """Once the request is held, a sweep (as another replica's, after a stall) releases its hold."""
+    for _ in range(200):
+        if await world.sql("SELECT COUNT(*) FROM holds") == [(1,)]:
+            break
+        await asyncio.sleep(0.01)
+    future = now_us() + 10**12  # every process looks dead from there
+    assert await world.admin(metering.expire_holds, future, now_us()) == 1
+
+
+async def test_a_late_settlement_after_expiry_says_not_charged(world: World) -> None:
+    """Issue 15, defect 4: header, ledger and metrics agree that an expired hold was not charged."""
+    alice = await world.key("alice")
+    await world.budget("user", "alice", "1")
+    world.upstream.header_delay = 0.3
+    request = asyncio.ensure_future(world.chat(alice["key"]))
+    await _expire_when_held(world)
+    resp = await request
+    assert resp.status == 200
+    assert resp.headers["X-Credits-Charged"] == "0"
+    assert resp.headers["X-Credits-Remaining"] == "1"
+    assert await world.sql("SELECT outcome, credits_micros FROM ledger") == [("expired", 0)]
+    assert world.metrics.requests.labels("openai/gpt-oss-20b", "expired").value == 1
+    assert world.metrics.requests.labels("openai/gpt-oss-20b", "charged").value == 0
+    assert (await world.admin(ledger.verify))["ok"]
+
+
+async def test_a_stream_whose_hold_expired_ends_saying_so(world: World) -> None:
+    alice = await world.key("alice")
+    world.upstream.chunk_delay = 0.1
+    request = asyncio.ensure_future(world.chat(alice["key"], stream=True))
+    await _expire_when_held(world)
+    resp = await request
+    text_ = await resp.text()
+    assert resp.status == 200
+    assert text_.rstrip().endswith("(this request's hold expired before it settled, so it was not charged)")
+    assert await world.sql("SELECT outcome, credits_micros FROM ledger") == [("expired", 0)]
+    assert world.metrics.requests.labels("openai/gpt-oss-20b", "expired").value == 1

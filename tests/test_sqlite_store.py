@@ -78,6 +78,32 @@ async def test_units_of_one_turn_share_a_transaction_and_fail_alone(
         await store.close()
 
 
+def _bad_sql(conn: Connection, i: int) -> None:
+    _insert(conn, i)
+    conn.execute(text("SELECT * FROM no_such_table"))  # sqlite3.OperationalError, SQLITE_ERROR
+
+
+async def test_a_units_own_operational_error_fails_that_unit_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OperationalError that is the unit's (a statement SQLite cannot run) is no outage: the
+    other units of its batch commit, and it is not answered 503 (issue 15, suspected defect 6)."""
+    store = await _store(tmp_path)
+    try:
+        sizes = _batch_sizes(monkeypatch)
+        results = await asyncio.gather(
+            *(store.run(_bad_sql if i == 3 else _insert, i) for i in range(10)), return_exceptions=True
+        )
+        assert [r for r in results if not isinstance(r, Exception)] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        assert not isinstance(results[3], LedgerUnavailable)
+        assert "no_such_table" in str(results[3])
+        assert sizes == [10]
+        assert await store.read(_count) == 9
+        assert await store.run(_insert, 10) == 10  # and the store goes on
+    finally:
+        await store.close()
+
+
 async def test_units_arriving_over_several_turns_share_a_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -414,9 +414,36 @@ def _outcome(task: asyncio.Future[list[tuple[bool, Any]] | None]) -> list[tuple[
     return task.exception() or task.result() or RuntimeError("no result")
 
 
+# SQLite's primary result codes that say the database cannot be used (locked, out of memory,
+# read-only, I/O error, corrupt, full, cannot open, not a database); any other error of a unit
+# (SQLITE_ERROR: a statement SQLite cannot run, a missing table) is that unit's alone.
+_OUTAGE_CODES = frozenset(
+    getattr(sqlite3, name)
+    for name in (
+        "SQLITE_BUSY",
+        "SQLITE_LOCKED",
+        "SQLITE_NOMEM",
+        "SQLITE_READONLY",
+        "SQLITE_IOERR",
+        "SQLITE_CORRUPT",
+        "SQLITE_FULL",
+        "SQLITE_CANTOPEN",
+        "SQLITE_PROTOCOL",
+        "SQLITE_NOTADB",
+    )
+)
+
+
 def _is_outage(exc: BaseException) -> bool:
     """Locked past the busy timeout, unreadable, full: the database itself, not a faulty unit."""
-    return isinstance(exc, (OperationalError, sqlite3.OperationalError, OSError))
+    if isinstance(exc, OSError):
+        return True
+    if isinstance(exc, OperationalError):
+        exc = exc.orig if isinstance(exc.orig, BaseException) else exc
+    if not isinstance(exc, (OperationalError, sqlite3.OperationalError)):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in _OUTAGE_CODES
 
 
 def _for_caller(exc: Exception) -> Exception:

@@ -81,7 +81,7 @@ BEGIN
     SELECT array_agg(ak.id IS NOT NULL AND (ak.revoked_at IS NULL OR ak.revoked_at > q.at) ORDER BY q.i)
     INTO live
     FROM unnest(p_key_id, p_admitted_at) WITH ORDINALITY AS q(key_id, at, i)
-    LEFT JOIN api_keys ak ON ak.id = q.key_id;
+    LEFT JOIN api_keys ak ON ak.id = q.key_id AND ak.id = ANY(p_key_id);
 
     SELECT array_agg(x.i ORDER BY x.i, x.id), array_agg(x.id ORDER BY x.i, x.id),
            array_agg(x.scope ORDER BY x.i, x.id), array_agg(x.period ORDER BY x.i, x.id),
@@ -190,9 +190,10 @@ BEGIN
         END LOOP;
     END LOOP;
 
+    -- (`= ANY`: by the primary key, never a scan of every window's counter.)
     UPDATE budget_counters c SET held_micros = c.held_micros + u.added
     FROM unnest(c_budget, c_window, c_added) AS u(b, w, added)
-    WHERE u.added > 0 AND c.budget_id = u.b AND c.window_start = u.w;
+    WHERE u.added > 0 AND c.budget_id = ANY(c_budget) AND c.budget_id = u.b AND c.window_start = u.w;
     IF array_length(refused_requests, 1) > 0 THEN
         DELETE FROM allocations al WHERE al.request_id = ANY(refused_requests);
         DELETE FROM holds h WHERE h.request_id = ANY(refused_requests);
@@ -211,7 +212,8 @@ LANGUAGE plpgsql AS $$
 #variable_conflict error
 DECLARE
     gone varchar[];
-    charged boolean[];
+    charged varchar[];
+    budget_ids integer[];
 BEGIN
     -- Each hold becomes its ledger row (charged or not); a hold already gone changes nothing.
     WITH q AS (
@@ -237,26 +239,33 @@ BEGIN
         FROM d
         RETURNING 1
     )
-    SELECT array_agg(d.request_id), array_agg(d.outcome = 'charged') INTO gone, charged FROM d;
+    SELECT array_agg(d.request_id), array_agg(d.request_id) FILTER (WHERE d.outcome = 'charged')
+    INTO gone, charged FROM d;
 
     IF gone IS NOT NULL THEN
         -- The counters last, locked in the one fixed order (see `gateway_lock_rank`).
+        -- (Allocations and counters by their primary keys, `= ANY`: never a scan of the tables,
+        -- which grow with the ledger and with every window.)
+        SELECT array_agg(DISTINCT al.budget_id) INTO budget_ids
+        FROM allocations al WHERE al.request_id = ANY(gone);
         PERFORM 1
         FROM budget_counters c
         JOIN (SELECT DISTINCT al.budget_id, al.window_start FROM allocations al
               WHERE al.request_id = ANY(gone)) m
           ON c.budget_id = m.budget_id AND c.window_start = m.window_start
         JOIN budgets b ON b.id = c.budget_id
+        WHERE c.budget_id = ANY(budget_ids)
         ORDER BY gateway_lock_rank(b.scope), c.budget_id, c.window_start
         FOR UPDATE OF c;
         UPDATE budget_counters c
         SET held_micros = c.held_micros - m.released, spent_micros = c.spent_micros + m.spent
         FROM (SELECT al.budget_id, al.window_start, sum(al.credits_micros) AS released,
-                     sum(CASE WHEN g.charged THEN al.credits_micros ELSE 0 END) AS spent
-              FROM unnest(gone, charged) AS g(request_id, charged)
-              JOIN allocations al ON al.request_id = g.request_id
+                     coalesce(sum(al.credits_micros) FILTER (WHERE al.request_id = ANY(charged)), 0) AS spent
+              FROM allocations al
+              WHERE al.request_id = ANY(gone)
               GROUP BY al.budget_id, al.window_start) m
-        WHERE c.budget_id = m.budget_id AND c.window_start = m.window_start;
+        WHERE c.budget_id = ANY(budget_ids) AND c.budget_id = m.budget_id
+          AND c.window_start = m.window_start;
     END IF;
     RETURN QUERY
         SELECT q.i::integer, q.request_id = ANY(coalesce(gone, '{}'::varchar[]))

@@ -48,7 +48,12 @@ CREATE FUNCTION gateway_admit_batch(
     p_daily bigint[], p_weekly bigint[], p_monthly bigint[], p_total bigint[])
 RETURNS TABLE (o_req integer, o_budget integer, o_scope varchar, o_period varchar, o_limit bigint,
                o_window bigint, o_spent bigint, o_held bigint, o_enforce boolean, o_refusal varchar)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every statement here reads rows by key. The plans PL/pgSQL caches are made once per session,
+-- when the tables may still be nearly empty (a new database, statistics not yet gathered): a
+-- plan that scans allocations then stays, and costs more with every request ever admitted.
+SET enable_seqscan = off
+AS $$
 #variable_conflict error
 DECLARE
     n integer := coalesce(array_length(p_request_id, 1), 0);
@@ -208,7 +213,9 @@ CREATE FUNCTION gateway_settle_batch(
     p_request_id varchar[], p_settled_at bigint[], p_outcome varchar[], p_upstream_status integer[],
     p_prompt_tokens integer[], p_completion_tokens integer[], p_total_tokens integer[])
 RETURNS TABLE (o_req integer, o_settled boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off  -- as gateway_admit_batch: by key, whatever the statistics say
+AS $$
 #variable_conflict error
 DECLARE
     gone varchar[];

@@ -416,7 +416,8 @@ def _outcome(task: asyncio.Future[list[tuple[bool, Any]] | None]) -> list[tuple[
 
 # SQLite's primary result codes that say the database cannot be used (locked, out of memory,
 # read-only, I/O error, corrupt, full, cannot open, not a database); any other error of a unit
-# (SQLITE_ERROR: a statement SQLite cannot run, a missing table) is that unit's alone.
+# (SQLITE_ERROR: a statement SQLite cannot run) is that unit's alone, unless it says the schema is
+# missing (a database never migrated), which no unit can use either.
 _OUTAGE_CODES = frozenset(
     getattr(sqlite3, name)
     for name in (
@@ -433,6 +434,8 @@ _OUTAGE_CODES = frozenset(
     )
 )
 
+_NO_SCHEMA = ("no such table", "no such column")
+
 
 def _is_outage(exc: BaseException) -> bool:
     """Locked past the busy timeout, unreadable, full: the database itself, not a faulty unit."""
@@ -443,7 +446,7 @@ def _is_outage(exc: BaseException) -> bool:
     if not isinstance(exc, (OperationalError, sqlite3.OperationalError)):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is None or code & 0xFF in _OUTAGE_CODES
+    return code is None or code & 0xFF in _OUTAGE_CODES or str(exc).startswith(_NO_SCHEMA)
 
 
 def _for_caller(exc: Exception) -> Exception:

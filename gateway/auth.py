@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import Connection, text
 
 from .errors import Unauthorized
-from .metering import Caller
+from .metering import Caller, revoked
 
 KEY_PREFIX = "gwk_"
 CACHE_MAX_ENTRIES = 100_000
@@ -44,10 +44,7 @@ def lookup_caller(conn: Connection, key_hash: str) -> Caller | str:
     return Caller(row[0], row[1], row[2], row[3], row[4])
 
 
-_REFUSED = {
-    "unknown": "This gateway key is unknown. Check it, or ask an administrator for a key.",
-    "revoked": "This gateway key has been revoked. Ask an administrator for a new key.",
-}
+UNKNOWN = "This gateway key is unknown. Check it, or ask an administrator for a key."
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -88,7 +85,8 @@ class KeyCache:
         caller = await self._load(digest)
         if isinstance(caller, str):
             self._entries.pop(digest, None)
-            raise Unauthorized(_REFUSED[caller], reason=caller)
+            # A revoked key is refused as admission refuses it (metering.revoked), in the same words.
+            raise revoked() if caller == "revoked" else Unauthorized(UNKNOWN, reason=caller)
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries.clear()
         self._entries[digest] = (now + self._ttl, caller)

@@ -4,7 +4,7 @@ One team of --users users (200), each with a key of their own and a daily user b
 monthly team budget, all far too large to block: every request is fully metered (key auth, holds
 on the user's and the team's budgets, settlement, a ledger row), and the team's counter row is
 shared by every request while the users' rows are not. The accounts are made in one unit of work
-per database by the gateway's own admin functions (gateway/services.py through the store), not by
+per database by the gateway's own admin functions (gateway/ops/services.py through the store), not by
 hundreds of CLI runs.
 
 Setups, each on a database of its own so that its books and its PostgreSQL commits are its own:
@@ -81,8 +81,8 @@ GOAL_SQLITE_WORKERS = 1.3
 SETUP_SCRIPT = r"""
 import asyncio, json, secrets, sys
 
-from gateway import services
-from gateway.metering import now_us
+from gateway.ops import services
+from gateway.core.metering import now_us
 from gateway.store import open_store
 
 users, limit, urls = int(sys.argv[1]), sys.argv[2], sys.argv[3:]

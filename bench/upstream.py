@@ -13,7 +13,7 @@ import collections
 
 from aiohttp import web
 
-from gateway.fake_upstream import FakeUpstream
+from gateway.ops.fake_upstream import FakeUpstream
 
 
 def main() -> None:

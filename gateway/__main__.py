@@ -1,5 +1,5 @@
 """`python -m gateway ...` is `gateway ...`."""
 
-from .cli import main
+from gateway.ops.cli import main
 
 raise SystemExit(main())

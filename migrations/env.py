@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.schema import Base
+from gateway.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,7 +17,7 @@ target_metadata = Base.metadata
 def _url() -> str:
     url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
     if not url:
-        from gateway.settings import Settings
+        from gateway.ops.settings import Settings
 
         url = Settings.load().database_url
     return str(url)

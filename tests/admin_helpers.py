@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.cli import main
+from gateway.ops.cli import main
 
 from .conftest import ADMIN_TOKEN, World
 

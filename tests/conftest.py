@@ -14,13 +14,13 @@ import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import create_engine, text
 
-from gateway import migrate, services
-from gateway.app import create_app
-from gateway.fake_upstream import FakeUpstream
-from gateway.metering import now_us
-from gateway.metrics import Metrics
-from gateway.settings import Settings
-from gateway.store import Store, open_store
+from gateway.core.metering import now_us
+from gateway.ops import services
+from gateway.ops.fake_upstream import FakeUpstream
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings
+from gateway.store import Store, migrate, open_store
+from gateway.web.app import create_app
 
 PG_ENV = "GATEWAY_TEST_POSTGRES_URL"
 PG_HINT = (
@@ -213,7 +213,7 @@ async def admin_world(world: World) -> World:
 
 
 def _secret(value: str) -> Any:
-    from gateway.settings import Secret
+    from gateway.ops.settings import Secret
 
     return Secret(value)
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from gateway import metering, services
+from gateway.core import metering
+from gateway.core.metering import now_us
+from gateway.core.pricing import format_credits
 from gateway.errors import BudgetExceeded
-from gateway.metering import now_us
-from gateway.pricing import format_credits
+from gateway.ops import services
 from gateway.store import sql as store_module
 
 from .conftest import World, assert_counters_match_ledger

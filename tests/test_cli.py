@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import migrate
-from gateway.cli import main, run_loop, tune_collector
+from gateway.ops.cli import main, run_loop, tune_collector
+from gateway.store import migrate
 
 from .conftest import Backend, World
 from .procs import free_port

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from sqlalchemy import text
 
-from gateway import services
-from gateway.metering import now_us
+from gateway.core.metering import now_us
+from gateway.ops import services
 from gateway.store import open_store
 
 from .conftest import Backend, counters_equal_ledger_sql
@@ -147,8 +147,8 @@ async def test_sigterm_answers_and_charges_requests_in_flight(
 
 async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     """A hold of a process that still beats is kept past the TTL; two sweepers release a dead one once."""
-    from gateway import metering
-    from gateway.metering import Caller, Charge
+    from gateway.core import metering
+    from gateway.core.metering import Caller, Charge
 
     at = now_us()
     await store.run(services.create_team, "eng", at)

@@ -1,7 +1,7 @@
 """The Grafana dashboards and Prometheus alerts only use metrics the gateway really exports.
 
 No server: the dashboards' and rules' PromQL is checked against the text exposition of a
-`gateway.metrics.Metrics` registry in which every labelled metric has been used once.
+`gateway.ops.metrics.Metrics` registry in which every labelled metric has been used once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
 DASHBOARDS = {
@@ -185,7 +185,7 @@ def test_expression_uses_only_exported_metrics(expr: str) -> None:
     used = metric_names(expr)
     assert used, f"no gateway_ metric in {expr!r}"
     unknown = used - exported().keys()
-    assert not unknown, f"not exported by gateway.metrics: {sorted(unknown)}"
+    assert not unknown, f"not exported by gateway.ops.metrics: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("expr", [e for _, e in EXPRESSIONS], ids=EXPR_IDS)

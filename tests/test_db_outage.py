@@ -18,11 +18,11 @@ from typing import Any, Protocol
 import pytest
 from sqlalchemy.engine import make_url
 
-from gateway.app import create_app
-from gateway.fake_upstream import FakeUpstream
-from gateway.metrics import Metrics
-from gateway.settings import Secret, Settings
+from gateway.ops.fake_upstream import FakeUpstream
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Secret, Settings
 from gateway.store import open_store, sqlite_path
+from gateway.web.app import create_app
 
 from .conftest import Backend, World, assert_counters_match_ledger
 from .tcp_proxy import TcpProxy

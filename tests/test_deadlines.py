@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from gateway.upstream import Deadlines
+from gateway.web.upstream import Deadlines
 
 
 async def _wait(deadlines: Deadlines, seconds: float, sleep: float) -> float:

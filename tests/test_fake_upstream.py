@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.fake_upstream import FakeUpstream
+from gateway.ops.fake_upstream import FakeUpstream
 
 
 async def test_a_long_running_fake_keeps_a_bounded_history(aiohttp_client: Any) -> None:

@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway import upstream
-from gateway.app import create_app
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
+from gateway.web import upstream
+from gateway.web.app import create_app
 
 from .conftest import World, assert_counters_match_ledger
 

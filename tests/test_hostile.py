@@ -402,8 +402,8 @@ async def test_slow_clients_are_cut_off_and_starve_nobody(world: World, alice: s
 
 
 def test_client_read_timeout_is_configurable() -> None:
-    from gateway.app import server_args
-    from gateway.settings import ConfigError, Settings
+    from gateway.ops.settings import ConfigError, Settings
+    from gateway.web.app import server_args
 
     settings = Settings.load(environ={"GATEWAY_CLIENT_READ_TIMEOUT_SECONDS": "2.5"})
     assert settings.client_read_timeout_seconds == 2.5

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway import idempotency, metering
+from gateway.core import idempotency, metering
 
 from .conftest import World, assert_counters_match_ledger
 
@@ -114,7 +114,7 @@ async def test_bad_key_is_400(world: World, value: str) -> None:
 
 
 async def test_expired_hold_frees_the_key(world: World) -> None:
-    from gateway import metering
+    from gateway.core import metering
 
     key = (await world.key("alice"))["key"]
     world.upstream.header_delay = 0.5

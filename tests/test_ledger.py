@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from gateway import ledger, metering
-from gateway.metering import Caller, Charge, now_us
+from gateway.core import metering
+from gateway.core.metering import Caller, Charge, now_us
+from gateway.ops import ledger
 
 from .admin_helpers import call, cli, cli_json, error, ok, traffic
 from .conftest import Backend, World

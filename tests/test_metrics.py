@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import gauges, services
-from gateway.app import create_app
-from gateway.metrics import OVERHEAD_BUCKETS, FastCounter, FastGauge, FastHistogram, Metrics
-from gateway.state import GAUGES
+from gateway.ops import gauges, services
+from gateway.ops.metrics import OVERHEAD_BUCKETS, FastCounter, FastGauge, FastHistogram, Metrics
 from gateway.store import Store
+from gateway.web.app import create_app
+from gateway.web.state import GAUGES
 
 from .conftest import World
 

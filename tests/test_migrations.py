@@ -9,8 +9,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway import migrate
-from gateway.schema import Base
+from gateway.store import migrate
+from gateway.store.schema import Base
 
 from .conftest import Backend
 

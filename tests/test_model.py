@@ -25,10 +25,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from gateway import ledger, metering, migrate, services
+from gateway.core import metering
+from gateway.core.metering import Admission, Caller, Charge, Settlement
+from gateway.core.windows import window_key
 from gateway.errors import BudgetExceeded
-from gateway.metering import Admission, Caller, Charge, Settlement
-from gateway.windows import window_key
+from gateway.ops import ledger, services
+from gateway.store import migrate
 
 from .conftest import PG_HINT, _pg_exec, _pg_template, _pg_url, counters_equal_ledger_sql, pg_admin_url
 

@@ -7,9 +7,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from gateway import ledger, metering, services
-from gateway.metering import now_us
-from gateway.pricing import PriceTable
+from gateway.core import metering
+from gateway.core.metering import now_us
+from gateway.core.pricing import PriceTable
+from gateway.ops import ledger, services
 
 from .conftest import World, assert_counters_match_ledger
 

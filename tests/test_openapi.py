@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
-from gateway.openapi import SPEC
-from gateway.settings import Settings
+from gateway.ops.settings import Settings
+from gateway.web.app import create_app
+from gateway.web.openapi import SPEC
 
 from .admin_helpers import call, ok, traffic
 from .conftest import World

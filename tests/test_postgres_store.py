@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import Connection, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
-from gateway import metering, services
+from gateway.core import metering
+from gateway.core.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
 from gateway.errors import BudgetExceeded
-from gateway.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
+from gateway.ops import services
 from gateway.store import PostgresStore, open_store
 
 from .conftest import Backend

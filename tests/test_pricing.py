@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.core.pricing import DEFAULT_PRICES, PriceTable, cost, credits_json, format_credits, parse_credits
+from gateway.core.windows import PERIODS, window_end, window_start
 from gateway.jsonout import dumps
-from gateway.pricing import DEFAULT_PRICES, PriceTable, cost, credits_json, format_credits, parse_credits
-from gateway.windows import PERIODS, window_end, window_start
 
 micros = st.integers(min_value=0, max_value=10**15)
 

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import services
-from gateway.metering import now_us
+from gateway.core.metering import now_us
+from gateway.ops import services
 from gateway.store import open_store
 
 from .conftest import Backend

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from gateway import reports, services
-from gateway.metering import now_us
-from gateway.pricing import credits_json
+from gateway.core.metering import now_us
+from gateway.core.pricing import credits_json
+from gateway.ops import reports, services
 from gateway.store import Store
 
 from .admin_helpers import call, cli, cli_json, error, ok, traffic

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from gateway.settings import ConfigError, Settings
+from gateway.ops.cli import main
+from gateway.ops.settings import ConfigError, Settings
 
 
 def test_defaults_match_the_contract() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway import services
-from gateway.metering import now_us
+from gateway.core.metering import now_us
+from gateway.ops import services
 
 from .admin_helpers import call, error, ok, traffic
 from .conftest import ADMIN_TOKEN, World

@@ -19,13 +19,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from gateway import services
-from gateway.cli import main
-from gateway.metering import now_us
-from gateway.metrics import Metrics, exposition, merge, snapshot, totals
-from gateway.settings import ConfigError, Settings
+from gateway.core.metering import now_us
+from gateway.ops import services
+from gateway.ops.cli import main
+from gateway.ops.metrics import Metrics, exposition, merge, snapshot, totals
+from gateway.ops.settings import ConfigError, Settings
+from gateway.ops.workers import WORKER_HEADER, Worker
 from gateway.store import open_store
-from gateway.workers import WORKER_HEADER, Worker
 
 from .conftest import Backend, counters_equal_ledger_sql
 from .procs import GatewayProcess, start_gateway, wait_ready
@@ -145,9 +145,9 @@ async def test_only_worker_0_sweeps_and_reads_the_budgets(
 ) -> None:
     """Worker 1 beats and names itself, but leaves a dead process's hold and the budget gauges to
     worker 0, which releases the one and shows the other as soon as it starts."""
-    from gateway import metering
-    from gateway.app import create_app
-    from gateway.metering import Caller, Charge
+    from gateway.core import metering
+    from gateway.core.metering import Caller, Charge
+    from gateway.web.app import create_app
 
     _, upstream_url = fake
     at = now_us()

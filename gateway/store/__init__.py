@@ -22,10 +22,10 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import make_url
 
-from .postgres import PostgresStore
-from .sql import Sql, driver_connection, sql_of
-from .sqlite import SqliteStore
-from .units import grouped
+from gateway.store.postgres import PostgresStore
+from gateway.store.sql import Sql, driver_connection, sql_of
+from gateway.store.sqlite import SqliteStore
+from gateway.store.units import grouped
 
 __all__ = [
     "PostgresStore",

@@ -20,8 +20,8 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..errors import LedgerUnavailable
-from .units import GROUPS, ONE_STATEMENT, Many, answer, fail_waiting, select_one, unavailable
+from gateway.errors import LedgerUnavailable
+from gateway.store.units import GROUPS, ONE_STATEMENT, Many, answer, fail_waiting, select_one, unavailable
 
 log = logging.getLogger(__name__)
 

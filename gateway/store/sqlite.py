@@ -27,9 +27,9 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from ..errors import GatewayError
-from .sql import driver_connection
-from .units import GROUPS, Many, answer, fail_waiting, select_one, unavailable
+from gateway.errors import GatewayError
+from gateway.store.sql import driver_connection
+from gateway.store.units import GROUPS, Many, answer, fail_waiting, select_one, unavailable
 
 log = logging.getLogger(__name__)
 

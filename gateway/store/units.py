@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, text
 
-from ..errors import LedgerUnavailable
+from gateway.errors import LedgerUnavailable
 
 log = logging.getLogger(__name__)
 

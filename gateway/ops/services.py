@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
-from .auth import new_key
-from .errors import Conflict, InvalidRequest, NotFound
-from .metering import now_us
-from .pricing import MICROS, credits_json, parse_credits
-from .windows import PERIODS, from_key, from_us, iso_us, isoformat, window_end, window_key
+from gateway.core.metering import now_us
+from gateway.core.pricing import MICROS, credits_json, parse_credits
+from gateway.core.windows import PERIODS, from_key, from_us, iso_us, isoformat, window_end, window_key
+from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.web.auth import new_key
 
 SCOPES = ("team", "user", "key")
 MAX_NAME = 200

@@ -13,8 +13,11 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import Connection
 
-from . import idempotency, metering
-from .errors import (
+from gateway.core import idempotency, metering
+from gateway.core.idempotency import Answer, Replay, Reservation, replay_headers
+from gateway.core.metering import Admission, Charge, Settlement
+from gateway.core.pricing import cost, format_credits
+from gateway.errors import (
     GatewayError,
     InvalidRequest,
     LedgerUnavailable,
@@ -22,10 +25,7 @@ from .errors import (
     RequestTooLarge,
     UnknownModel,
 )
-from .idempotency import Answer, Replay, Reservation, replay_headers
-from .metering import Admission, Charge, Settlement
-from .pricing import cost, format_credits
-from .state import (
+from gateway.web.state import (
     BACKGROUND,
     DEADLINES,
     GAUGES,
@@ -37,7 +37,7 @@ from .state import (
     STORE,
     UPSTREAM,
 )
-from .upstream import (
+from gateway.web.upstream import (
     SseUsageScanner,
     end_stream,
     open_upstream,

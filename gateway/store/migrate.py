@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def alembic_config(database_url: str, connection: Connection | None = None) -> Config:
@@ -34,7 +34,7 @@ def _one_at_a_time(database_url: str) -> Iterator[None]:
     if not database_url.startswith("sqlite"):
         yield
         return
-    from .store import sqlite_path
+    from gateway.store import sqlite_path
 
     lock_path = Path(sqlite_path(database_url) + ".migrate-lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,18 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import admin, expiry, metering, openapi, usage, workers
-from .auth import KeyCache, lookup_caller
-from .chat import chat
-from .errors import LedgerUnavailable
-from .gauges import BudgetGauges
-from .metrics import Metrics
-from .middlewares import error_middleware
-from .settings import Settings
-from .state import (
+from gateway.core import expiry, metering
+from gateway.errors import LedgerUnavailable
+from gateway.ops import workers
+from gateway.ops.gauges import BudgetGauges
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings
+from gateway.store import Store, open_store
+from gateway.web import admin, openapi, usage
+from gateway.web.auth import KeyCache, lookup_caller
+from gateway.web.chat import chat
+from gateway.web.middlewares import error_middleware
+from gateway.web.state import (
     BACKGROUND,
     DEADLINES,
     GAUGES,
@@ -31,8 +34,7 @@ from .state import (
     STORE,
     UPSTREAM,
 )
-from .store import Store, open_store
-from .upstream import Deadlines, new_session
+from gateway.web.upstream import Deadlines, new_session
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from .errors import InvalidRequest, NotFound
-from .pricing import credits_json, format_credits
-from .reports import parse_range, range_clause
-from .services import check_choice, check_name
-from .windows import from_key, iso_us, isoformat
+from gateway.core.pricing import credits_json, format_credits
+from gateway.core.windows import from_key, iso_us, isoformat
+from gateway.errors import InvalidRequest, NotFound
+from gateway.ops.reports import parse_range, range_clause
+from gateway.ops.services import check_choice, check_name
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 OUTCOMES = ("charged", "upstream_error", "upstream_unavailable", "upstream_timeout", "expired")

@@ -7,12 +7,12 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-from .auth import KeyCache
-from .gauges import BudgetGauges
-from .metrics import Metrics
-from .settings import Settings
-from .store import Store
-from .upstream import Deadlines
+from gateway.ops.gauges import BudgetGauges
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings
+from gateway.store import Store
+from gateway.web.auth import KeyCache
+from gateway.web.upstream import Deadlines
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)

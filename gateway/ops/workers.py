@@ -33,8 +33,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import metrics as m
-from .settings import Settings
+from gateway.ops import metrics as m
+from gateway.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 

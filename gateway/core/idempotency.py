@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
-from .errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
-from .metering import Admission, Charge, Settlement, admit, settle
+from gateway.core.metering import Admission, Charge, Settlement, admit, settle
+from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
 
 HEADER = "Idempotency-Key"
 RETENTION_US = 24 * 3600 * 1_000_000

@@ -19,13 +19,13 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import Connection, text
 
-from .admin import query_params
-from .jsonout import json_response
-from .metering import Caller, now_us
-from .pricing import credits_json
-from .services import list_budgets
-from .state import KEYS, STORE
-from .windows import from_us, isoformat, window_end, window_start
+from gateway.core.metering import Caller, now_us
+from gateway.core.pricing import credits_json
+from gateway.core.windows import from_us, isoformat, window_end, window_start
+from gateway.jsonout import json_response
+from gateway.ops.services import list_budgets
+from gateway.web.admin import query_params
+from gateway.web.state import KEYS, STORE
 
 PERIODS = ("daily", "weekly", "monthly")
 

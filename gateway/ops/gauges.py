@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
-from . import metering
-from .errors import LedgerUnavailable
-from .metrics import Metrics
-from .store import Store
-from .windows import PERIODS, window_keys
+from gateway.core import metering
+from gateway.core.windows import PERIODS, window_keys
+from gateway.errors import LedgerUnavailable
+from gateway.ops.metrics import Metrics
+from gateway.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import GatewayError
-from .jsonout import json_response
+from gateway.errors import GatewayError
+from gateway.jsonout import json_response
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from .errors import BudgetExceeded, Unauthorized
-from .pricing import credits_json, format_credits
-from .store import Sql, grouped, sql_of
-from .windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
+from gateway.core.pricing import credits_json, format_credits
+from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
+from gateway.errors import BudgetExceeded, Unauthorized
+from gateway.store import Sql, grouped, sql_of
 
 Refusal = BudgetExceeded | Unauthorized
 

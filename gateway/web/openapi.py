@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .ledger import MAX_LIMIT, OUTCOMES
-from .reports import GROUPS, SUMS
-from .services import MAX_NAME, SCOPES
-from .windows import PERIODS
+from gateway.core.windows import PERIODS
+from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
+from gateway.ops.reports import GROUPS, SUMS
+from gateway.ops.services import MAX_NAME, SCOPES
 
 JSON = "application/json"
 STRING = {"type": "string"}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .pricing import PriceTable
+from gateway.core.pricing import PriceTable
 
 # More worker processes than this is a typo, not a machine (`gateway serve --workers`).
 MAX_WORKERS = 256

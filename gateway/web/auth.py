@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import Connection, text
 
-from .errors import Unauthorized
-from .metering import Caller, revoked
+from gateway.core.metering import Caller, revoked
+from gateway.errors import Unauthorized
 
 KEY_PREFIX = "gwk_"
 CACHE_MAX_ENTRIES = 100_000

@@ -25,8 +25,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from .errors import InvalidRequest
-from .pricing import credits_json, format_credits
+from gateway.core.pricing import credits_json, format_credits
+from gateway.errors import InvalidRequest
 
 GROUPS = ("team", "user", "key", "model", "day", "month")
 SUMS = ("requests", "messages", "credits", "prompt_tokens", "completion_tokens")

@@ -18,13 +18,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import ledger, reports, services
-from .auth import bearer_token
-from .chat import read_body
-from .errors import AdminDisabled, InvalidRequest, Unauthorized
-from .jsonout import json_response
-from .metering import now_us
-from .state import GAUGES, KEYS, SETTINGS, STORE
+from gateway.core.metering import now_us
+from gateway.errors import AdminDisabled, InvalidRequest, Unauthorized
+from gateway.jsonout import json_response
+from gateway.ops import ledger, reports, services
+from gateway.web.auth import bearer_token
+from gateway.web.chat import read_body
+from gateway.web.state import GAUGES, KEYS, SETTINGS, STORE
 
 PREFIX = "/admin/v1"
 

@@ -6,10 +6,10 @@ import asyncio
 import logging
 from collections.abc import Collection
 
-from . import idempotency, metering
-from .errors import LedgerUnavailable
-from .metrics import Metrics
-from .store import Store
+from gateway.core import idempotency, metering
+from gateway.errors import LedgerUnavailable
+from gateway.ops.metrics import Metrics
+from gateway.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import ledger, migrate, reports, services, workers
-from .errors import GatewayError, LedgerUnavailable
-from .fake_upstream import FakeUpstream
-from .jsonout import dumps
-from .metering import now_us
-from .settings import ConfigError, Settings
-from .store import open_store
+from gateway.core.metering import now_us
+from gateway.errors import GatewayError, LedgerUnavailable
+from gateway.jsonout import dumps
+from gateway.ops import ledger, reports, services, workers
+from gateway.ops.fake_upstream import FakeUpstream
+from gateway.ops.settings import ConfigError, Settings
+from gateway.store import migrate, open_store
 
 log = logging.getLogger("gateway")
 
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", metavar="N", help="processes serving the port (default: $GATEWAY_WORKERS or 1)"
     )
-    # Given by `serve --workers N` to the worker processes it starts (gateway/workers.py).
+    # Given by `serve --workers N` to the worker processes it starts (gateway/ops/workers.py).
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-dir", help=argparse.SUPPRESS)
     serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
@@ -299,7 +299,7 @@ async def _run_servers(
     worker: workers.Worker | None = None,
 ) -> None:
     """Serve the gateway (and a fake upstream) until SIGINT or SIGTERM, or as one `worker` of several."""
-    from .app import create_app
+    from gateway.web.app import create_app
 
     # Before serving: a signal that comes early stops the server once it has started.
     stop = asyncio.Event()

@@ -1,0 +1,1 @@
+"""The metering core: pricing and windows (pure), holds, settlements, idempotency and hold expiry."""

@@ -1,0 +1,1 @@
+"""Operations: settings, the CLI and workers, administration, reports, the ledger's checks, metrics."""

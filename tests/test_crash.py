@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,6 +23,7 @@ from .procs import start_gateway, wait_ready
 
 TTL = 4.0
 ENV = {"GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "3", "GATEWAY_HOLD_TTL_SECONDS": str(TTL)}
+GRACE = 2.0
 
 
 async def _count(store: Any, query: str) -> int:
@@ -141,6 +145,72 @@ async def test_sigterm_answers_and_charges_requests_in_flight(
         assert [tuple(r) for r in rows] == [("charged", 10)]
         assert await _count(store, "SELECT COUNT(*) FROM holds") == 0
         assert await _count(store, "SELECT COUNT(*) FROM instances") == 0
+    finally:
+        await store.close()
+
+
+def _verify(database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GATEWAY_DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "ledger", "verify"], env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+async def test_sigterm_cuts_streams_past_the_grace_and_settles_them(
+    backend: Backend, fake: Any, tmp_path: Any
+) -> None:
+    """SIGTERM with 50 streams in flight that would run for 12 s, and a grace of 2 s: the process
+    cuts them when the grace is over, settles every one itself (charged: their 2xx headers went
+    out), leaves no hold and no heartbeat row for a sweeper, and exits 0 long before the streams
+    would have ended; `gateway ledger verify` is clean."""
+    upstream, upstream_url = fake
+    upstream.chunk_delay = 2.0  # six chunks: 12 s a stream
+    store = open_store(backend.url)
+    try:
+        key = await _alice_of_eng(store)
+        env = dict(ENV, GATEWAY_HOLD_TTL_SECONDS="60", GATEWAY_SHUTDOWN_GRACE_SECONDS=str(GRACE))
+        gateway = start_gateway(backend.url, upstream_url, tmp_path, **env)
+        try:
+            await wait_ready(gateway)
+            body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "x"}] * 2}
+
+            async def chat(session: aiohttp.ClientSession) -> bytes:
+                async with session.post(
+                    gateway.url + "/api/v1/chat",
+                    json=dict(body, stream=True),
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    assert resp.status == 200
+                    return await resp.content.read()
+
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                calls = [asyncio.ensure_future(chat(session)) for _ in range(50)]
+                deadline = time.monotonic() + 15
+                while await _count(store, "SELECT COUNT(*) FROM holds") < 50:
+                    assert time.monotonic() < deadline, "requests never got their holds"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # every stream has its headers and first chunk
+                signalled = time.monotonic()
+                gateway.process.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(gateway.process.wait, 30)
+                stopped = time.monotonic() - signalled
+                # Cut, not finished: none of them got to the end of its stream.
+                answers = await asyncio.gather(*calls, return_exceptions=True)
+            assert code == 0, gateway.log.read_text()
+            assert stopped < 12 - 1, f"the process waited {stopped:.1f}s, past its {GRACE}s grace"
+            assert not any(isinstance(a, bytes) and b"[DONE]" in a for a in answers)
+        finally:
+            gateway.stop()
+        # Right after exit, before any other process could sweep: the process settled them all.
+        assert await _count(store, "SELECT COUNT(*) FROM holds") == 0
+        assert await _count(store, "SELECT COUNT(*) FROM instances") == 0
+        rows = await store.run(
+            lambda c: c.execute(text("SELECT outcome, COUNT(*) FROM ledger GROUP BY outcome")).all()
+        )
+        assert [tuple(r) for r in rows] == [("charged", 50)]
+        verify = await asyncio.to_thread(_verify, backend.url)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         await store.close()
 

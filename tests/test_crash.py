@@ -238,3 +238,40 @@ async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE outcome = 'expired'") == 1
     budget = (await store.run(services.list_budgets, "user", "alice"))[0]
     assert budget["held"] == 0.1 and budget["spent"] == 0
+
+
+async def test_a_replica_whose_clock_runs_ahead_spares_live_holds(backend: Backend, store: Any) -> None:
+    """Issue 15 item 9: a sweeping replica whose clock is an hour ahead (far more than the TTL)
+    does not take a live process for a dead one on PostgreSQL, where heartbeats are written and
+    judged by the database's clock; a process that really stopped beating is still released."""
+    if backend.name != "postgresql":
+        pytest.skip("SQLite's processes share one machine, so one clock")
+    from gateway.core import expiry, metering
+    from gateway.core.metering import Caller, Charge
+    from gateway.ops.metrics import Metrics
+
+    at = now_us()
+    await store.run(services.create_team, "eng", at)
+    user = await store.run(services.create_user, "alice", "eng", at)
+    key = await store.run(services.create_key, "alice", None, at)
+    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    caller = Caller(key["id"], user["id"], "alice", None, None)
+    ttl = 4.0
+    for instance in ("live", "dead"):
+        await expiry.beat_and_sweep(store, Metrics(), instance, ttl)
+        charge = Charge(f"{instance}-one", caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
+        await store.run(metering.admit, charge, instance, now_us())
+    # "dead" stopped beating an hour ago by the database's clock; "live" just beat.
+    await store.run(
+        lambda c: c.execute(
+            text("UPDATE instances SET heartbeat_at = heartbeat_at - 3600000000 WHERE id = 'dead'")
+        )
+    )
+
+    def ahead() -> int:
+        return now_us() + 3_600_000_000
+
+    released = await expiry.beat_and_sweep(store, Metrics(), "skewed", ttl, clock=ahead)
+    assert released == 1
+    assert await _count(store, "SELECT COUNT(*) FROM holds WHERE request_id = 'live-one'") == 1
+    assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE request_id = 'dead-one'") == 1

@@ -186,7 +186,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     # A shutdown may cut this request (see `shutdown`).
     task = asyncio.current_task()
     assert task is not None
-    app[REQUESTS][task] = True
+    app[REQUESTS][task] = shutdown.RUNNING
     try:
         settings = app[SETTINGS]
         try:
@@ -211,12 +211,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             )
             reservation = _reservation(request, body)
             if reservation is None:
-                admission = await shutdown.owned(
-                    app, app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+                admission = await shutdown.admitting(
+                    app, task, app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
                 )
             else:
-                admitted = await shutdown.owned(
+                admitted = await shutdown.admitting(
                     app,
+                    task,
                     app[STORE].run(
                         idempotency.admit_once, charge, app[INSTANCE_ID], metering.now_us(), reservation
                     ),
@@ -403,7 +404,7 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     fn, args = progress.unit(admission)
     # Not cut while it writes: a cut would leave the settlement's outcome unheard, and not retried.
     task = asyncio.current_task()
-    shutdown.cuttable(app, task, False)
+    shutdown.busy(app, task)
     try:
         done = await store.run(fn, *args, metering.now_us())
     except LedgerUnavailable:
@@ -413,7 +414,7 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
         task.add_done_callback(app[BACKGROUND].discard)
         return
     finally:
-        shutdown.cuttable(app, task, True)
+        shutdown.idle(app, task)
         if not retrying:
             app[SETTLING].discard(admission.charge.request_id)
     if not done:

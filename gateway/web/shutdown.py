@@ -6,8 +6,8 @@ app's `on_shutdown` hooks before it touches the requests under way: `drain` is t
 1. Requests in flight go on until they end or `GATEWAY_SHUTDOWN_GRACE_SECONDS` have passed.
 2. Those still running are cut (cancelled), except while they write their settlement; each
    settles in its `finally` like any other request (a stream whose 2xx headers went out is
-   charged, anything else released), and an admission that commits after its request was cut is
-   released by this process (`owned`).
+   charged, anything else released). A request waiting for its admission is cut once it has its
+   answer, and releases its own hold (`admitting`).
 3. Settlements that found the database down keep being retried until the grace is over (and at
    least SETTLE_AFTER_CUT_SECONDS after the cut).
 
@@ -47,17 +47,51 @@ _FREE_IDEMPOTENCY_KEY = text(
 )
 
 
+# What a shutdown may do to a request now (the values of `app[REQUESTS]`).
+RUNNING = 0  # cut it (cancel it)
+BUSY = 1  # not now: it is waiting for its admission or writing its settlement
+CUT = 2  # it was busy when the grace ended: it is cut as soon as it is not
+
+
 def setup(app: web.Application) -> None:
     """Track the chat requests of `app` and drain them when the server shuts down."""
     app[REQUESTS] = {}
     app.on_shutdown.append(drain)
 
 
-def cuttable(app: web.Application, task: asyncio.Task[Any] | None, may: bool) -> None:
-    """Say whether a shutdown may cut the request running in `task` now (not while it settles)."""
+def busy(app: web.Application, task: asyncio.Task[Any] | None) -> None:
+    """The request in `task` starts writing its settlement: a shutdown must not cut it meanwhile.
+
+    A settlement cancelled half-way would still be written (the store runs a unit to its end), but
+    its caller would not hear of a failure, and so would not retry it.
+    """
     requests = app[REQUESTS]
-    if task is not None and task in requests:
-        requests[task] = may
+    if task in requests:
+        requests[task] = BUSY
+
+
+def idle(app: web.Application, task: asyncio.Task[Any] | None) -> None:
+    """The request in `task` may be cut again."""
+    requests = app[REQUESTS]
+    if task in requests:
+        requests[task] = RUNNING
+
+
+async def admitting(app: web.Application, task: asyncio.Task[Any], admission: Awaitable[T]) -> T:
+    """Await an admission, which a shutdown does not cut; if it asked to meanwhile, release the hold.
+
+    A request cancelled while its admission waits in the store would not hear the answer, yet the
+    store runs the unit to its end: the hold would be committed after its caller was gone and
+    linger until a sweep. So the cut waits for the answer, and the request releases its own hold.
+    """
+    requests = app[REQUESTS]
+    requests[task] = BUSY
+    result = await admission
+    if requests[task] == CUT and isinstance(result, Admission):
+        await release(app, result)
+        raise asyncio.CancelledError
+    requests[task] = RUNNING
+    return result
 
 
 async def drain(app: web.Application) -> None:
@@ -73,10 +107,14 @@ async def drain(app: web.Application) -> None:
         log.warning("shutdown grace of %gs is over: cutting %d request(s) in flight", grace, len(requests))
     cut: set[asyncio.Task[Any]] = set()
     while requests:
-        for task, may in list(requests.items()):
-            if may and task not in cut:
+        for task, state in list(requests.items()):
+            if task in cut:
+                continue
+            if state == RUNNING:
                 cut.add(task)
                 task.cancel()
+            else:
+                requests[task] = CUT
         await asyncio.wait(set(requests), timeout=CUT_POLL_SECONDS)
     retrying = {task for task in app[BACKGROUND] if not task.done()}
     if retrying:
@@ -95,26 +133,6 @@ async def drain(app: web.Application) -> None:
 def unsettled(app: web.Application) -> int:
     """How many requests this process admitted and has not written the settlement of."""
     return len(app[SETTLING])
-
-
-async def owned(app: web.Application, admitting: Awaitable[T]) -> T:
-    """Await an admission; if the request is cut meanwhile, release the hold once it is committed.
-
-    The store runs a unit to its end even if its caller is cancelled: an admission queued when
-    its request was cut may commit afterwards, and nobody would settle its hold until a sweep.
-    Here the cut request waits for its admission's answer and releases the hold itself.
-    """
-    work = asyncio.ensure_future(admitting)
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        try:
-            result = await work
-        except Exception:
-            raise asyncio.CancelledError from None
-        if isinstance(result, Admission):
-            await release(app, result)
-        raise
 
 
 async def release(app: web.Application, admission: Admission) -> None:

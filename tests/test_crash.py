@@ -157,19 +157,26 @@ def _verify(database_url: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_sigterm_cuts_streams_past_the_grace_and_settles_them(
-    backend: Backend, fake: Any, tmp_path: Any
+    backend: Backend, fake: Any, tmp_path: Any, workers: str
 ) -> None:
     """SIGTERM with 50 streams in flight that would run for 12 s, and a grace of 2 s: the process
     cuts them when the grace is over, settles every one itself (charged: their 2xx headers went
     out), leaves no hold and no heartbeat row for a sweeper, and exits 0 long before the streams
-    would have ended; `gateway ledger verify` is clean."""
+    would have ended; `gateway ledger verify` is clean. With `--workers 2` the parent passes the
+    signal on and waits for both workers to do the same."""
     upstream, upstream_url = fake
     upstream.chunk_delay = 2.0  # six chunks: 12 s a stream
     store = open_store(backend.url)
     try:
         key = await _alice_of_eng(store)
-        env = dict(ENV, GATEWAY_HOLD_TTL_SECONDS="60", GATEWAY_SHUTDOWN_GRACE_SECONDS=str(GRACE))
+        env = dict(
+            ENV,
+            GATEWAY_HOLD_TTL_SECONDS="60",
+            GATEWAY_SHUTDOWN_GRACE_SECONDS=str(GRACE),
+            GATEWAY_WORKERS=workers,
+        )
         gateway = start_gateway(backend.url, upstream_url, tmp_path, **env)
         try:
             await wait_ready(gateway)

@@ -191,10 +191,16 @@ async def test_an_admission_that_commits_after_its_request_was_cut_is_released(
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
-def test_a_bad_shutdown_grace_stops_start_up_naming_it(value: str) -> None:
+def test_a_bad_shutdown_grace_stops_start_up_naming_it(value: str, tmp_path: Any) -> None:
     from gateway.ops.settings import ConfigError
 
     with pytest.raises(ConfigError, match="^GATEWAY_SHUTDOWN_GRACE_SECONDS: "):
         Settings.load(environ={"GATEWAY_SHUTDOWN_GRACE_SECONDS": value})
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"shutdown_grace_seconds = {value!r}\n")
+    with pytest.raises(ConfigError, match="^shutdown_grace_seconds: "):
+        Settings.load(config, environ={})
+    config.write_text("shutdown_grace_seconds = 5\n")
+    assert Settings.load(config, environ={}).shutdown_grace_seconds == 5
     assert Settings.load(environ={}).shutdown_grace_seconds == 30
     assert Settings.load(environ={"GATEWAY_SHUTDOWN_GRACE_SECONDS": "2.5"}).shutdown_grace_seconds == 2.5

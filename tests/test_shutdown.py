@@ -136,6 +136,39 @@ async def _count(store: Any, table: str) -> int:
     return int(await store.read(lambda conn: conn.execute(query).scalar_one()))
 
 
+async def test_a_stream_cut_while_the_database_is_down_is_charged_when_it_is_back(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
+) -> None:
+    """A stream outlives the 1 s grace while the database is down: it is cut, its settlement fails
+    and is retried after the cut; the database is back 3 s later, the charge is written (its 2xx
+    headers went out), and only then does the process retire."""
+    async with _gateway(backend, fake, aiohttp_client, grace=1) as (w, outage, key):
+        w.upstream.chunk_delay = 2.0  # 12 s a stream
+        resp = await w.client.post(
+            "/api/v1/chat",
+            json={
+                "model": "openai/gpt-oss-20b",
+                "messages": [{"role": "user", "content": "s"}],
+                "stream": True,
+            },
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-Id"]
+        await resp.content.readline()
+        await outage.cut()
+        closing = asyncio.ensure_future(w.client.close())
+        await asyncio.sleep(3)
+        assert not closing.done(), "the process stopped before its settlement was written"
+        await outage.restore()
+        await asyncio.wait_for(closing, 15)
+        rows = await w.sql("SELECT request_id, outcome, credits_micros FROM ledger")
+        assert [tuple(r) for r in rows] == [(request_id, "charged", 100_000)]
+        assert await w.sql("SELECT * FROM holds") == []
+        assert await w.sql("SELECT * FROM instances") == []
+        await assert_counters_match_ledger(w)
+
+
 class _CounterLock:
     """Delays admissions without failing them: another transaction holds what they need."""
 

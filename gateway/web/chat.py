@@ -236,6 +236,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.inflight.dec()
         del app[REQUESTS][task]
+        # An error's traceback holds this frame: no reference cycle through the task.
+        del task
 
 
 def _reservation(request: web.Request, body: bytes) -> Reservation | None:
@@ -403,8 +405,8 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     retrying = False
     fn, args = progress.unit(admission)
     # Not cut while it writes: a cut would leave the settlement's outcome unheard, and not retried.
-    task = asyncio.current_task()
-    shutdown.busy(app, task)
+    current = asyncio.current_task()
+    shutdown.busy(app, current)
     try:
         done = await store.run(fn, *args, metering.now_us())
     except LedgerUnavailable:
@@ -414,7 +416,8 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
         task.add_done_callback(app[BACKGROUND].discard)
         return
     finally:
-        shutdown.idle(app, task)
+        shutdown.idle(app, current)
+        del current  # no reference cycle through an error's traceback
         if not retrying:
             app[SETTLING].discard(admission.charge.request_id)
     if not done:

@@ -86,11 +86,16 @@ async def admitting(app: web.Application, task: asyncio.Task[Any], admission: Aw
     """
     requests = app[REQUESTS]
     requests[task] = BUSY
-    result = await admission
-    if requests[task] == CUT and isinstance(result, Admission):
+    try:
+        result = await admission
+    finally:
+        cut = requests[task] == CUT
+        requests[task] = RUNNING
+        # A refusal's traceback holds this frame: no reference cycle through the task.
+        del task
+    if cut and isinstance(result, Admission):
         await release(app, result)
         raise asyncio.CancelledError
-    requests[task] = RUNNING
     return result
 
 

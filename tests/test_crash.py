@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,6 +23,7 @@ from .procs import start_gateway, wait_ready
 
 TTL = 4.0
 ENV = {"GATEWAY_UPSTREAM_TIMEOUT_SECONDS": "3", "GATEWAY_HOLD_TTL_SECONDS": str(TTL)}
+GRACE = 2.0
 
 
 async def _count(store: Any, query: str) -> int:
@@ -145,6 +149,79 @@ async def test_sigterm_answers_and_charges_requests_in_flight(
         await store.close()
 
 
+def _verify(database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GATEWAY_DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "ledger", "verify"], env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_cuts_streams_past_the_grace_and_settles_them(
+    backend: Backend, fake: Any, tmp_path: Any, workers: str
+) -> None:
+    """SIGTERM with 50 streams in flight that would run for 12 s, and a grace of 2 s: the process
+    cuts them when the grace is over, settles every one itself (charged: their 2xx headers went
+    out), leaves no hold and no heartbeat row for a sweeper, and exits 0 long before the streams
+    would have ended; `gateway ledger verify` is clean. With `--workers 2` the parent passes the
+    signal on and waits for both workers to do the same."""
+    upstream, upstream_url = fake
+    upstream.chunk_delay = 2.0  # six chunks: 12 s a stream
+    store = open_store(backend.url)
+    try:
+        key = await _alice_of_eng(store)
+        env = dict(
+            ENV,
+            GATEWAY_HOLD_TTL_SECONDS="60",
+            GATEWAY_SHUTDOWN_GRACE_SECONDS=str(GRACE),
+            GATEWAY_WORKERS=workers,
+        )
+        gateway = start_gateway(backend.url, upstream_url, tmp_path, **env)
+        try:
+            await wait_ready(gateway)
+            body = {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": "x"}] * 2}
+
+            async def chat(session: aiohttp.ClientSession) -> bytes:
+                async with session.post(
+                    gateway.url + "/api/v1/chat",
+                    json=dict(body, stream=True),
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    assert resp.status == 200
+                    return await resp.content.read()
+
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                calls = [asyncio.ensure_future(chat(session)) for _ in range(50)]
+                deadline = time.monotonic() + 15
+                while await _count(store, "SELECT COUNT(*) FROM holds") < 50:
+                    assert time.monotonic() < deadline, "requests never got their holds"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # every stream has its headers and first chunk
+                signalled = time.monotonic()
+                gateway.process.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(gateway.process.wait, 30)
+                stopped = time.monotonic() - signalled
+                # Cut, not finished: none of them got to the end of its stream.
+                answers = await asyncio.gather(*calls, return_exceptions=True)
+            assert code == 0, gateway.log.read_text()
+            assert stopped < 12 - 1, f"the process waited {stopped:.1f}s, past its {GRACE}s grace"
+            assert not any(isinstance(a, bytes) and b"[DONE]" in a for a in answers)
+        finally:
+            gateway.stop()
+        # Right after exit, before any other process could sweep: the process settled them all.
+        assert await _count(store, "SELECT COUNT(*) FROM holds") == 0
+        assert await _count(store, "SELECT COUNT(*) FROM instances") == 0
+        rows = await store.run(
+            lambda c: c.execute(text("SELECT outcome, COUNT(*) FROM ledger GROUP BY outcome")).all()
+        )
+        assert [tuple(r) for r in rows] == [("charged", 50)]
+        verify = await asyncio.to_thread(_verify, backend.url)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        await store.close()
+
+
 async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     """A hold of a process that still beats is kept past the TTL; two sweepers release a dead one once."""
     from gateway.core import metering
@@ -168,3 +245,40 @@ async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE outcome = 'expired'") == 1
     budget = (await store.run(services.list_budgets, "user", "alice"))[0]
     assert budget["held"] == 0.1 and budget["spent"] == 0
+
+
+async def test_a_replica_whose_clock_runs_ahead_spares_live_holds(backend: Backend, store: Any) -> None:
+    """Issue 15 item 9: a sweeping replica whose clock is an hour ahead (far more than the TTL)
+    does not take a live process for a dead one on PostgreSQL, where heartbeats are written and
+    judged by the database's clock; a process that really stopped beating is still released."""
+    if backend.name != "postgresql":
+        pytest.skip("SQLite's processes share one machine, so one clock")
+    from gateway.core import expiry, metering
+    from gateway.core.metering import Caller, Charge
+    from gateway.ops.metrics import Metrics
+
+    at = now_us()
+    await store.run(services.create_team, "eng", at)
+    user = await store.run(services.create_user, "alice", "eng", at)
+    key = await store.run(services.create_key, "alice", None, at)
+    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    caller = Caller(key["id"], user["id"], "alice", None, None)
+    ttl = 4.0
+    for instance in ("live", "dead"):
+        await expiry.beat_and_sweep(store, Metrics(), instance, ttl)
+        charge = Charge(f"{instance}-one", caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
+        await store.run(metering.admit, charge, instance, now_us())
+    # "dead" stopped beating an hour ago by the database's clock; "live" just beat.
+    await store.run(
+        lambda c: c.execute(
+            text("UPDATE instances SET heartbeat_at = heartbeat_at - 3600000000 WHERE id = 'dead'")
+        )
+    )
+
+    def ahead() -> int:
+        return now_us() + 3_600_000_000
+
+    released = await expiry.beat_and_sweep(store, Metrics(), "skewed", ttl, clock=ahead)
+    assert released == 1
+    assert await _count(store, "SELECT COUNT(*) FROM holds WHERE request_id = 'live-one'") == 1
+    assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE request_id = 'dead-one'") == 1

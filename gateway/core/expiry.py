@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from gateway.core import idempotency, metering
 from gateway.errors import LedgerUnavailable
@@ -30,6 +30,7 @@ async def beat_and_sweep(
     settling: Collection[str] = (),
     *,
     sweeper: bool = True,
+    clock: Callable[[], int] = metering.now_us,
 ) -> int:
     """Mark this process alive, then release every hold older than the TTL whose process is silent.
 
@@ -37,8 +38,11 @@ async def beat_and_sweep(
     has admitted and not yet settled): they were lost, e.g. in an outage during an admission.
     Not the `sweeper` (the other workers of a `serve --workers` server): only those of its own,
     and no purge of old idempotency keys; one sweeper a server is enough.
+
+    `clock` is this process's time (microseconds); on PostgreSQL whether a process is silent is
+    judged by the database's clock instead, so replicas' clocks may disagree.
     """
-    now = metering.now_us()
+    now = clock()
     await store.run(metering.heartbeat, instance_id, now, now - FORGET_AFTER_US)
     if sweeper:
         await store.run(idempotency.purge, now)
@@ -49,7 +53,7 @@ async def beat_and_sweep(
         expired = await store.run(
             metering.expire_holds,
             now - int(ttl * 1_000_000),
-            metering.now_us(),
+            clock(),
             batch,
             instance_id,
             frozenset(settling),

@@ -531,9 +531,21 @@ _HOLD_COLUMNS = (
     "request_id, key_id, user_id, team_id, model, message_count, unit_price_micros AS unit_price, "
     "credits_micros AS credits, stream, admitted_at"
 )
+# PostgreSQL's own clock in microseconds since the epoch. Replicas' clocks may disagree; on
+# PostgreSQL heartbeats are written and judged by this one clock, so a replica whose clock runs
+# ahead cannot take a live process for a dead one (SQLite: one machine, one clock).
+DB_NOW_US = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
 _STALE_HOLDS = text(
     f"SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.admitted_at < :cutoff AND NOT EXISTS "
     "(SELECT 1 FROM instances i WHERE i.id = h.instance_id AND i.heartbeat_at >= :cutoff) "
+    "ORDER BY admitted_at LIMIT :limit"
+)
+# The same on PostgreSQL: a process is alive if it beat within the TTL (`:at - :cutoff`) by the
+# database's clock, whatever the sweeping replica's clock says.
+_STALE_HOLDS_PG = text(
+    f"SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.admitted_at < :cutoff AND NOT EXISTS "
+    "(SELECT 1 FROM instances i WHERE i.id = h.instance_id "
+    f"AND i.heartbeat_at >= {DB_NOW_US} - (:at - :cutoff)) "
     "ORDER BY admitted_at LIMIT :limit"
 )
 # An Idempotency-Key reserved by a request that never settled is freed with its hold.
@@ -564,7 +576,11 @@ def expire_holds(
     Safe to run in many processes at once: a hold is released only by whoever deletes its row.
     """
     db = sql_of(conn)
-    rows = list(conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit}).mappings().all())
+    if conn.dialect.name == "postgresql":
+        stale = conn.execute(_STALE_HOLDS_PG, {"cutoff": cutoff, "at": at, "limit": limit})
+    else:
+        stale = conn.execute(_STALE_HOLDS, {"cutoff": cutoff, "limit": limit})
+    rows = list(stale.mappings().all())
     if instance_id is not None:
         own = conn.execute(_OWN_STALE_HOLDS, {"instance_id": instance_id, "cutoff": cutoff}).mappings()
         rows += [row for row in own if row["request_id"] not in settling]
@@ -614,10 +630,22 @@ _UPSERT_INSTANCE = text(
     "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
 )
 _FORGET_INSTANCES = text("DELETE FROM instances WHERE heartbeat_at < :cutoff")
+_UPSERT_INSTANCE_PG = text(
+    f"INSERT INTO instances (id, started_at, heartbeat_at) VALUES (:id, {DB_NOW_US}, {DB_NOW_US}) "
+    "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+)
+_FORGET_INSTANCES_PG = text(f"DELETE FROM instances WHERE heartbeat_at < {DB_NOW_US} - :age")
 
 
 def heartbeat(conn: Connection, instance_id: str, at: int, forget_before: int) -> None:
-    """Mark this process alive (its holds are not expired) and forget long-dead processes."""
+    """Mark this process alive (its holds are not expired) and forget long-dead processes.
+
+    On PostgreSQL the beat is the database's time, not `at` (see DB_NOW_US).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_UPSERT_INSTANCE_PG, {"id": instance_id})
+        conn.execute(_FORGET_INSTANCES_PG, {"age": at - forget_before})
+        return
     conn.execute(_UPSERT_INSTANCE, {"id": instance_id, "at": at})
     conn.execute(_FORGET_INSTANCES, {"cutoff": forget_before})
 

@@ -313,7 +313,13 @@ async def _run_servers(
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", fake_port).start()
             runners.append(runner)
-        runner = web.AppRunner(create_app(settings, worker=worker), access_log=None)
+        # The app's own drain (gateway/web/shutdown.py) gives chat requests the grace and settles
+        # them; aiohttp gives any other request the same before it cancels it.
+        runner = web.AppRunner(
+            create_app(settings, worker=worker),
+            access_log=None,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+        )
         await runner.setup()
         runners.append(runner)
         # Workers bind the port side by side; the kernel spreads connections across them.

@@ -108,6 +108,7 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "cache_ttl_seconds": (_positive(float), 2.0),
     "db_pool_size": (_positive(int), 10),
     "workers": (_workers, 1),
+    "shutdown_grace_seconds": (_positive(float), 30.0),
 }
 
 
@@ -134,6 +135,8 @@ class Settings:
     db_pool_size: int = 10
     # Processes serving the one port (SO_REUSEPORT) under `gateway serve`; 1 is a single process.
     workers: int = 1
+    # On SIGTERM/SIGINT, how long requests in flight may go on before they are cut (and settled).
+    shutdown_grace_seconds: float = 30.0
     pricing: PriceTable = field(default_factory=PriceTable.from_config)
 
     @classmethod

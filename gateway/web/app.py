@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,7 +19,7 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store, open_store
-from gateway.web import admin, openapi, usage
+from gateway.web import admin, openapi, shutdown, usage
 from gateway.web.auth import KeyCache, lookup_caller
 from gateway.web.chat import chat
 from gateway.web.middlewares import error_middleware
@@ -105,6 +106,7 @@ def create_app(
     app[BACKGROUND] = set()
     app[SETTLING] = set()
     app[GAUGES] = BudgetGauges(app[METRICS])
+    shutdown.setup(app)
     sweeper = worker is None or worker.sweeper
     scrape = metrics_view
     if worker is not None:
@@ -135,10 +137,12 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
         app[STORE] = store
         app[KEYS] = KeyCache(lambda digest: store.read(lookup_caller, digest), settings.cache_ttl_seconds)
         yield
-        retrying: set[asyncio.Task[None]] = app[BACKGROUND]
-        if retrying:
-            # Settlements still retrying get a last chance; the TTL covers the rest.
-            await asyncio.wait(retrying, timeout=5)
+        # `shutdown.drain` gave settlements still retrying the shutdown grace; the TTL covers the rest.
+        background: set[asyncio.Task[Any]] = app[BACKGROUND]
+        for task in list(background):
+            task.cancel()
+        if background:
+            await asyncio.wait(set(background))
         if injected is None:
             await store.close()
 
@@ -169,6 +173,9 @@ def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if shutdown.unsettled(app):
+            # Retired, its holds could be swept at once: these would be recorded expired.
+            return
         with contextlib.suppress(LedgerUnavailable):
             await store.run(metering.retire, instance)
 

@@ -25,6 +25,7 @@ from gateway.errors import (
     RequestTooLarge,
     UnknownModel,
 )
+from gateway.web import shutdown
 from gateway.web.state import (
     BACKGROUND,
     DEADLINES,
@@ -32,6 +33,7 @@ from gateway.web.state import (
     INSTANCE_ID,
     KEYS,
     METRICS,
+    REQUESTS,
     SETTINGS,
     SETTLING,
     STORE,
@@ -181,6 +183,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     metrics.inflight.inc()
     model_label = ""
+    # A shutdown may cut this request (see `shutdown`).
+    task = asyncio.current_task()
+    assert task is not None
+    app[REQUESTS][task] = shutdown.RUNNING
     try:
         settings = app[SETTINGS]
         try:
@@ -205,10 +211,16 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             )
             reservation = _reservation(request, body)
             if reservation is None:
-                admission = await app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+                admission = await shutdown.admitting(
+                    app, task, app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+                )
             else:
-                admitted = await app[STORE].run(
-                    idempotency.admit_once, charge, app[INSTANCE_ID], metering.now_us(), reservation
+                admitted = await shutdown.admitting(
+                    app,
+                    task,
+                    app[STORE].run(
+                        idempotency.admit_once, charge, app[INSTANCE_ID], metering.now_us(), reservation
+                    ),
                 )
                 if isinstance(admitted, Replay):
                     return web.Response(
@@ -223,6 +235,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return await _forward(request, admission, body, started, reservation)
     finally:
         metrics.inflight.dec()
+        del app[REQUESTS][task]
+        # An error's traceback holds this frame: no reference cycle through the task.
+        del task
 
 
 def _reservation(request: web.Request, body: bytes) -> Reservation | None:
@@ -389,6 +404,9 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
     settled = time.perf_counter()
     retrying = False
     fn, args = progress.unit(admission)
+    # Not cut while it writes: a cut would leave the settlement's outcome unheard, and not retried.
+    current = asyncio.current_task()
+    shutdown.busy(app, current)
     try:
         done = await store.run(fn, *args, metering.now_us())
     except LedgerUnavailable:
@@ -398,6 +416,8 @@ async def _settle(app: web.Application, admission: Admission, progress: _Progres
         task.add_done_callback(app[BACKGROUND].discard)
         return
     finally:
+        shutdown.idle(app, current)
+        del current  # no reference cycle through an error's traceback
         if not retrying:
             app[SETTLING].discard(admission.charge.request_id)
     if not done:

@@ -27,3 +27,5 @@ BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background")
 # Request ids this process has admitted and not yet settled: hold expiry leaves their holds alone.
 SETTLING: web.AppKey[set[str]] = web.AppKey("settling")
 GAUGES = web.AppKey("gauges", BudgetGauges)
+# The chat requests under way, each with what a shutdown may do to it now (`shutdown.RUNNING`...).
+REQUESTS: web.AppKey[dict[asyncio.Task[Any], int]] = web.AppKey("requests")

@@ -1,0 +1,239 @@
+"""Shutdown: settlements still pending get the grace, and admissions of cut requests are released.
+
+Issue 15 items 7 and 8. The gateway runs in the test's process and is shut down as `gateway serve`
+shuts it down on SIGTERM (`on_shutdown`, then the cleanup contexts); tests/test_crash.py sends a
+real SIGTERM to a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.ops.fake_upstream import FakeUpstream
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Secret, Settings
+from gateway.store import open_store, sqlite_path
+from gateway.web.app import create_app
+
+from .conftest import Backend, World, assert_counters_match_ledger
+from .tcp_proxy import TcpProxy
+from .test_db_outage import Outage, SqliteLock, _chat, eventually
+
+
+@asynccontextmanager
+async def _gateway(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any, grace: float
+) -> AsyncIterator[tuple[World, Outage, str]]:
+    """A gateway whose database can be cut, with alice's key (a daily budget of 1000 credits)."""
+    upstream, upstream_url = fake
+    proxy: TcpProxy | None = None
+    url = backend.url
+    outage: Outage
+    if backend.name == "postgresql":
+        real = make_url(backend.url)
+        proxy = TcpProxy((real.host or "127.0.0.1", real.port or 5432))
+        await proxy.start()
+        url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        outage = proxy
+    else:
+        outage = SqliteLock(sqlite_path(url))
+    store = open_store(url, pool_size=10)
+    settings = Settings(
+        database_url=url,
+        upstream_url=upstream_url,
+        upstream_api_key=Secret("upstream-secret"),
+        upstream_timeout_seconds=2,
+        hold_ttl_seconds=60,
+        shutdown_grace_seconds=grace,
+    )
+    metrics = Metrics()
+    client = await aiohttp_client(create_app(settings, store=store, metrics=metrics))
+    world = World(client, store, upstream, settings, metrics, aiohttp_client)
+    try:
+        await world.team("eng")
+        await world.user("alice", "eng")
+        await world.budget("user", "alice", "1000")
+        key = (await world.key("alice"))["key"]
+        yield world, outage, key
+    finally:
+        await outage.restore()
+        await client.close()
+        await store.close()
+        if proxy is not None:
+            await proxy.close()
+
+
+async def _answered_during_an_outage(w: World, outage: Outage, key: str) -> str:
+    """A request admitted, then answered 2xx by upstream while the database is down: its request id."""
+    w.upstream.header_delay = 1.0
+    call = asyncio.ensure_future(_chat(w, key, "during"))
+
+    async def held() -> bool:
+        return bool(await w.sql("SELECT 1 FROM holds"))
+
+    await eventually(held, 5, "the request to be admitted")
+    await outage.cut()
+    result = await asyncio.wait_for(call, 10)
+    assert result.status == 200 and result.request_id is not None
+    return result.request_id
+
+
+async def test_a_settlement_pending_at_shutdown_is_retried_for_the_grace(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
+) -> None:
+    """Issue 15 item 7: the database is down when the process is told to stop, and back 6 s later,
+    within the 10 s grace. The request upstream answered 2xx is charged by this process before it
+    exits; only then does it retire its heartbeat row (so no sweep could record it `expired`)."""
+    async with _gateway(backend, fake, aiohttp_client, grace=10) as (w, outage, key):
+        request_id = await _answered_during_an_outage(w, outage, key)
+        closing = asyncio.ensure_future(w.client.close())
+        await asyncio.sleep(6)
+        assert not closing.done(), "the process stopped before its settlement was written"
+        await outage.restore()
+        await asyncio.wait_for(closing, 15)
+        rows = await w.sql("SELECT request_id, outcome, credits_micros FROM ledger")
+        assert [tuple(r) for r in rows] == [(request_id, "charged", 100_000)]
+        assert await w.sql("SELECT * FROM holds") == []
+        assert await w.sql("SELECT * FROM instances") == []
+        await assert_counters_match_ledger(w)
+
+
+async def test_a_settlement_still_unwritten_after_the_grace_keeps_its_instance_row(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any, caplog: Any
+) -> None:
+    """The database stays down past the grace: the process exits saying how many requests it left
+    unsettled, and leaves its heartbeat row and their holds, so the TTL rules apply to them."""
+    async with _gateway(backend, fake, aiohttp_client, grace=2) as (w, outage, key):
+        await _answered_during_an_outage(w, outage, key)
+        with caplog.at_level(logging.ERROR, logger="gateway.web.shutdown"):
+            await asyncio.wait_for(w.client.close(), 15)
+        assert [r.getMessage() for r in caplog.records if "unsettled" in r.getMessage()] == [
+            "shutting down with 1 request(s) unsettled: the database could not be reached within the "
+            "shutdown grace; their holds stay and are released (outcome expired, not charged) by "
+            "another gateway process once older than GATEWAY_HOLD_TTL_SECONDS"
+        ]
+        # Still down: looked at past the outage (PostgreSQL without the proxy, SQLite's reader).
+        look = open_store(backend.url)
+        try:
+            assert await _count(look, "holds") == 1
+            assert await _count(look, "instances") == 1
+            assert await _count(look, "ledger") == 0
+        finally:
+            await look.close()
+
+
+async def _count(store: Any, table: str) -> int:
+    query = text(f"SELECT COUNT(*) FROM {table}")
+    return int(await store.read(lambda conn: conn.execute(query).scalar_one()))
+
+
+async def test_a_stream_cut_while_the_database_is_down_is_charged_when_it_is_back(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
+) -> None:
+    """A stream outlives the 1 s grace while the database is down: it is cut, its settlement fails
+    and is retried after the cut; the database is back 3 s later, the charge is written (its 2xx
+    headers went out), and only then does the process retire."""
+    async with _gateway(backend, fake, aiohttp_client, grace=1) as (w, outage, key):
+        w.upstream.chunk_delay = 2.0  # 12 s a stream
+        resp = await w.client.post(
+            "/api/v1/chat",
+            json={
+                "model": "openai/gpt-oss-20b",
+                "messages": [{"role": "user", "content": "s"}],
+                "stream": True,
+            },
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-Id"]
+        await resp.content.readline()
+        await outage.cut()
+        closing = asyncio.ensure_future(w.client.close())
+        await asyncio.sleep(3)
+        assert not closing.done(), "the process stopped before its settlement was written"
+        await outage.restore()
+        await asyncio.wait_for(closing, 15)
+        rows = await w.sql("SELECT request_id, outcome, credits_micros FROM ledger")
+        assert [tuple(r) for r in rows] == [(request_id, "charged", 100_000)]
+        assert await w.sql("SELECT * FROM holds") == []
+        assert await w.sql("SELECT * FROM instances") == []
+        await assert_counters_match_ledger(w)
+
+
+class _CounterLock:
+    """Delays admissions without failing them: another transaction holds what they need."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.release: asyncio.Event = asyncio.Event()
+        self.locked: asyncio.Event = asyncio.Event()
+
+    async def hold(self) -> None:
+        if self.backend.name == "postgresql":
+            engine = create_async_engine(self.backend.url)
+            try:
+                async with engine.connect() as conn, conn.begin():
+                    await conn.execute(text("SELECT * FROM budget_counters FOR UPDATE"))
+                    self.locked.set()
+                    await self.release.wait()
+            finally:
+                await engine.dispose()
+            return
+        lock = SqliteLock(sqlite_path(self.backend.url))
+        await lock.cut()
+        self.locked.set()
+        await self.release.wait()
+        await lock.restore()
+
+
+async def test_an_admission_that_commits_after_its_request_was_cut_is_released(
+    backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
+) -> None:
+    """Issue 15 item 8: the request is cut at shutdown while its admission waits for the database;
+    the admission commits afterwards. The process releases that hold itself before it exits (one
+    ledger row, `upstream_unavailable`, not charged): nothing is left for a sweep, nothing forwarded."""
+    async with _gateway(backend, fake, aiohttp_client, grace=0.3) as (w, _, key):
+        assert (await _chat(w, key, "warm")).status == 200  # the key is cached, the counter exists
+        lock = _CounterLock(backend)
+        holding = asyncio.ensure_future(lock.hold())
+        await asyncio.wait_for(lock.locked.wait(), 5)
+        call = asyncio.ensure_future(_chat(w, key, "cut"))
+        await asyncio.sleep(0.2)  # the request waits for its admission
+        closing = asyncio.ensure_future(w.client.close())
+        await asyncio.sleep(0.6)  # past the grace: the request has been cut
+        assert not call.done() or call.exception() is not None or call.result().status != 200
+        lock.release.set()
+        await asyncio.wait_for(holding, 5)
+        await asyncio.wait_for(closing, 10)
+        await asyncio.gather(call, return_exceptions=True)
+        assert {m["content"] for r in w.upstream.received for m in r.body["messages"]} == {"warm"}
+        assert await w.sql("SELECT * FROM holds") == []
+        rows = await w.sql("SELECT outcome, credits_micros FROM ledger ORDER BY outcome")
+        assert [tuple(r) for r in rows] == [("charged", 100_000), ("upstream_unavailable", 0)]
+        assert await w.sql("SELECT * FROM instances") == []
+        await assert_counters_match_ledger(w)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_bad_shutdown_grace_stops_start_up_naming_it(value: str, tmp_path: Any) -> None:
+    from gateway.ops.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="^GATEWAY_SHUTDOWN_GRACE_SECONDS: "):
+        Settings.load(environ={"GATEWAY_SHUTDOWN_GRACE_SECONDS": value})
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"shutdown_grace_seconds = {value!r}\n")
+    with pytest.raises(ConfigError, match="^shutdown_grace_seconds: "):
+        Settings.load(config, environ={})
+    config.write_text("shutdown_grace_seconds = 5\n")
+    assert Settings.load(config, environ={}).shutdown_grace_seconds == 5
+    assert Settings.load(environ={}).shutdown_grace_seconds == 30
+    assert Settings.load(environ={"GATEWAY_SHUTDOWN_GRACE_SECONDS": "2.5"}).shutdown_grace_seconds == 2.5

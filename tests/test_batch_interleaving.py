@@ -242,10 +242,10 @@ def test_two_connections_batching_shared_counters_serialize(engine: Engine, data
                 answers = [r.result(timeout=30) for r in running]  # a deadlock raises here
                 with engine.connect() as conn:
                     counters = _counters(conn, world)
-                serial = []
+                serial: list[tuple[list[Answers], Model]] = []
                 for first, second in ((0, 1), (1, 0)):
                     after = model.copy()
-                    got = [[], []]
+                    got: list[Answers] = [[], []]
                     got[first] = _run(after, world, ops[first])
                     got[second] = _run(after, world, ops[second])
                     serial.append((got, after))

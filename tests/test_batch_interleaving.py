@@ -135,7 +135,7 @@ def _execute(conn: Connection, world: World, op: tuple[str, Any]) -> Answers:
     return answers
 
 
-def _world(conn: Connection, draw: Any) -> World:
+def _world(conn: Connection, draw: Any | None) -> World:
     """A team of three users and four keys, with budgets drawn: the key, user and team counters
     that concurrent batches share."""
     tag = uuid.uuid4().hex[:8]
@@ -146,8 +146,12 @@ def _world(conn: Connection, draw: Any) -> World:
     subjects = {"team": f"t{tag}", **{f"user{i}": u["name"] for i, u in enumerate(users)}}
     subjects.update({f"key{i}": k["id"] for i, k in enumerate(keys)})
     for name, subject in subjects.items():
-        for period in draw(st.lists(st.sampled_from(PERIODS), max_size=2, unique=True)):
-            limit = draw(st.integers(0, 12)) * PRICE
+        # Without `draw`: a total budget each, large enough for everything.
+        periods = (
+            ["total"] if draw is None else draw(st.lists(st.sampled_from(PERIODS), max_size=2, unique=True))
+        )
+        for period in periods:
+            limit = (10_000 if draw is None else draw(st.integers(0, 12))) * PRICE
             services.set_budget(conn, name.rstrip("0123456789"), subject, period, f"{limit / 1e6:.6f}", START)
     rows = conn.execute(
         text("SELECT id, scope, subject, period, limit_micros FROM budgets ORDER BY id")
@@ -186,12 +190,18 @@ def _op(draw: Any, world: World, model: Model, ids: Iterator[int]) -> tuple[str,
             max_size=12,
         )
     ):
-        request_id = f"{next(ids):014x}{uuid.uuid4().hex[:18]}"
-        charge = Charge(
-            request_id, world.callers[who], "openai/gpt-oss-20b", messages, PRICE, messages * PRICE, False
-        )
-        batch.append((who, charge, START + (3 * HOUR if later else 0)))  # across a day's end
+        batch.append(
+            (who, _charge(world, who, next(ids), messages), START + (3 * HOUR if later else 0))
+        )  # across a day's end
     return ("admit", batch)
+
+
+def _charge(world: World, who: int, n: int, messages: int = 1) -> Charge:
+    """A request of caller `who`, with an id of its own (the examples share a database)."""
+    request_id = f"{n:014x}{uuid.uuid4().hex[:18]}"
+    return Charge(
+        request_id, world.callers[who], "openai/gpt-oss-20b", messages, PRICE, messages * PRICE, False
+    )
 
 
 def _counters(conn: Connection, world: World) -> dict[tuple[int, int], list[int]]:
@@ -264,3 +274,41 @@ def test_two_connections_batching_shared_counters_serialize(engine: Engine, data
             assert (row[2], row[3]) == (row[4], row[5]), f"counter differs from the ledger: {row}"
         verified = ledger.verify(conn)
         assert verified["ok"], verified["differences"]
+
+
+def test_settlements_of_the_same_holds_in_opposite_orders_do_not_deadlock(engine: Engine) -> None:
+    """A sweep of another replica can take holds still being settled (its heartbeat stalled past
+    the TTL): two statements then delete the same holds, each in the order it was given. Unless the
+    holds are taken in one order, each waits for a hold the other has: a deadlock (PostgreSQL
+    breaks it by failing one, and the store retries)."""
+    with engine.begin() as conn:
+        world = _world(conn, None)
+    ids = itertools.count(START)
+    barrier = threading.Barrier(2)
+    connections = [engine.connect().execution_options(isolation_level="AUTOCOMMIT") for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(60):
+                batch = [
+                    (who, _charge(world, who, next(ids)), START)
+                    for who in range(len(CALLERS))
+                    for _ in range(5)
+                ]
+                assert all(a[0] for a in _execute(connections[0], world, ("admit", batch)))
+                held = [charge.request_id for _, charge, _ in batch]
+                ops = [
+                    ("settle", [(r, True) for r in held]),
+                    ("settle", [(r, False) for r in reversed(held)]),
+                ]
+
+                def at_once(conn: Connection, op: tuple[str, Any]) -> Answers:
+                    barrier.wait(timeout=10)
+                    return _execute(conn, world, op)
+
+                running = [pool.submit(at_once, c, op) for c, op in zip(connections, ops, strict=True)]
+                first, second = [r.result(timeout=30) for r in running]
+                assert [a or b for a, b in zip(first, second, strict=True)] == [True] * len(held)
+                assert not any(a and b for a, b in zip(first, second, strict=True))
+    finally:
+        for conn in connections:
+            conn.close()

@@ -49,10 +49,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 from sqlalchemy import text  # noqa: E402
 
-from gateway.store import migrate  # noqa: E402
 from gateway.core.pricing import DEFAULT_PRICES  # noqa: E402
 from gateway.ops.fake_upstream import FakeUpstream  # noqa: E402
 from gateway.ops.settings import Secret, Settings  # noqa: E402
+from gateway.store import migrate  # noqa: E402
 from gateway.web.app import create_app  # noqa: E402
 
 from .conftest import counters_equal_ledger_sql, sync_sqlite  # noqa: E402

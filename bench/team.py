@@ -153,11 +153,54 @@ end
 # Processes and CPU
 
 
-def scan_cpu(roots: Sequence[int]) -> tuple[float, float]:
-    """CPU seconds so far of the servers `roots` with their descendants, and of every postgres process."""
-    procs = proxy.processes()
-    ours = set().union(*(proxy.family(procs, root) for root in roots))
-    return sum(procs[p].cpu for p in ours), sum(p.cpu for p in procs.values() if p.name == "postgres")
+@dataclass
+class Cpu:
+    """CPU seconds so far, of every process on the machine and of this one's finished children (the
+    wrk runs), and the machine's idle seconds (all cores)."""
+
+    at: float
+    procs: dict[int, proxy.Proc]
+    children: float
+    idle: float
+
+
+def scan_cpu() -> Cpu:
+    times = os.times()
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    idle = (int(fields[4]) + int(fields[5])) / proxy.CLOCK_TICKS  # idle + iowait
+    return Cpu(time.monotonic(), proxy.processes(), times.children_user + times.children_system, idle)
+
+
+@dataclass
+class Spent:
+    """Where the CPU went during one run, in seconds."""
+
+    gateway: dict[int, float]  # each process of the setup (a `--workers` parent and its workers)
+    postgres: float  # every postgres process on the machine
+    load: float  # the upstream and wrk
+    others: float  # every other process on the machine: other work sharing it
+    idle: float  # the machine's idle time, all cores
+    seconds: float  # wall-clock
+
+
+def spent(before: Cpu, after: Cpu, roots: Sequence[int], upstream: int) -> Spent:
+    """The CPU each kind of process used between two scans (processes alive at both)."""
+    ours = set().union(*(proxy.family(after.procs, root) for root in roots))
+    load = proxy.family(after.procs, upstream)
+    gateway: dict[int, float] = {}
+    postgres = others = 0.0
+    upstream_cpu = after.children - before.children  # wrk
+    for pid, proc in after.procs.items():
+        used = proc.cpu - before.procs[pid].cpu if pid in before.procs else 0.0
+        if pid in ours:
+            gateway[pid] = used
+        elif pid in load:
+            upstream_cpu += used
+        elif proc.name == "postgres":
+            postgres += used
+        else:
+            others += used
+    return Spent(gateway, postgres, upstream_cpu, others, after.idle - before.idle, after.at - before.at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +212,33 @@ class Sample:
     """One wrk run of one setup."""
 
     result: loadgen.Throughput
-    gateway_cpu: float  # seconds, the setup's processes with their workers
-    postgres_cpu: float  # seconds, every postgres process on the machine
+    cpu: Spent
     commits: int | None  # growth of the database's xact_commit (PostgreSQL)
+
+    @property
+    def gateway_cpu(self) -> float:
+        return sum(self.cpu.gateway.values())
+
+    @property
+    def postgres_cpu(self) -> float:
+        return self.cpu.postgres
+
+    @property
+    def load_cpu(self) -> float:
+        return self.cpu.load
+
+    @property
+    def busiest(self) -> float:
+        """Cores used by the setup's busiest process (1.0: its event loop never waited)."""
+        return max(self.cpu.gateway.values(), default=0.0) / self.cpu.seconds
+
+    @property
+    def idle(self) -> float:
+        return self.cpu.idle / self.cpu.seconds
+
+    @property
+    def others(self) -> float:
+        return self.cpu.others / self.cpu.seconds
 
 
 @dataclass
@@ -205,6 +272,11 @@ class Setup:
 
     def median(self, attr: str) -> float:
         values = [getattr(s.result, attr) for s in self.samples]
+        return statistics.median(values) if values else float("nan")
+
+    def median_cores(self, attr: str) -> float:
+        """A sample's figure in cores (busiest, idle, others), median over the rounds."""
+        values = [getattr(s, attr) for s in self.samples]
         return statistics.median(values) if values else float("nan")
 
     def per_request(self, attr: str) -> float:
@@ -368,10 +440,10 @@ class Bench:
         """One wrk run across the setup's processes."""
         assert setup.script is not None
         before = xact_commit(setup.database) if setup.pg else 0
-        gw, pg = scan_cpu(setup.pids)
+        cpu = scan_cpu()
         url = f"http://127.0.0.1:{setup.ports[0]}/api/v1/chat"  # the Host header; threads' addresses differ
         result = loadgen.run_wrk(setup.script, url, seconds, self.args.connections, WRK_THREADS)
-        gw_after, pg_after = scan_cpu(setup.pids)
+        used = spent(cpu, scan_cpu(), setup.pids, self.servers.procs["upstream"].pid)
         commits = None
         if setup.pg:
             time.sleep(STATS_SETTLE_SECONDS)
@@ -381,7 +453,7 @@ class Bench:
             setup.problems.append(
                 f"{result.non2xx} non-2xx, {result.errors} socket errors, {result.cut} cut by wrk's stop"
             )
-        return Sample(result, gw_after - gw, pg_after - pg, commits)
+        return Sample(result, used, commits)
 
     def measure(self) -> None:
         """A warm-up per setup (pools, key caches), then interleaved rounds."""
@@ -474,7 +546,7 @@ class Bench:
 def table(setups: list[Setup]) -> str:
     """One row per setup."""
     header = ["setup", "req/s", "p50 ms", "p99 ms", "x SQLite x1", "gw CPU/req", "pg CPU/req"]
-    header += ["commits/req", "verify", "books"]
+    header += ["load CPU/req", "busiest", "idle", "others", "commits/req", "verify", "books"]
     base = setups[0].median("rps")
     rows, skipped = [header], []
     for s in setups:
@@ -491,6 +563,10 @@ def table(setups: list[Setup]) -> str:
                 f"{s.median('rps') / base:.2f}",
                 f"{s.per_request('gateway_cpu') * 1e6:,.0f} us",
                 f"{s.per_request('postgres_cpu') * 1e6:,.0f} us" if s.pg else "-",
+                f"{s.per_request('load_cpu') * 1e6:,.0f} us",
+                f"{s.median_cores('busiest'):.2f}",
+                f"{s.median_cores('idle'):.2f}",
+                f"{s.median_cores('others'):.2f}",
                 f"{s.commits_per_request():.2f}" if s.pg else "-",
                 s.verify,
                 "PASS" if books else "FAIL",
@@ -513,10 +589,13 @@ def legend(args: argparse.Namespace) -> str:
 req/s, p50, p99: one wrk process, {args.connections} connections over {WRK_THREADS} threads, each thread
 pointed at one process of the setup, keys rotated round-robin over {args.users} users; median over rounds.
 x SQLite x1: req/s over SQLite x1's. gw CPU/req: CPU of the setup's processes (workers included) per
-request; pg CPU/req: of every postgres process on the machine. commits/req: growth of the database's
-pg_stat_database.xact_commit over the 2xx answers, all rounds. verify: `gateway ledger verify` on the
-setup's database after the drain. books: the checks below. This machine's {os.cpu_count()} cores are
-shared by wrk, the upstream, PostgreSQL and the gateways: more processes compete for the same CPU."""
+request; pg CPU/req: of every postgres process on the machine; load CPU/req: of the upstream and wrk.
+busiest: cores used by the setup's busiest process (near 1.00: its event loop is the limit); idle: the
+machine's idle cores; others: cores used by processes of no setup (other work on a shared machine);
+medians over rounds. commits/req: growth of the database's pg_stat_database.xact_commit over the 2xx
+answers, all rounds. verify: `gateway ledger verify` on the setup's database after the drain. books:
+the checks below. This machine's {os.cpu_count()} cores are shared by wrk, the upstream, PostgreSQL and
+the gateways: more processes compete for the same CPU."""
 
 
 def goals(setups: dict[str, Setup]) -> list[tuple[bool | None, str]]:

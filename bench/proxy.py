@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ BUDGET_CREDITS = "1000000000"  # daily; far more than any run can spend
 STARTUP_SECONDS = 30.0
 DRAIN_SECONDS = 10.0
 PROFILE_HZ = 200
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def chat_body(stream: bool) -> bytes:
@@ -137,21 +138,168 @@ class Servers:
         raise SystemExit(f"{name} did not start; the end of its log:\n" + "\n".join(log))
 
     def stop(self, name: str) -> None:
-        """SIGTERM (the gateway shuts down cleanly on it), then SIGKILL after 10 s."""
+        """SIGTERM to the server (the gateway shuts down cleanly on it; a `--workers` parent passes
+        it on to its workers); after 10 s, SIGKILL, then SIGTERM to those of its processes still
+        running (workers, in process groups of their own), and SIGKILL 5 s later."""
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
+        members = family(processes(), proc.pid) - {proc.pid}
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            left = running(members)
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while running(left) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def stop_all(self) -> None:
         """Stop every server still running, newest first."""
         for name in reversed(list(self.procs)):
             self.stop(name)
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A process, from /proc/PID/stat."""
+
+    ppid: int
+    state: str
+    cpu: float  # user + system seconds so far
+    name: str
+
+
+def processes() -> dict[int, Proc]:
+    """Every process on the machine, by pid."""
+    found: dict[int, Proc] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        found[int(entry.name)] = Proc(int(fields[1]), fields[0], cpu, name)
+    return found
+
+
+def family(procs: dict[int, Proc], root: int) -> set[int]:
+    """A process and its descendants (the workers of `--workers`, in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for pid, proc in procs.items():
+        children.setdefault(proc.ppid, []).append(pid)
+    members, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in members:
+            members.add(pid)
+            todo += children.get(pid, [])
+    return members
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (zombies left out)."""
+    procs = processes()
+    return {p for p in pids if p in procs and procs[p].state != "Z"}
+
+
+@contextlib.contextmanager
+def work_directory(prefix: str, keep: bool) -> Iterator[Servers]:
+    """A benchmark's run: its servers and their work directory, stopped and removed (or kept) at the
+    end, however the run ends; SIGTERM ends it as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    servers = Servers(workdir)
+    try:
+        yield servers
+    finally:
+        servers.stop_all()
+        if keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def require_wrk() -> str:
+    """wrk's path, or the end of the run saying how to install it."""
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    return wrk
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def _pg_admin(server_url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(asyncpg_dsn(server_url) + "/postgres", timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_databases(server_url: str, names: Sequence[str], keep: bool) -> Iterator[list[str]]:
+    """New PostgreSQL databases on `server_url` for a run, dropped at its end (unless `keep`)."""
+    created: list[str] = []
+    try:
+        for name in names:
+            try:
+                asyncio.run(_pg_admin(server_url, f"CREATE DATABASE {name}"))
+            except (OSError, TimeoutError) as exc:
+                raise SystemExit(f"PostgreSQL at {server_url} is not reachable: {exc}") from None
+            created.append(name)
+        yield created
+    finally:
+        if keep and created:
+            print(f"databases kept: {', '.join(created)}")
+        elif created:
+            for name in created:
+                with contextlib.suppress(Exception):
+                    asyncio.run(_pg_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, runs: str, threads: int | None = None) -> None:
+    """--duration, --rounds and --connections, as the benchmarks here take them (`runs`: what a
+    round runs once, for the help; `threads`: wrk's, which --connections must be a multiple of)."""
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run (<= 10)")
+    parser.add_argument("--rounds", type=int, default=3, help=f"runs per {runs} (median shown)")
+    spread = f" (a multiple of {threads})" if threads else ""
+    parser.add_argument("--connections", type=int, default=64, help=f"connections in total{spread}")
+
+
+def check_load_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, threads: int | None = None
+) -> None:
+    """Refuse, through the parser, a run no benchmark here makes: over 10 s, no round, no
+    connection, or connections that `threads` wrk threads cannot share evenly."""
+    if not 0 < args.duration <= 10:
+        parser.error("--duration must be in (0, 10] seconds")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.connections < (threads or 1) or args.connections % (threads or 1):
+        parser.error(
+            f"--connections must be a positive multiple of {threads}"
+            if threads
+            else "--connections must be at least 1"
+        )
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -500,13 +648,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds of load per throughput run (<= 10)"
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="throughput runs per target and mode (median shown)"
-    )
-    parser.add_argument("--connections", type=int, default=64, help="throughput concurrency")
+    add_load_arguments(parser, "target and mode")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--requests", type=int, default=3000, help="requests per concurrency-1 measurement")
     parser.add_argument("--database-url", help="postgresql+asyncpg://... instead of a fresh temp SQLite file")
@@ -530,10 +672,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.duration, args.rounds, args.requests = min(args.duration, 2.0), 1, min(args.requests, 300)
     args.c1_seconds = 3.0 if args.quick else 8.0
-    if not 0 < args.duration <= 10:
-        parser.error("--duration must be in (0, 10] seconds")
-    if args.rounds < 1 or args.connections < 1 or args.requests < 1:
-        parser.error("--rounds, --connections and --requests must be at least 1")
+    check_load_arguments(parser, args)
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
     if args.database_url and not args.database_url.startswith("postgresql+asyncpg://"):
         parser.error("--database-url must be postgresql+asyncpg://... (SQLite is the default)")
     return args
@@ -592,19 +733,9 @@ def start_servers(args: argparse.Namespace, servers: Servers) -> tuple[dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when every check passed."""
     args = parse_args(argv)
-    # SIGTERM ends the run as Ctrl-C does: through `finally`, which stops the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wrk = None if args.no_wrk else shutil.which("wrk")
-    workdir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    servers = Servers(workdir)
-    try:
+    with work_directory("gw-bench-", args.keep) as servers:
         return run(args, wrk, servers)
-    finally:
-        servers.stop_all()
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, wrk: str | None, servers: Servers) -> int:

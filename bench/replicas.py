@@ -32,11 +32,8 @@ import contextlib
 import os
 import resource
 import secrets
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -193,7 +190,7 @@ class WaitSampler:
     """Samples the states of the database's backends in a thread while a run goes on."""
 
     def __init__(self, database_url: str) -> None:
-        self.dsn = asyncpg_dsn(database_url)
+        self.dsn = proxy.asyncpg_dsn(database_url)
         self.counts: Counter[str] = Counter()
         self.samples = 0
         self._stop = threading.Event()
@@ -222,20 +219,6 @@ class WaitSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-
-
-def asyncpg_dsn(database_url: str) -> str:
-    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-async def _admin(server_url: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(asyncpg_dsn(server_url) + "/postgres", timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,11 +429,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run (<= 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration (median shown)")
-    parser.add_argument(
-        "--connections", type=int, default=64, help=f"wrk connections in total (a multiple of {WRK_THREADS})"
-    )
+    proxy.add_load_arguments(parser, "configuration", WRK_THREADS)
     parser.add_argument(
         "--database-url",
         help="an existing postgresql+asyncpg://... database to use (migrated, not dropped); "
@@ -461,12 +440,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = min(args.duration, 2.0), 1
-    if not 0 < args.duration <= 10:
-        parser.error("--duration must be in (0, 10] seconds")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    if args.connections < WRK_THREADS or args.connections % WRK_THREADS:
-        parser.error(f"--connections must be a positive multiple of {WRK_THREADS}")
+    proxy.check_load_arguments(parser, args, WRK_THREADS)
     if args.database_url and not args.database_url.startswith("postgresql+asyncpg://"):
         parser.error("--database-url must be postgresql+asyncpg://...")
     return args
@@ -475,30 +449,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when every check passed."""
     args = parse_args(argv)
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-    # SIGTERM ends the run as Ctrl-C does: through `finally`, which stops the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = Path(tempfile.mkdtemp(prefix="gw-replicas-"))
-    servers = proxy.Servers(workdir)
-    fresh = None if args.database_url else f"bench_replicas_{secrets.token_hex(4)}"
-    pg_url = args.database_url or f"{PG_SERVER}/{fresh}"
-    try:
-        if fresh:
-            try:
-                asyncio.run(_admin(PG_SERVER, f"CREATE DATABASE {fresh}"))
-            except (OSError, TimeoutError) as exc:
-                fresh = None
-                raise SystemExit(f"PostgreSQL at {PG_SERVER} is not reachable: {exc}") from None
-        return run(args, servers, pg_url)
-    finally:
-        servers.stop_all()
-        if fresh and not args.keep:
-            asyncio.run(_admin(PG_SERVER, f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"))
-        if args.keep:
-            print(f"kept: work directory {workdir}" + (f", database {fresh}" if fresh else ""))
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    proxy.require_wrk()
+    fresh = [] if args.database_url else [f"bench_replicas_{secrets.token_hex(4)}"]
+    with (
+        proxy.fresh_databases(PG_SERVER, fresh, args.keep) as created,
+        proxy.work_directory("gw-replicas-", args.keep) as servers,
+    ):
+        return run(args, servers, args.database_url or f"{PG_SERVER}/{created[0]}")
 
 
 def run(args: argparse.Namespace, servers: proxy.Servers, pg_url: str) -> int:

@@ -44,13 +44,10 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,7 +66,6 @@ BUDGET_CREDITS = "1000000000"  # each user's daily and the team's monthly limit:
 CREDITS_PER_REQUEST = len(proxy.MESSAGES) * 100_000  # micro-credits: 3 messages at 0.1
 STATS_SETTLE_SECONDS = 1.2  # a PostgreSQL 15 backend flushes its statistics at most once a second
 WORKERS = 2
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 GOAL_PG_VS_SQLITE = 0.6
 GOAL_PG_SCALING = 1.3
@@ -157,87 +153,54 @@ end
 # Processes and CPU
 
 
-@dataclass(frozen=True)
-class Proc:
-    """A process, from /proc/PID/stat."""
+@dataclass
+class Cpu:
+    """CPU seconds so far, of every process on the machine and of this one's finished children (the
+    wrk runs), and the machine's idle seconds (all cores)."""
 
-    ppid: int
-    state: str
-    cpu: float  # user + system seconds so far
-    name: str
-
-
-def processes() -> dict[int, Proc]:
-    """Every process on the machine, by pid."""
-    found: dict[int, Proc] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name, _, rest = stat.partition(" (")[2].rpartition(")")
-        fields = rest.split()
-        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        found[int(entry.name)] = Proc(int(fields[1]), fields[0], cpu, name)
-    return found
+    at: float
+    procs: dict[int, proxy.Proc]
+    children: float
+    idle: float
 
 
-def family(procs: dict[int, Proc], root: int) -> set[int]:
-    """A process and its descendants (the workers of `--workers`, in process groups of their own)."""
-    children: dict[int, list[int]] = {}
-    for pid, proc in procs.items():
-        children.setdefault(proc.ppid, []).append(pid)
-    members, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in procs and pid not in members:
-            members.add(pid)
-            todo += children.get(pid, [])
-    return members
+def scan_cpu() -> Cpu:
+    times = os.times()
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    idle = (int(fields[4]) + int(fields[5])) / proxy.CLOCK_TICKS  # idle + iowait
+    return Cpu(time.monotonic(), proxy.processes(), times.children_user + times.children_system, idle)
 
 
-def scan_cpu(roots: Sequence[int]) -> tuple[float, float]:
-    """CPU seconds so far of the servers `roots` with their descendants, and of every postgres process."""
-    procs = processes()
-    ours = set().union(*(family(procs, root) for root in roots))
-    return sum(procs[p].cpu for p in ours), sum(p.cpu for p in procs.values() if p.name == "postgres")
+@dataclass
+class Spent:
+    """Where the CPU went during one run, in seconds."""
+
+    gateway: dict[int, float]  # each process of the setup (a `--workers` parent and its workers)
+    postgres: float  # every postgres process on the machine
+    load: float  # the upstream and wrk
+    others: float  # every other process on the machine: other work sharing it
+    idle: float  # the machine's idle time, all cores
+    seconds: float  # wall-clock
 
 
-def running(pids: set[int]) -> set[int]:
-    """Those of `pids` still running (zombies left out)."""
-    procs = processes()
-    return {p for p in pids if p in procs and procs[p].state != "Z"}
-
-
-class Servers(proxy.Servers):
-    """bench/proxy.py's servers, each stopped with its whole process group (`--workers` children)."""
-
-    def stop(self, name: str) -> None:
-        """SIGTERM to the server (a `--workers` parent passes it on to its workers); after 10 s,
-        SIGTERM to those of its processes still running, and SIGKILL 5 s later."""
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        members = family(processes(), proc.pid) - {proc.pid}
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-            left = running(members)
-            if not left:
-                break
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while running(left) and time.monotonic() < deadline:
-                time.sleep(0.05)
+def spent(before: Cpu, after: Cpu, roots: Sequence[int], upstream: int) -> Spent:
+    """The CPU each kind of process used between two scans (processes alive at both)."""
+    ours = set().union(*(proxy.family(after.procs, root) for root in roots))
+    load = proxy.family(after.procs, upstream)
+    gateway: dict[int, float] = {}
+    postgres = others = 0.0
+    upstream_cpu = after.children - before.children  # wrk
+    for pid, proc in after.procs.items():
+        used = proc.cpu - before.procs[pid].cpu if pid in before.procs else 0.0
+        if pid in ours:
+            gateway[pid] = used
+        elif pid in load:
+            upstream_cpu += used
+        elif proc.name == "postgres":
+            postgres += used
+        else:
+            others += used
+    return Spent(gateway, postgres, upstream_cpu, others, after.idle - before.idle, after.at - before.at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +212,33 @@ class Sample:
     """One wrk run of one setup."""
 
     result: loadgen.Throughput
-    gateway_cpu: float  # seconds, the setup's processes with their workers
-    postgres_cpu: float  # seconds, every postgres process on the machine
+    cpu: Spent
     commits: int | None  # growth of the database's xact_commit (PostgreSQL)
+
+    @property
+    def gateway_cpu(self) -> float:
+        return sum(self.cpu.gateway.values())
+
+    @property
+    def postgres_cpu(self) -> float:
+        return self.cpu.postgres
+
+    @property
+    def load_cpu(self) -> float:
+        return self.cpu.load
+
+    @property
+    def busiest(self) -> float:
+        """Cores used by the setup's busiest process (1.0: its event loop never waited)."""
+        return max(self.cpu.gateway.values(), default=0.0) / self.cpu.seconds
+
+    @property
+    def idle(self) -> float:
+        return self.cpu.idle / self.cpu.seconds
+
+    @property
+    def others(self) -> float:
+        return self.cpu.others / self.cpu.seconds
 
 
 @dataclass
@@ -287,6 +274,11 @@ class Setup:
         values = [getattr(s.result, attr) for s in self.samples]
         return statistics.median(values) if values else float("nan")
 
+    def median_cores(self, attr: str) -> float:
+        """A sample's figure in cores (busiest, idle, others), median over the rounds."""
+        values = [getattr(s, attr) for s in self.samples]
+        return statistics.median(values) if values else float("nan")
+
     def per_request(self, attr: str) -> float:
         """A sample figure over the requests, all rounds together."""
         requests = sum(s.result.requests for s in self.samples)
@@ -298,15 +290,11 @@ class Setup:
         return sum(s.commits or 0 for s in self.samples) / ok if self.pg and ok else float("nan")
 
 
-def asyncpg_dsn(url: str) -> str:
-    return replicas.asyncpg_dsn(url)
-
-
 async def _xact_commit(database: str) -> int:
     import asyncpg
 
     # Read from the postgres database, so that the reading is no commit of the measured one.
-    conn = await asyncpg.connect(asyncpg_dsn(PG_SERVER) + "/postgres", timeout=5)
+    conn = await asyncpg.connect(proxy.asyncpg_dsn(PG_SERVER) + "/postgres", timeout=5)
     try:
         value = await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", database)
     finally:
@@ -330,7 +318,7 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
 async def _pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
     import asyncpg
 
-    conn = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
+    conn = await asyncpg.connect(proxy.asyncpg_dsn(url), timeout=5)
     try:
         return [tuple(r) for r in await conn.fetch(sql)]
     finally:
@@ -351,7 +339,7 @@ LEDGER_SQL = "SELECT outcome, COUNT(*), COALESCE(SUM(credits_micros), 0) FROM le
 class Bench:
     """The servers, the setups and their measurement."""
 
-    def __init__(self, args: argparse.Namespace, servers: Servers, pg_databases: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, servers: proxy.Servers, pg_databases: list[str]) -> None:
         self.args, self.servers = args, servers
         self.upstream_url = ""
         workdir = servers.workdir
@@ -452,10 +440,10 @@ class Bench:
         """One wrk run across the setup's processes."""
         assert setup.script is not None
         before = xact_commit(setup.database) if setup.pg else 0
-        gw, pg = scan_cpu(setup.pids)
+        cpu = scan_cpu()
         url = f"http://127.0.0.1:{setup.ports[0]}/api/v1/chat"  # the Host header; threads' addresses differ
         result = loadgen.run_wrk(setup.script, url, seconds, self.args.connections, WRK_THREADS)
-        gw_after, pg_after = scan_cpu(setup.pids)
+        used = spent(cpu, scan_cpu(), setup.pids, self.servers.procs["upstream"].pid)
         commits = None
         if setup.pg:
             time.sleep(STATS_SETTLE_SECONDS)
@@ -465,7 +453,7 @@ class Bench:
             setup.problems.append(
                 f"{result.non2xx} non-2xx, {result.errors} socket errors, {result.cut} cut by wrk's stop"
             )
-        return Sample(result, gw_after - gw, pg_after - pg, commits)
+        return Sample(result, used, commits)
 
     def measure(self) -> None:
         """A warm-up per setup (pools, key caches), then interleaved rounds."""
@@ -558,7 +546,7 @@ class Bench:
 def table(setups: list[Setup]) -> str:
     """One row per setup."""
     header = ["setup", "req/s", "p50 ms", "p99 ms", "x SQLite x1", "gw CPU/req", "pg CPU/req"]
-    header += ["commits/req", "verify", "books"]
+    header += ["load CPU/req", "busiest", "idle", "others", "commits/req", "verify", "books"]
     base = setups[0].median("rps")
     rows, skipped = [header], []
     for s in setups:
@@ -575,6 +563,10 @@ def table(setups: list[Setup]) -> str:
                 f"{s.median('rps') / base:.2f}",
                 f"{s.per_request('gateway_cpu') * 1e6:,.0f} us",
                 f"{s.per_request('postgres_cpu') * 1e6:,.0f} us" if s.pg else "-",
+                f"{s.per_request('load_cpu') * 1e6:,.0f} us",
+                f"{s.median_cores('busiest'):.2f}",
+                f"{s.median_cores('idle'):.2f}",
+                f"{s.median_cores('others'):.2f}",
                 f"{s.commits_per_request():.2f}" if s.pg else "-",
                 s.verify,
                 "PASS" if books else "FAIL",
@@ -597,10 +589,13 @@ def legend(args: argparse.Namespace) -> str:
 req/s, p50, p99: one wrk process, {args.connections} connections over {WRK_THREADS} threads, each thread
 pointed at one process of the setup, keys rotated round-robin over {args.users} users; median over rounds.
 x SQLite x1: req/s over SQLite x1's. gw CPU/req: CPU of the setup's processes (workers included) per
-request; pg CPU/req: of every postgres process on the machine. commits/req: growth of the database's
-pg_stat_database.xact_commit over the 2xx answers, all rounds. verify: `gateway ledger verify` on the
-setup's database after the drain. books: the checks below. This machine's {os.cpu_count()} cores are
-shared by wrk, the upstream, PostgreSQL and the gateways: more processes compete for the same CPU."""
+request; pg CPU/req: of every postgres process on the machine; load CPU/req: of the upstream and wrk.
+busiest: cores used by the setup's busiest process (near 1.00: its event loop is the limit); idle: the
+machine's idle cores; others: cores used by processes of no setup (other work on a shared machine);
+medians over rounds. commits/req: growth of the database's pg_stat_database.xact_commit over the 2xx
+answers, all rounds. verify: `gateway ledger verify` on the setup's database after the drain. books:
+the checks below. This machine's {os.cpu_count()} cores are shared by wrk, the upstream, PostgreSQL and
+the gateways: more processes compete for the same CPU."""
 
 
 def goals(setups: dict[str, Setup]) -> list[tuple[bool | None, str]]:
@@ -639,23 +634,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per run (<= 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per setup (median shown)")
-    parser.add_argument(
-        "--connections", type=int, default=64, help=f"wrk connections in total (a multiple of {WRK_THREADS})"
-    )
+    proxy.add_load_arguments(parser, "setup", WRK_THREADS)
     parser.add_argument("--users", type=int, default=200, help="users in the team, each with a key (1-5000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 3 s")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and the databases")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = min(args.duration, 3.0), 1
-    if not 0 < args.duration <= 10:
-        parser.error("--duration must be in (0, 10] seconds")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    if args.connections < WRK_THREADS or args.connections % WRK_THREADS:
-        parser.error(f"--connections must be a positive multiple of {WRK_THREADS}")
+    proxy.check_load_arguments(parser, args, WRK_THREADS)
     if not 1 <= args.users <= 5000:
         parser.error("--users must be in 1..5000")
     return args
@@ -664,35 +650,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark: 0 all PASS, 1 a check of the books or a verify failed, 2 only a goal missed."""
     args = parse_args(argv)
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-    # SIGTERM ends the run as Ctrl-C does: through `finally`, which stops the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = Path(tempfile.mkdtemp(prefix="gw-team-"))
-    servers = Servers(workdir)
+    proxy.require_wrk()
     token = secrets.token_hex(4)
-    databases = [f"bench_team_{token}_x1", f"bench_team_{token}_x2"]
-    created: list[str] = []
-    try:
-        for name in databases:
-            try:
-                asyncio.run(replicas._admin(PG_SERVER, f"CREATE DATABASE {name}"))
-            except (OSError, TimeoutError) as exc:
-                raise SystemExit(f"PostgreSQL at {PG_SERVER} is not reachable: {exc}") from None
-            created.append(name)
-        return run(args, servers, databases)
-    finally:
-        servers.stop_all()
-        if not args.keep:
-            for name in created:
-                with contextlib.suppress(Exception):
-                    asyncio.run(replicas._admin(PG_SERVER, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"kept: work directory {workdir}, databases {', '.join(created)}")
+    with (
+        proxy.fresh_databases(
+            PG_SERVER, [f"bench_team_{token}_x1", f"bench_team_{token}_x2"], args.keep
+        ) as made,
+        proxy.work_directory("gw-team-", args.keep) as servers,
+    ):
+        return run(args, servers, made)
 
 
-def run(args: argparse.Namespace, servers: Servers, databases: list[str]) -> int:
+def run(args: argparse.Namespace, servers: proxy.Servers, databases: list[str]) -> int:
     started = time.monotonic()
     load = os.getloadavg()[0]
     print(

@@ -494,9 +494,15 @@ def settle_many(
 
 def _settle_pg(conn: Connection, calls: Sequence[tuple[str, Settlement, int]]) -> list[bool]:
     """PostgreSQL: settle held requests (request id, settlement, time) in one statement; whether
-    each was still held."""
+    each was still held.
+
+    The statement deletes the holds in the order given, taking each one's row lock: given in
+    request id order, two statements that settle some of the same holds (a sweep of another
+    replica and the settlements it raced) take them in one order and cannot deadlock.
+    """
+    order = sorted(range(len(calls)), key=lambda i: calls[i][0])
     params: dict[str, list[Any]] = {name: [] for name, _ in _SETTLE_ARGS}
-    for request_id, settlement, at in calls:
+    for request_id, settlement, at in (calls[i] for i in order):
         values = (
             request_id,
             at,
@@ -508,7 +514,10 @@ def _settle_pg(conn: Connection, calls: Sequence[tuple[str, Settlement, int]]) -
         )
         for (name, _), value in zip(_SETTLE_ARGS, values, strict=True):
             params[name].append(value)
-    return [bool(row[1]) for row in sql_of(conn).all(_SETTLE_PG, params)]
+    settled = [False] * len(calls)
+    for row in sql_of(conn).all(_SETTLE_PG, params):
+        settled[order[row[0] - 1]] = bool(row[1])
+    return settled
 
 
 def ledger_outcome(conn: Connection, request_id: str) -> str | None:

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from gateway.errors import GatewayError
+from gateway.store.checkpoint import Checkpointer
+from gateway.store.savepoints import for_caller, in_savepoint, is_outage, many_in_savepoint
 from gateway.store.sql import driver_connection
-from gateway.store.units import GROUPS, Many, answer, fail_waiting, select_one, unavailable
+from gateway.store.units import GROUPS, answer, fail_waiting, select_one, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,10 @@ T = TypeVar("T")
 # 503: short enough that a locked database is reported within 2 seconds, far longer than any
 # transaction of a gateway (a few milliseconds), so processes sharing a file never get there.
 SQLITE_BUSY_TIMEOUT_MS = 1_500
-# The WAL is checkpointed by a thread of its own after this many commits (see `_start_checkpoint`);
+# The WAL is checkpointed by a thread of its own after this many commits (see `Checkpointer`);
 # the writer itself checkpoints only past the safety limit below, should that ever fall behind.
 CHECKPOINT_EVERY_COMMITS = 200
 WRITER_AUTOCHECKPOINT_PAGES = 10_000
-CHECKPOINT_PAUSE_MAX_SECONDS = 0.05
 # Group commit: a batch waits for more units while they keep arriving, one turn of the event loop
 # at a time, for at most this many turns, and takes at most about this many units.
 GATHER_MAX_TURNS = 8
@@ -61,15 +61,9 @@ class SqliteStore:
         self._conn: Connection | None = None
         # Batches that must wait for another process's write lock wait here, not on the loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
-        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-checkpoint")
-        self._checkpoint_conn: sqlite3.Connection | None = None
+        # Holds writes back while a checkpoint finishes, and sends the batch after it to the thread.
+        self._checkpoints = Checkpointer(path, self._resume)
         self._commits = 0
-        self._checkpointing = False
-        # Writes held back while a checkpoint finishes (see `_start_checkpoint`).
-        self._paused = False
-        self._unpause_timer: asyncio.TimerHandle | None = None
-        # The next batch goes to the thread: the first commit after the WAL restarts syncs it.
-        self._next_in_thread = False
         # Reads (key lookups, reports, listings) run beside the writer, on their own connection:
         # WAL lets them see the last commit without waiting for, or holding up, the writes.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
@@ -156,7 +150,7 @@ class SqliteStore:
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             self._abandon(raw)
             # Locked (past the busy timeout), unreadable, full: the database, not a faulty unit.
-            self._outage = _is_outage(exc)
+            self._outage = is_outage(exc)
             error = unavailable(exc)
             return [(False, error)] * len(batch)
         except BaseException:
@@ -187,10 +181,10 @@ class SqliteStore:
             try:
                 result = fn(conn, *args)
             except Exception as exc:
-                if _is_outage(exc):
+                if is_outage(exc):
                     raise
                 raw.execute("ROLLBACK")
-                return [(False, _for_caller(exc))]
+                return [(False, for_caller(exc))]
             raw.execute("COMMIT")
             return [(True, result)]
         together: dict[Callable[..., Any], list[int]] = {}
@@ -203,10 +197,10 @@ class SqliteStore:
                 continue
             members = together.get(fn, [index])
             if len(members) == 1:
-                results[index] = _in_savepoint(raw, fn, conn, *args)
+                results[index] = in_savepoint(raw, fn, conn, *args)
                 continue
             calls = [batch[member][1] for member in members]
-            for member, result in zip(members, _together(raw, GROUPS[fn], conn, calls), strict=True):
+            for member, result in zip(members, many_in_savepoint(raw, GROUPS[fn], conn, calls), strict=True):
                 results[member] = result
         done = [result for result in results if result is not None]
         if len(done) != len(batch):
@@ -250,18 +244,18 @@ class SqliteStore:
         lock, when the connection must be made again (after an outage), and for the first commit
         after a checkpoint (SQLite syncs the restarted WAL then).
         """
-        if self._paused:
-            self._busy = False  # `_checkpoint_done` resumes
+        if self._checkpoints.paused:
+            self._busy = False  # the checkpointer resumes
             return
         batch, self._pending = self._pending, []
         units = [(fn, args) for fn, args, _ in batch]
         futures = [future for _, _, future in batch]
         try:
             results = None
-            if self._conn is not None and not self._next_in_thread:
+            if self._conn is not None and not self._checkpoints.next_in_thread:
                 results = self._run_batch(units, wait=False)
             if results is None:
-                self._next_in_thread = False
+                self._checkpoints.next_in_thread = False
                 loop = asyncio.get_running_loop()
                 done = loop.run_in_executor(self._executor, self._run_batch, units, True)
                 done.add_done_callback(lambda t: self._finish_batch(futures, _outcome(t)))
@@ -290,68 +284,16 @@ class SqliteStore:
             fail_waiting(future for _, _, future in waiting)
         if not self._outage:
             self._commits += 1
-            if self._commits >= CHECKPOINT_EVERY_COMMITS and not self._checkpointing:
-                self._start_checkpoint()
+            if self._commits >= CHECKPOINT_EVERY_COMMITS and not self._checkpoints.running:
+                self._commits = 0
+                self._checkpoints.start()
         self._resume()
 
     def _resume(self) -> None:
         """Start the next batch if work is waiting and writes are not held back."""
-        if self._pending and not self._busy and not self._paused:
+        if self._pending and not self._busy and not self._checkpoints.paused:
             self._busy = True
             asyncio.get_running_loop().call_soon(self._gather, 0, 0)
-
-    def _start_checkpoint(self) -> None:
-        """Copy the WAL into the database file in the checkpoint thread, in two passes.
-
-        The first copies the bulk beside the writes. Writes appended meanwhile would keep the WAL
-        from ever being copied whole, and SQLite starts the WAL afresh only once it is: so the
-        second pass copies the rest with writes held back, which takes a moment (the loop serves
-        everything else meanwhile), and the WAL stays a few megabytes long.
-        """
-        self._commits = 0
-        self._checkpointing = True
-        loop = asyncio.get_running_loop()
-        bulk = loop.run_in_executor(self._checkpointer, self._checkpoint)
-        bulk.add_done_callback(lambda _: self._finish_checkpoint())
-
-    def _finish_checkpoint(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            rest = loop.run_in_executor(self._checkpointer, self._checkpoint)
-        except RuntimeError:  # closing
-            self._checkpointing = False
-            return
-        self._paused = True
-        rest.add_done_callback(lambda _: self._checkpoint_done())
-        # Writes wait for the second pass at most this long; if the disk is that slow, they go on
-        # beside it (PASSIVE is safe beside writes) and the WAL restarts at a later checkpoint.
-        self._unpause_timer = loop.call_later(CHECKPOINT_PAUSE_MAX_SECONDS, self._unpause)
-
-    def _checkpoint_done(self) -> None:
-        self._checkpointing = False
-        self._next_in_thread = True
-        self._unpause()
-
-    def _unpause(self) -> None:
-        if self._unpause_timer is not None:
-            self._unpause_timer.cancel()
-            self._unpause_timer = None
-        if self._paused:
-            self._paused = False
-            self._resume()
-
-    def _checkpoint(self) -> None:
-        """In the checkpoint thread: copy the WAL into the database file, beside the writes.
-
-        PASSIVE never waits for the writer, nor makes it wait; SQLite runs it without the GIL, so
-        it costs the event loop nothing.
-        """
-        try:
-            if self._checkpoint_conn is None:
-                self._checkpoint_conn = sqlite3.connect(self.path, timeout=0, check_same_thread=False)
-            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            log.debug("checkpoint skipped: %s", exc)
 
     def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """In the reader thread: one deferred transaction, so the unit sees one snapshot."""
@@ -387,22 +329,16 @@ class SqliteStore:
                 self._read_conn.close()
             self._read_conn = None
 
-    def _close_checkpointer(self) -> None:
-        if self._checkpoint_conn is not None:
-            self._checkpoint_conn.close()
-            self._checkpoint_conn = None
-
     async def close(self) -> None:
         """Wait for queued work and a checkpoint under way, then close the connections and the threads."""
-        while self._busy or self._pending or self._checkpointing:
+        while self._busy or self._pending or self._checkpoints.running:
             await asyncio.sleep(0.005)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._drop_connection)
         await loop.run_in_executor(self._reader, self._close_reader)
-        await loop.run_in_executor(self._checkpointer, self._close_checkpointer)
+        await self._checkpoints.close()
         self._executor.shutdown(wait=True)
         self._reader.shutdown(wait=True)
-        self._checkpointer.shutdown(wait=True)
         if self._engine is not None:
             self._engine.dispose()
 
@@ -412,92 +348,3 @@ def _outcome(task: asyncio.Future[list[tuple[bool, Any]] | None]) -> list[tuple[
     if task.cancelled():
         return RuntimeError("the batch was cancelled")
     return task.exception() or task.result() or RuntimeError("no result")
-
-
-# SQLite's primary result codes that say the database cannot be used (locked, out of memory,
-# read-only, I/O error, corrupt, full, cannot open, not a database); any other error of a unit
-# (SQLITE_ERROR: a statement SQLite cannot run) is that unit's alone, unless it says the schema is
-# missing (a database never migrated), which no unit can use either.
-_OUTAGE_CODES = frozenset(
-    getattr(sqlite3, name)
-    for name in (
-        "SQLITE_BUSY",
-        "SQLITE_LOCKED",
-        "SQLITE_NOMEM",
-        "SQLITE_READONLY",
-        "SQLITE_IOERR",
-        "SQLITE_CORRUPT",
-        "SQLITE_FULL",
-        "SQLITE_CANTOPEN",
-        "SQLITE_PROTOCOL",
-        "SQLITE_NOTADB",
-    )
-)
-
-_NO_SCHEMA = ("no such table", "no such column")
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """Locked past the busy timeout, unreadable, full: the database itself, not a faulty unit."""
-    if isinstance(exc, OSError):
-        return True
-    if isinstance(exc, OperationalError):
-        exc = exc.orig if isinstance(exc.orig, BaseException) else exc
-    if not isinstance(exc, (OperationalError, sqlite3.OperationalError)):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is None or code & 0xFF in _OUTAGE_CODES or str(exc).startswith(_NO_SCHEMA)
-
-
-def _for_caller(exc: Exception) -> Exception:
-    """A unit's error as its caller gets it. A refusal (a GatewayError, such as BudgetExceeded)
-    loses its traceback, which says nothing a refusal needs: it held the store's frames, and through
-    them the batch with this very error, in a reference cycle that kept each refused request (its
-    body, up to the size limit) alive until a collection. A bug keeps its traceback, for the log."""
-    return exc.with_traceback(None) if isinstance(exc, GatewayError) else exc
-
-
-def _in_savepoint(raw: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
-    """SQLite, inside a transaction: `fn(*args)`, rolled back alone if it raises; (ok, result or error)."""
-    raw.execute("SAVEPOINT unit")
-    try:
-        result = fn(*args)
-    except Exception as exc:
-        if _is_outage(exc):
-            raise
-        raw.execute("ROLLBACK TO unit")
-        raw.execute("RELEASE unit")
-        return (False, _for_caller(exc))
-    raw.execute("RELEASE unit")
-    return (True, result)
-
-
-def _together(
-    raw: sqlite3.Connection,
-    many: Many,
-    conn: Connection,
-    calls: list[tuple[Any, ...]],
-) -> list[tuple[bool, Any]]:
-    """SQLite: `many(conn, calls)` in a savepoint; if it raises (or answers for the wrong number of
-    calls), each call alone, so one call's error (a bug) is that call's only."""
-    ok, results = _in_savepoint(raw, _answered, many, conn, calls)
-    if ok:
-        return list(results)
-    log.warning("grouped calls failed together (%s); running the %d calls one by one", results, len(calls))
-    alone: list[tuple[bool, Any]] = []
-    for args in calls:
-        ok, result = _in_savepoint(raw, _answered, many, conn, [args])
-        alone.append(result[0] if ok else (False, result))
-    return alone
-
-
-def _answered(
-    many: Many,
-    conn: Connection,
-    calls: list[tuple[Any, ...]],
-) -> list[tuple[bool, Any]]:
-    """`many(conn, calls)`, which must answer each call once."""
-    results = many(conn, calls)
-    if len(results) != len(calls):
-        raise AssertionError(f"{len(results)} results for {len(calls)} calls")
-    return results

@@ -18,27 +18,31 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store, open_store
-from gateway.web import admin, openapi, usage
+from gateway.web import access_log, admin, limits, openapi, readiness, usage
+from gateway.web.access_log import AccessLog
 from gateway.web.auth import KeyCache, lookup_caller
 from gateway.web.chat import chat
+from gateway.web.limits import Gate
 from gateway.web.middlewares import error_middleware
+from gateway.web.readiness import Readiness
 from gateway.web.state import (
+    ACCESS_LOG,
     BACKGROUND,
     DEADLINES,
+    GATE,
     GAUGES,
     INSTANCE_ID,
     KEYS,
     METRICS,
+    READINESS,
     SETTINGS,
     SETTLING,
     STORE,
     UPSTREAM,
 )
-from gateway.web.upstream import Deadlines, new_session
+from gateway.web.upstream import Deadlines, new_session, open_connections
 
 log = logging.getLogger(__name__)
-
-READY_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -47,19 +51,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The database answers; 503 otherwise."""
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            await request.app[STORE].ping()
-    except (LedgerUnavailable, TimeoutError):
-        return web.json_response(
-            {
-                "status": "unavailable",
-                "error": {"type": "ledger_unavailable", "message": "The ledger database cannot be reached."},
-            },
-            status=503,
-        )
-    return web.json_response({"status": "ready"})
+    """200 while the database accepts writes; 503 with the reason otherwise (see `readiness`)."""
+    app = request.app
+    document, status = readiness.body(await app[READINESS].check(app[STORE], app[INSTANCE_ID]))
+    return web.json_response(document, status=status)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -94,8 +89,9 @@ def create_app(
     server, names its process in a header, and leaves hold expiry and the budget gauges of the
     server to worker 0.
     """
+    access = AccessLog(settings.access_log)
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[access_log.middleware(access), error_middleware] if access.on else [error_middleware],
         client_max_size=settings.max_body_bytes,
         handler_args=server_args(settings),
     )
@@ -105,6 +101,9 @@ def create_app(
     app[BACKGROUND] = set()
     app[SETTLING] = set()
     app[GAUGES] = BudgetGauges(app[METRICS])
+    app[GATE] = Gate(limits.fit_open_files(settings.max_concurrent_requests))
+    app[ACCESS_LOG] = access
+    app[READINESS] = Readiness()
     sweeper = worker is None or worker.sweeper
     scrape = metrics_view
     if worker is not None:
@@ -113,6 +112,8 @@ def create_app(
         app.cleanup_ctx.append(files.ctx)
         scrape = files.view
         workers.tag_responses(app)
+    if access.on:
+        app.cleanup_ctx.append(access.ctx)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_expiry_ctx(sweeper))
@@ -146,10 +147,12 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with new_session() as session:
+    async with new_session(app[GATE].limit) as session:
         app[UPSTREAM] = session
         app[DEADLINES] = Deadlines()
+        app[METRICS].upstream_connections.source = lambda: open_connections(session)
         yield
+        app[METRICS].upstream_connections.source = None
 
 
 def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None]]:

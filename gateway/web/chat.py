@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from gateway.core import idempotency, metering
 from gateway.core.idempotency import Answer, Replay, Reservation, replay_headers
-from gateway.core.metering import Admission, Charge, Settlement
+from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.pricing import cost, format_credits
 from gateway.errors import (
     GatewayError,
@@ -26,12 +26,15 @@ from gateway.errors import (
     UnknownModel,
 )
 from gateway.web.state import (
+    ACCESS_LOG,
     BACKGROUND,
     DEADLINES,
+    GATE,
     GAUGES,
     INSTANCE_ID,
     KEYS,
     METRICS,
+    READINESS,
     SETTINGS,
     SETTLING,
     STORE,
@@ -179,8 +182,19 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     started = time.perf_counter()
+    gate = app[GATE]
+    if gate.full():
+        # Before the body is read or anything held: a counter compared, nothing awaited.
+        refusal = gate.refusal()
+        metrics.requests.labels("", "overloaded").inc()
+        _log_chat(request, started, refusal.status, refusal.outcome)
+        raise refusal
+    gate.active += 1
     metrics.inflight.inc()
     model_label = ""
+    status, outcome = 500, "internal_error"
+    model: str | None = None
+    caller = charge = None
     try:
         settings = app[SETTINGS]
         try:
@@ -211,18 +225,62 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                     idempotency.admit_once, charge, app[INSTANCE_ID], metering.now_us(), reservation
                 )
                 if isinstance(admitted, Replay):
+                    status, outcome, charge = admitted.status, "replayed", None
                     return web.Response(
                         body=admitted.body, status=admitted.status, headers=replay_headers(admitted)
                     )
                 admission = admitted
+            app[READINESS].wrote()
             app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
             raise
-        return await _forward(request, admission, body, started, reservation)
+        response = await _forward(request, admission, body, started, reservation)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status, outcome = exc.status, exc.outcome or exc.type
+        if isinstance(exc, LedgerUnavailable):
+            app[READINESS].failed()
+        raise
     finally:
+        gate.active -= 1
         metrics.inflight.dec()
+        if app[ACCESS_LOG].on:
+            _log_chat(request, started, status, outcome, model, caller, charge)
+
+
+def _log_chat(
+    request: web.Request,
+    started: float,
+    status: int,
+    outcome: str | None,
+    model: str | None = None,
+    caller: Caller | None = None,
+    charge: Charge | None = None,
+) -> None:
+    """The access log line of a chat request; what became of an admitted one is in its progress."""
+    access = request.app[ACCESS_LOG]
+    if not access.on:
+        return
+    progress = request.get(PROGRESS)
+    upstream_ms = None
+    if progress is not None:
+        outcome = "expired" if progress.expired else progress.settlement.outcome
+        upstream_ms = (progress.upstream_done - progress.forwarded_at) * 1000
+    access.chat(
+        request,
+        started,
+        status,
+        outcome,
+        model,
+        caller,
+        charge,
+        charge.message_count if charge is not None else None,
+        charge.stream if charge is not None else None,
+        upstream_ms,
+    )
 
 
 def _reservation(request: web.Request, body: bytes) -> Reservation | None:
@@ -276,6 +334,7 @@ async def _forward(
     """Forward an admitted request and relay the answer; settle in `finally`, whatever happens."""
     forwarded_at = time.perf_counter()
     progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at, reservation)
+    request[PROGRESS] = progress
     try:
         response = await _exchange(request, admission, body, progress)
     except GatewayError as exc:
@@ -366,6 +425,8 @@ async def _exchange(
         upstream.release()
 
 
+# How far an admitted request got, for its access log line.
+PROGRESS: web.RequestKey[_Progress] = web.RequestKey("progress")
 SETTLE_RETRY_MAX_SECONDS = 5.0
 # An SSE comment (ignored by clients' parsers, seen by people reading the stream).
 EXPIRED_NOTE = (

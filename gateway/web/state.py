@@ -11,7 +11,10 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store
+from gateway.web.access_log import AccessLog
 from gateway.web.auth import KeyCache
+from gateway.web.limits import Gate
+from gateway.web.readiness import Readiness
 from gateway.web.upstream import Deadlines
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -27,3 +30,7 @@ BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background")
 # Request ids this process has admitted and not yet settled: hold expiry leaves their holds alone.
 SETTLING: web.AppKey[set[str]] = web.AppKey("settling")
 GAUGES = web.AppKey("gauges", BudgetGauges)
+# Chat requests in flight against GATEWAY_MAX_CONCURRENT_REQUESTS (see `limits`).
+GATE = web.AppKey("gate", Gate)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+READINESS = web.AppKey("readiness", Readiness)

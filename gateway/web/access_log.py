@@ -1,0 +1,199 @@
+"""The access log (contract §8): one line on stdout per chat request, and per admin call, once it ends.
+
+`GATEWAY_ACCESS_LOG=json` (the default) prints a JSON object a line; `text` the same fields as
+one readable `name=value` line; `off` nothing. Lines hold who asked, for what, what became of it
+and what it cost: never a key's secret, never a message's content (only how many messages).
+
+A line is a small dict through `json.dumps` and one `write` to the buffered stdout, not a
+`logging` record: under load the log costs a few microseconds a request. The buffer is flushed
+every FLUSH_SECONDS and when the app stops, so lines reach a pipe promptly without a system call
+each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import IO, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.core.metering import Caller, Charge
+
+FLUSH_SECONDS = 1.0
+ADMIN_PREFIX = "/admin/"
+# Client-supplied text in a line (an unknown model's name) is cut to this many characters.
+MAX_FIELD = 100
+# The order of the fields in a line, as the contract lists them.
+FIELDS = (
+    "ts",
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "outcome",
+    "model",
+    "key_id",
+    "user",
+    "team",
+    "end_user",
+    "tags",
+    "messages",
+    "credits",
+    "stream",
+    "duration_ms",
+    "upstream_ms",
+)
+
+
+class AccessLog:
+    """Writes access log lines in one format ("json", "text" or "off") to a text stream."""
+
+    def __init__(self, fmt: str, out: IO[str] | None = None) -> None:
+        self.on = fmt != "off"
+        self.fmt = fmt
+        self.out = out
+        self._second = -1
+        self._prefix = ""
+
+    def _stream(self) -> IO[str]:
+        # Looked up when writing: tests (and pytest's capture) replace sys.stdout after start-up.
+        return self.out if self.out is not None else sys.stdout
+
+    def timestamp(self) -> str:
+        """Now, ISO 8601 UTC to the millisecond; the formatted second is reused within it."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def chat(
+        self,
+        request: web.Request,
+        started: float,
+        status: int,
+        outcome: str | None,
+        model: str | None = None,
+        caller: Caller | None = None,
+        charge: Charge | None = None,
+        messages: int | None = None,
+        stream: bool | None = None,
+        upstream_ms: float | None = None,
+    ) -> None:
+        """The line of a chat request, refused or not (`charge` once it was admitted)."""
+        charged = charge is not None and outcome == "charged"
+        self.write(
+            {
+                "ts": self.timestamp(),
+                "request_id": charge.request_id if charge is not None else None,
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "outcome": outcome,
+                "model": model[:MAX_FIELD] if model is not None else None,
+                "key_id": caller.key_id if caller is not None else None,
+                "user": caller.user_name if caller is not None else None,
+                "team": caller.team_name if caller is not None else None,
+                # Issue 19's attribution fields, not built yet.
+                "end_user": None,
+                "tags": [],
+                "messages": messages,
+                "credits": charge.credits / 1_000_000 if charged and charge is not None else 0,
+                "stream": stream,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "upstream_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
+            }
+        )
+
+    def admin(self, request: web.Request, started: float, status: int) -> None:
+        """The line of an admin call: what was called and how it ended."""
+        self.write(
+            {
+                "ts": self.timestamp(),
+                "request_id": None,
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "outcome": None,
+                "model": None,
+                "key_id": None,
+                "user": None,
+                "team": None,
+                "end_user": None,
+                "tags": [],
+                "messages": None,
+                "credits": None,
+                "stream": None,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "upstream_ms": None,
+            }
+        )
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Print one entry in this log's format."""
+        if self.fmt == "json":
+            line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+        else:
+            line = " ".join(f"{name}={_text_value(value)}" for name, value in entry.items())
+        self._stream().write(line + "\n")
+
+    def flush(self) -> None:
+        """Push buffered lines out; a closed or broken stdout is not the gateway's failure."""
+        with contextlib.suppress(OSError, ValueError):
+            self._stream().flush()
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """Cleanup context: flush every FLUSH_SECONDS, and once more at the end."""
+        task = asyncio.get_running_loop().create_task(self._flush_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self.flush()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.flush()
+
+
+def _text_value(value: Any) -> str:
+    """A value in a text line: bare when it has no space, quote or `=`, JSON otherwise."""
+    if value is None:
+        return "-"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\\') and value.isprintable():
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def middleware(log: AccessLog) -> Any:
+    """A middleware that logs admin calls (`/admin/...`) with their final status."""
+
+    @web.middleware
+    async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith(ADMIN_PREFIX):
+            return await handler(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            log.admin(request, started, status)
+
+    return access_log

@@ -21,6 +21,10 @@ FDS_PER_REQUEST = 2
 # connections between requests, the event loop's own.
 HEADROOM_FDS = 256
 RETRY_AFTER_SECONDS = 1
+# Connections the kernel queues for accepting (capped by net.core.somaxconn): asyncio's 100 or
+# aiohttp's 128 overflow when thousands of clients connect within a second, and each dropped SYN
+# costs its client a second or more before it tries again.
+LISTEN_BACKLOG = 4096
 
 
 class Gate:

@@ -23,7 +23,7 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.core.metering import Caller, Charge
+from gateway.core.metering import Caller
 
 FLUSH_SECONDS = 1.0
 ADMIN_PREFIX = "/admin/"
@@ -80,19 +80,19 @@ class AccessLog:
         started: float,
         status: int,
         outcome: str | None,
+        request_id: str | None = None,
         model: str | None = None,
         caller: Caller | None = None,
-        charge: Charge | None = None,
         messages: int | None = None,
         stream: bool | None = None,
+        credits: int = 0,
         upstream_ms: float | None = None,
     ) -> None:
-        """The line of a chat request, refused or not (`charge` once it was admitted)."""
-        charged = charge is not None and outcome == "charged"
+        """The line of a chat request, refused or not; `credits` charged, in micro-credits."""
         self.write(
             {
                 "ts": self.timestamp(),
-                "request_id": charge.request_id if charge is not None else None,
+                "request_id": request_id,
                 "method": request.method,
                 "path": request.path,
                 "status": status,
@@ -105,7 +105,7 @@ class AccessLog:
                 "end_user": None,
                 "tags": [],
                 "messages": messages,
-                "credits": charge.credits / 1_000_000 if charged and charge is not None else 0,
+                "credits": credits / 1_000_000,
                 "stream": stream,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "upstream_ms": round(upstream_ms, 3) if upstream_ms is not None else None,

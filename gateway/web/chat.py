@@ -265,21 +265,17 @@ def _log_chat(
     if not access.on:
         return
     progress = request.get(PROGRESS)
-    upstream_ms = None
-    if progress is not None:
+    request_id = upstream_ms = None
+    credits = 0
+    if progress is not None and charge is not None:
         outcome = "expired" if progress.expired else progress.settlement.outcome
+        request_id = charge.request_id
         upstream_ms = (progress.upstream_done - progress.forwarded_at) * 1000
+        credits = charge.credits if outcome == "charged" else 0
+    messages = charge.message_count if charge is not None else None
+    stream = charge.stream if charge is not None else None
     access.chat(
-        request,
-        started,
-        status,
-        outcome,
-        model,
-        caller,
-        charge,
-        charge.message_count if charge is not None else None,
-        charge.stream if charge is not None else None,
-        upstream_ms,
+        request, started, status, outcome, request_id, model, caller, messages, stream, credits, upstream_ms
     )
 
 

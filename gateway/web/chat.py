@@ -34,7 +34,6 @@ from gateway.web.state import (
     INSTANCE_ID,
     KEYS,
     METRICS,
-    READINESS,
     SETTINGS,
     SETTLING,
     STORE,
@@ -230,7 +229,6 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                         body=admitted.body, status=admitted.status, headers=replay_headers(admitted)
                     )
                 admission = admitted
-            app[READINESS].wrote()
             app[SETTLING].add(charge.request_id)
         except GatewayError as exc:
             if exc.outcome:
@@ -241,8 +239,6 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return response
     except GatewayError as exc:
         status, outcome = exc.status, exc.outcome or exc.type
-        if isinstance(exc, LedgerUnavailable):
-            app[READINESS].failed()
         raise
     finally:
         gate.active -= 1

@@ -64,7 +64,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, key: str, name: str)
 @pytest.mark.slow
 async def test_hundreds_of_slow_streams_arrive_whole_and_are_charged_once(tmp_path: Any) -> None:
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
-    migrate.upgrade(database_url)
+    await asyncio.to_thread(migrate.upgrade, database_url)
     app = web.Application()
     app.router.add_post("/api/v1/chat", _slow_upstream)
     upstream = TestServer(app, host="127.0.0.1")

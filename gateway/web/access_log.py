@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.core.metering import Caller
+from gateway.errors import GatewayError
 
 FLUSH_SECONDS = 1.0
-ADMIN_PREFIX = "/admin/"
 # Client-supplied text in a line (an unknown model's name) is cut to this many characters.
 MAX_FIELD = 100
 # The order of the fields in a line, as the contract lists them.
@@ -49,6 +49,10 @@ FIELDS = (
     "duration_ms",
     "upstream_ms",
 )
+
+
+# One encoder for every line: `json.dumps` with options builds a new one each call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class AccessLog:
@@ -139,7 +143,7 @@ class AccessLog:
     def write(self, entry: dict[str, Any]) -> None:
         """Print one entry in this log's format."""
         if self.fmt == "json":
-            line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+            line = _encode(entry)
         else:
             line = " ".join(f"{name}={_text_value(value)}" for name, value in entry.items())
         self._stream().write(line + "\n")
@@ -177,23 +181,46 @@ def _text_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def middleware(log: AccessLog) -> Any:
-    """A middleware that logs admin calls (`/admin/...`) with their final status."""
+class LoggedRoutes:
+    """Registers routes as a router would, each handler wrapped to log its calls (admin's).
 
-    @web.middleware
-    async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(ADMIN_PREFIX):
-            return await handler(request)
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            log.admin(request, started, status)
+    A wrapper on those handlers alone, not a middleware: aiohttp builds a middleware's partial
+    for every request of every route, chat's included.
+    """
 
-    return access_log
+    def __init__(self, router: web.UrlDispatcher, log: AccessLog) -> None:
+        self.router = router
+        self.log = log
+
+    def _logged(self, handler: Handler) -> Handler:
+        log = self.log
+
+        async def logged(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except (GatewayError, web.HTTPException) as exc:
+                status = exc.status
+                raise
+            finally:
+                log.admin(request, started, status)
+
+        return logged
+
+    def add_get(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_get(path, self._logged(handler), **kwargs)
+
+    def add_post(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_post(path, self._logged(handler), **kwargs)
+
+    def add_put(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_put(path, self._logged(handler), **kwargs)
+
+    def add_patch(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_patch(path, self._logged(handler), **kwargs)
+
+    def add_delete(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_delete(path, self._logged(handler), **kwargs)

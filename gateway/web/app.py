@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -91,7 +92,7 @@ def create_app(
     """
     access = AccessLog(settings.access_log)
     app = web.Application(
-        middlewares=[access_log.middleware(access), error_middleware] if access.on else [error_middleware],
+        middlewares=[error_middleware],
         client_max_size=settings.max_body_bytes,
         handler_args=server_args(settings),
     )
@@ -124,8 +125,11 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
-    for module in (usage, admin, openapi):
+    for module in (usage, openapi):
         module.add_routes(app.router)
+    # Admin calls are logged by their handlers' wrapper; LoggedRoutes has the `add_*` of a router.
+    admin_router = access_log.LoggedRoutes(app.router, access) if access.on else app.router
+    admin.add_routes(cast(web.UrlDispatcher, admin_router))
     return app
 
 

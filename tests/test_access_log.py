@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.web.access_log import FIELDS
+from gateway.web.state import ACCESS_LOG
 
 from .conftest import ADMIN_TOKEN, World, _secret
 
@@ -25,7 +26,9 @@ async def logged(world: World) -> tuple[World, str]:
     return world, str(key["key"])
 
 
-def _lines(capsys: Any) -> list[str]:
+def _lines(w: World, capsys: Any) -> list[str]:
+    """The lines printed so far (written out as the buffer fills, every second, or at a flush)."""
+    w.client.app[ACCESS_LOG].flush()
     return [line for line in capsys.readouterr().out.splitlines() if line]
 
 
@@ -60,7 +63,7 @@ async def test_json_lines_have_the_contracts_fields_and_no_secret(
     w, key = logged
     capsys.readouterr()
     ids = await _traffic(w, key)
-    lines = _lines(capsys)
+    lines = _lines(w, capsys)
     assert len(lines) == 6, lines
     entries = [json.loads(line) for line in lines]
     for entry in entries:
@@ -121,7 +124,7 @@ async def test_text_lines_carry_the_same_fields(logged: tuple[World, str], capsy
     await w.reconfigure(access_log="text")
     capsys.readouterr()
     ids = await _traffic(w, key)
-    lines = _lines(capsys)
+    lines = _lines(w, capsys)
     assert len(lines) == 6, lines
     for line in lines:
         assert [pair.split("=", 1)[0] for pair in line.split(" ")] == list(FIELDS)
@@ -138,7 +141,7 @@ async def test_off_prints_nothing(logged: tuple[World, str], capsys: Any) -> Non
     await w.reconfigure(access_log="off")
     capsys.readouterr()
     await _traffic(w, key)
-    assert _lines(capsys) == []
+    assert _lines(w, capsys) == []
 
 
 async def test_an_overloaded_refusal_is_logged(logged: tuple[World, str], capsys: Any) -> None:
@@ -151,7 +154,7 @@ async def test_an_overloaded_refusal_is_logged(logged: tuple[World, str], capsys
         await asyncio.sleep(0.01)
     capsys.readouterr()
     assert (await w.chat(key)).status == 503
-    (line,) = _lines(capsys)
+    (line,) = _lines(w, capsys)
     entry = json.loads(line)
     assert (entry["status"], entry["outcome"], entry["request_id"], entry["key_id"]) == (
         503,
@@ -160,3 +163,22 @@ async def test_an_overloaded_refusal_is_logged(logged: tuple[World, str], capsys
         None,
     )
     assert (await first).status == 200
+
+
+def test_lines_go_out_whole_in_writes_under_pipe_buf(tmp_path: Any) -> None:
+    """Buffered, written with os.write in whole lines: a pipe shared by workers never splits one."""
+    from gateway.web.access_log import FLUSH_BYTES, AccessLog
+
+    path = tmp_path / "out.log"
+    with path.open("w") as out:
+        log = AccessLog("json", out)
+        entry = {name: "x" * 50 for name in FIELDS}
+        for _ in range(100):
+            log.write(entry)
+        written = path.read_text()
+        assert written and len(written) < 100 * (len(json.dumps(entry)) + 1)
+        assert written.endswith("\n")
+        log.flush()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 100 and all(json.loads(line) == entry for line in lines)
+    assert FLUSH_BYTES < 4096

@@ -4,10 +4,10 @@
 one readable `name=value` line; `off` nothing. Lines hold who asked, for what, what became of it
 and what it cost: never a key's secret, never a message's content (only how many messages).
 
-A line is a small dict through `json.dumps` and one `write` to the buffered stdout, not a
-`logging` record: under load the log costs a few microseconds a request. The buffer is flushed
-every FLUSH_SECONDS and when the app stops, so lines reach a pipe promptly without a system call
-each.
+A line is a small dict through one JSON encoder, kept in a buffer of whole lines, not a
+`logging` record: under load the log costs a few microseconds a request. The buffer is written
+out when it nears PIPE_BUF, every FLUSH_SECONDS and when the app stops, so lines reach a pipe
+promptly without a system call each.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +28,11 @@ from aiohttp.typedefs import Handler
 from gateway.core.metering import Caller
 from gateway.errors import GatewayError
 
+log = logging.getLogger(__name__)
+
 FLUSH_SECONDS = 1.0
+# Lines are written out once this many bytes wait (under PIPE_BUF, 4096 on Linux), or every second.
+FLUSH_BYTES = 3584
 # Client-supplied text in a line (an unknown model's name) is cut to this many characters.
 MAX_FIELD = 100
 # The order of the fields in a line, as the contract lists them.
@@ -64,10 +70,8 @@ class AccessLog:
         self.out = out
         self._second = -1
         self._prefix = ""
-
-    def _stream(self) -> IO[str]:
-        # Looked up when writing: tests (and pytest's capture) replace sys.stdout after start-up.
-        return self.out if self.out is not None else sys.stdout
+        self._pending: list[str] = []
+        self._size = 0
 
     def timestamp(self) -> str:
         """Now, ISO 8601 UTC to the millisecond; the formatted second is reused within it."""
@@ -141,17 +145,45 @@ class AccessLog:
         )
 
     def write(self, entry: dict[str, Any]) -> None:
-        """Print one entry in this log's format."""
+        """Print one entry in this log's format (buffered: see `flush`)."""
         if self.fmt == "json":
             line = _encode(entry)
         else:
             line = " ".join(f"{name}={_text_value(value)}" for name, value in entry.items())
-        self._stream().write(line + "\n")
+        self._pending.append(line)
+        self._size += len(line) + 1
+        if self._size >= FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        """Push buffered lines out; a closed or broken stdout is not the gateway's failure."""
-        with contextlib.suppress(OSError, ValueError):
-            self._stream().flush()
+        """Write out the lines buffered, whole lines only; a closed or broken stdout is not fatal.
+
+        Not through `sys.stdout`'s own buffer: with PYTHONUNBUFFERED set (as container images
+        often do) each line would be a system call, a tenth of a request's cost. One `os.write`
+        of whole lines under PIPE_BUF bytes is atomic on a pipe, so the lines of several worker
+        processes sharing one stdout never interleave mid-line.
+        """
+        if not self._pending:
+            return
+        data = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        self._size = 0
+        out = self.out if self.out is not None else sys.stdout
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1  # a stream without a file (a test's capture): written as it is
+        try:
+            if fd < 0:
+                out.write(data)
+                out.flush()
+                return
+            out.flush()  # anything printed before goes first
+            encoded = data.encode("utf-8", "replace")
+            while encoded:
+                encoded = encoded[os.write(fd, encoded) :]
+        except (OSError, ValueError):
+            log.warning("access log lines lost: standard output cannot be written")
 
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
         """Cleanup context: flush every FLUSH_SECONDS, and once more at the end."""

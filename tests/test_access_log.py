@@ -182,3 +182,19 @@ def test_lines_go_out_whole_in_writes_under_pipe_buf(tmp_path: Any) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 100 and all(json.loads(line) == entry for line in lines)
     assert FLUSH_BYTES < 4096
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_odd_characters_stay_on_one_line(logged: tuple[World, str], capsys: Any, fmt: str) -> None:
+    w, key = logged
+    await w.reconfigure(access_log=fmt)
+    capsys.readouterr()
+    odd = 'a"b\nc=d \\ é\u2028'
+    assert (await w.chat(key, model=odd)).status == 400
+    (line,) = _lines(w, capsys)
+    assert line.isascii()
+    if fmt == "json":
+        entry = json.loads(line)
+        assert (entry["model"], entry["outcome"], entry["status"]) == (odd, "unknown_model", 400)
+    else:
+        assert f"model={json.dumps(odd)} " in line

@@ -17,9 +17,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 from aiohttp import web
@@ -58,7 +60,7 @@ FIELDS = (
 
 
 # One encoder for every line: `json.dumps` with options builds a new one each call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class AccessLog:
@@ -97,27 +99,33 @@ class AccessLog:
         upstream_ms: float | None = None,
     ) -> None:
         """The line of a chat request, refused or not; `credits` charged, in micro-credits."""
-        self.write(
-            {
-                "ts": self.timestamp(),
-                "request_id": request_id,
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "outcome": outcome,
-                "model": model[:MAX_FIELD] if model is not None else None,
-                "key_id": caller.key_id if caller is not None else None,
-                "user": caller.user_name if caller is not None else None,
-                "team": caller.team_name if caller is not None else None,
-                # Issue 19's attribution fields, not built yet.
-                "end_user": None,
-                "tags": [],
-                "messages": messages,
-                "credits": credits / 1_000_000,
-                "stream": stream,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "upstream_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
-            }
+        duration = round((time.perf_counter() - started) * 1000, 3)
+        upstream = round(upstream_ms, 3) if upstream_ms is not None else None
+        model = model[:MAX_FIELD] if model is not None else None
+        key_id = user = team = None
+        if caller is not None:
+            key_id, user, team = caller.key_id, caller.user_name, caller.team_name
+        stream_text = "null" if stream is None else "true" if stream else "false"
+        if self.fmt != "json":
+            self._add(
+                f"ts={self.timestamp()} request_id={_text(request_id)} method={_text(request.method)} "
+                f"path={_text(request.path)} status={status} outcome={_text(outcome)} model={_text(model)} "
+                f"key_id={_text(key_id)} user={_text(user)} team={_text(team)} end_user=- tags=[] "
+                f"messages={'-' if messages is None else messages} credits={credits / 1_000_000!r} "
+                f"stream={'-' if stream is None else stream_text} duration_ms={duration!r} "
+                f"upstream_ms={'-' if upstream is None else repr(upstream)}"
+            )
+            return
+        # The JSON line by hand: twice as fast as an encoder walking a dict, and the hot path's.
+        # Strings go through the encoder's own escaping; `end_user` and `tags` are issue 19's.
+        self._add(
+            f'{{"ts":"{self.timestamp()}","request_id":{_string(request_id)},'
+            f'"method":{_string(request.method)},"path":{_string(request.path)},"status":{status},'
+            f'"outcome":{_string(outcome)},"model":{_string(model)},"key_id":{_string(key_id)},'
+            f'"user":{_string(user)},"team":{_string(team)},"end_user":null,"tags":[],'
+            f'"messages":{"null" if messages is None else messages},"credits":{credits / 1_000_000!r},'
+            f'"stream":{stream_text},'
+            f'"duration_ms":{duration!r},"upstream_ms":{"null" if upstream is None else repr(upstream)}}}'
         )
 
     def admin(self, request: web.Request, started: float, status: int) -> None:
@@ -147,9 +155,11 @@ class AccessLog:
     def write(self, entry: dict[str, Any]) -> None:
         """Print one entry in this log's format (buffered: see `flush`)."""
         if self.fmt == "json":
-            line = _encode(entry)
+            self._add(_encode(entry))
         else:
-            line = " ".join(f"{name}={_text_value(value)}" for name, value in entry.items())
+            self._add(" ".join(f"{name}={_text_value(value)}" for name, value in entry.items()))
+
+    def _add(self, line: str) -> None:
         self._pending.append(line)
         self._size += len(line) + 1
         if self._size >= FLUSH_BYTES:
@@ -200,6 +210,23 @@ class AccessLog:
             self.flush()
 
 
+def _string(value: str | None) -> str:
+    """A JSON string, or null; ASCII, so no character of it (U+2028...) can break the line."""
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+_UNSAFE = re.compile(r'[\s"=\\]')
+
+
+def _text(value: str | None) -> str:
+    """A string in a text line: bare when it has no space, quote, `=` or backslash; JSON otherwise."""
+    if value is None:
+        return "-"
+    if value and value.isprintable() and not _UNSAFE.search(value):
+        return value
+    return encode_basestring_ascii(value)
+
+
 def _text_value(value: Any) -> str:
     """A value in a text line: bare when it has no space, quote or `=`, JSON otherwise."""
     if value is None:
@@ -210,7 +237,7 @@ def _text_value(value: Any) -> str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"))
 
 
 class LoggedRoutes:

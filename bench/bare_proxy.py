@@ -18,7 +18,8 @@ from aiohttp import web
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 UPSTREAM_URL = web.AppKey("upstream_url", str)
 
-# The same pool and timeouts as the gateway's upstream client, so only the metering differs.
+# The gateway's pool was this size before GATEWAY_MAX_CONCURRENT_REQUESTS (bench/streams.py sizes
+# it as the gateway's is); the TCP connect timed as the gateway times it.
 MAX_CONNECTIONS = 1000
 CONNECT_TIMEOUT_SECONDS = 10.0
 RELAYED_HEADERS = ("Content-Type", "Cache-Control")
@@ -48,15 +49,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         upstream.release()
 
 
-def create_app(upstream_url: str) -> web.Application:
-    """The bare proxy: every POST path goes to `upstream_url`."""
+def create_app(upstream_url: str, max_connections: int = MAX_CONNECTIONS) -> web.Application:
+    """The bare proxy: every POST path goes to `upstream_url`, over at most `max_connections`."""
     app = web.Application()
     app[UPSTREAM_URL] = upstream_url
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS),
+            connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS),
             cookie_jar=aiohttp.DummyCookieJar(),
         ) as session:
             app[UPSTREAM] = session
@@ -67,6 +68,10 @@ def create_app(upstream_url: str) -> web.Application:
     return app
 
 
+# As `gateway serve`'s (gateway.web.limits.LISTEN_BACKLOG).
+BACKLOG = 4096
+
+
 def main() -> None:
     """Serve the bare proxy on a loopback port."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -74,12 +79,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="full URL every request is forwarded to")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
+    parser.add_argument(
+        "--max-connections", type=int, default=MAX_CONNECTIONS, help="upstream pool size (0: no limit)"
+    )
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(create_app(args.upstream), host=args.host, port=args.port, print=None, access_log=None)
+    app = create_app(args.upstream, args.max_connections)
+    web.run_app(app, backlog=BACKLOG, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ GatewayError
  ├── RequestTooLarge       413 request_too_large
  ├── UpstreamUnavailable   502 upstream_unavailable
  ├── LedgerUnavailable     503 ledger_unavailable
+ ├── Overloaded            503 overloaded
  └── UpstreamTimeout       504 upstream_timeout
 """
 
@@ -89,6 +90,10 @@ class UpstreamUnavailable(GatewayError):
 class LedgerUnavailable(GatewayError):
     status, type, outcome = 503, "ledger_unavailable", "ledger_unavailable"
     reason = ""  # what the database driver said, for logs and the CLI
+
+
+class Overloaded(GatewayError):
+    status, type, outcome = 503, "overloaded", "overloaded"
 
 
 class UpstreamTimeout(GatewayError):

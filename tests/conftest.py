@@ -179,7 +179,8 @@ def settings_for(backend: Backend) -> Any:
     """Settings for the test's database and a given upstream URL."""
 
     def make(upstream_url: str, **overrides: Any) -> Settings:
-        base = Settings(database_url=backend.url, upstream_url=upstream_url)
+        # No access log lines in the tests' output; tests/test_access_log.py turns it on.
+        base = Settings(database_url=backend.url, upstream_url=upstream_url, access_log="off")
         return replace(base, **overrides)
 
     return make

@@ -299,6 +299,7 @@ async def _run_servers(
     worker: workers.Worker | None = None,
 ) -> None:
     """Serve the gateway (and a fake upstream) until SIGINT or SIGTERM, or as one `worker` of several."""
+    from gateway.web import limits
     from gateway.web.app import create_app
 
     # Before serving: a signal that comes early stops the server once it has started.
@@ -323,7 +324,9 @@ async def _run_servers(
         await runner.setup()
         runners.append(runner)
         # Workers bind the port side by side; the kernel spreads connections across them.
-        await web.TCPSite(runner, settings.host, settings.port, reuse_port=worker is not None).start()
+        await web.TCPSite(
+            runner, settings.host, settings.port, reuse_port=worker is not None, backlog=limits.LISTEN_BACKLOG
+        ).start()
         if worker is None:
             log.info(
                 "gateway serving on http://%s:%d, forwarding to %s",

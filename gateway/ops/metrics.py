@@ -165,6 +165,24 @@ class FastGauge(_Family[Count]):
         yield gauge
 
 
+class ReadGauge(Collector):
+    """A gauge without labels whose value is read, when scraped, from `source` (0 until one is set)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.source: Callable[[], float] | None = None
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = Metric(self.name, self.documentation, "gauge")
+        gauge.add_sample(self.name, {}, self.source() if self.source is not None else 0)
+        yield gauge
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "gauge")]
+
+
 class FastHistogram(_Family[Observations]):
     """A histogram, exposed as prometheus_client's are (`_bucket`, `_count`, `_sum`, `_created`)."""
 
@@ -255,6 +273,9 @@ class Metrics:
             r,
         )
         self.inflight = FastGauge("gateway_inflight_requests", "Chat requests in flight.", r)
+        self.upstream_connections = ReadGauge(
+            "gateway_upstream_connections", "Connections to upstream open (in use or idle in the pool).", r
+        )
         self.holds_expired = Counter(
             "gateway_holds_expired_total",
             "Holds released by expiry (a sign of crashed processes).",

@@ -14,6 +14,8 @@ from gateway.core.pricing import PriceTable
 
 # More worker processes than this is a typo, not a machine (`gateway serve --workers`).
 MAX_WORKERS = 256
+# What the access log prints (`GATEWAY_ACCESS_LOG`): a JSON object a line, a readable line, nothing.
+ACCESS_LOG_FORMATS = ("json", "text", "off")
 
 
 class ConfigError(Exception):
@@ -81,6 +83,13 @@ def _workers(name: str, value: object) -> int:
     return workers
 
 
+def _access_log(name: str, value: object) -> str:
+    text = _text(name, value).strip().lower()
+    if text not in ACCESS_LOG_FORMATS:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return text
+
+
 def _database_url(name: str, value: object) -> str:
     return _url(name, _text(name, value), ("sqlite+aiosqlite", "postgresql+asyncpg"))
 
@@ -109,6 +118,8 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "db_pool_size": (_positive(int), 10),
     "workers": (_workers, 1),
     "shutdown_grace_seconds": (_positive(float), 30.0),
+    "max_concurrent_requests": (_positive(int), 10_000),
+    "access_log": (_access_log, "json"),
 }
 
 
@@ -137,6 +148,11 @@ class Settings:
     workers: int = 1
     # On SIGTERM/SIGINT, how long requests in flight may go on before they are cut (and settled).
     shutdown_grace_seconds: float = 30.0
+    # Chat requests in flight in one process; one more is refused with 503 `overloaded`. The
+    # upstream connection pool has as many connections, so no request waits for one.
+    max_concurrent_requests: int = 10_000
+    # One line a request on stdout: "json", "text" or "off" (see `gateway.web.access_log`).
+    access_log: str = "json"
     pricing: PriceTable = field(default_factory=PriceTable.from_config)
 
     @classmethod

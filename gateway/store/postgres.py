@@ -29,6 +29,10 @@ T = TypeVar("T")
 
 # SQLSTATEs worth retrying on PostgreSQL: serialization failure, deadlock detected.
 PG_RETRY_SQLSTATES = {"40001", "40P01"}
+# SQLSTATEs of a database that cannot be used, not of a faulty unit: connection exceptions (08),
+# insufficient resources (53: disk full, out of memory), operator intervention (57), and a
+# read-only transaction (25006: a read-only database or standby).
+PG_OUTAGE_SQLSTATES = ("08", "53", "57", "25006")
 PG_MAX_ATTEMPTS = 5
 # How long a unit waits for a free PostgreSQL connection. Waiting for the pool means the database
 # answers but every connection is busy (a burst): the unit queues rather than being told 503. A
@@ -154,7 +158,7 @@ class PostgresStore:
                 if sqlstate in PG_RETRY_SQLSTATES and attempt < PG_MAX_ATTEMPTS:
                     await asyncio.sleep(0.005 * attempt)
                     continue
-                if exc.connection_invalidated or sqlstate is None or sqlstate.startswith(("08", "57")):
+                if exc.connection_invalidated or sqlstate is None or sqlstate.startswith(PG_OUTAGE_SQLSTATES):
                     raise unavailable(exc) from None
                 raise
             except (SQLAlchemyError, OSError, TimeoutError) as exc:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,27 +19,31 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store, open_store
-from gateway.web import admin, openapi, shutdown, usage
+from gateway.web import access_log, admin, limits, openapi, readiness, shutdown, usage
+from gateway.web.access_log import AccessLog
 from gateway.web.auth import KeyCache, lookup_caller
 from gateway.web.chat import chat
+from gateway.web.limits import Gate
 from gateway.web.middlewares import error_middleware
+from gateway.web.readiness import Readiness
 from gateway.web.state import (
+    ACCESS_LOG,
     BACKGROUND,
     DEADLINES,
+    GATE,
     GAUGES,
     INSTANCE_ID,
     KEYS,
     METRICS,
+    READINESS,
     SETTINGS,
     SETTLING,
     STORE,
     UPSTREAM,
 )
-from gateway.web.upstream import Deadlines, new_session
+from gateway.web.upstream import Deadlines, new_session, open_connections
 
 log = logging.getLogger(__name__)
-
-READY_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -48,19 +52,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The database answers; 503 otherwise."""
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            await request.app[STORE].ping()
-    except (LedgerUnavailable, TimeoutError):
-        return web.json_response(
-            {
-                "status": "unavailable",
-                "error": {"type": "ledger_unavailable", "message": "The ledger database cannot be reached."},
-            },
-            status=503,
-        )
-    return web.json_response({"status": "ready"})
+    """200 while the database accepts writes; 503 with the reason otherwise (see `readiness`)."""
+    app = request.app
+    document, status = readiness.body(await app[READINESS].check(app[STORE], app[INSTANCE_ID]))
+    return web.json_response(document, status=status)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -95,6 +90,7 @@ def create_app(
     server, names its process in a header, and leaves hold expiry and the budget gauges of the
     server to worker 0.
     """
+    access = AccessLog(settings.access_log)
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=settings.max_body_bytes,
@@ -107,6 +103,9 @@ def create_app(
     app[SETTLING] = set()
     app[GAUGES] = BudgetGauges(app[METRICS])
     shutdown.setup(app)
+    app[GATE] = Gate(limits.fit_open_files(settings.max_concurrent_requests))
+    app[ACCESS_LOG] = access
+    app[READINESS] = Readiness()
     sweeper = worker is None or worker.sweeper
     scrape = metrics_view
     if worker is not None:
@@ -115,6 +114,8 @@ def create_app(
         app.cleanup_ctx.append(files.ctx)
         scrape = files.view
         workers.tag_responses(app)
+    if access.on:
+        app.cleanup_ctx.append(access.ctx)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_expiry_ctx(sweeper))
@@ -125,8 +126,11 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
-    for module in (usage, admin, openapi):
+    for module in (usage, openapi):
         module.add_routes(app.router)
+    # Admin calls are logged by their handlers' wrapper; LoggedRoutes has the `add_*` of a router.
+    admin_router = access_log.LoggedRoutes(app.router, access) if access.on else app.router
+    admin.add_routes(cast(web.UrlDispatcher, admin_router))
     return app
 
 
@@ -150,10 +154,12 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with new_session() as session:
+    async with new_session(app[GATE].limit) as session:
         app[UPSTREAM] = session
         app[DEADLINES] = Deadlines()
+        app[METRICS].upstream_connections.source = lambda: open_connections(session)
         yield
+        app[METRICS].upstream_connections.source = None
 
 
 def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from gateway.core import idempotency, metering
 from gateway.core.idempotency import Answer, Replay, Reservation, replay_headers
-from gateway.core.metering import Admission, Charge, Settlement
+from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.pricing import cost, format_credits
 from gateway.errors import (
     GatewayError,
@@ -27,8 +27,10 @@ from gateway.errors import (
 )
 from gateway.web import shutdown
 from gateway.web.state import (
+    ACCESS_LOG,
     BACKGROUND,
     DEADLINES,
+    GATE,
     GAUGES,
     INSTANCE_ID,
     KEYS,
@@ -181,12 +183,23 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     started = time.perf_counter()
+    gate = app[GATE]
+    if gate.full():
+        # Before the body is read or anything held: a counter compared, nothing awaited.
+        refusal = gate.refusal()
+        metrics.requests.labels("", "overloaded").inc()
+        _log_chat(request, started, refusal.status, refusal.outcome)
+        raise refusal
+    gate.active += 1
     metrics.inflight.inc()
     model_label = ""
     # A shutdown may cut this request (see `shutdown`).
     task = asyncio.current_task()
     assert task is not None
     app[REQUESTS][task] = shutdown.RUNNING
+    status, outcome = 500, "internal_error"
+    model: str | None = None
+    caller = charge = None
     try:
         settings = app[SETTINGS]
         try:
@@ -223,6 +236,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                     ),
                 )
                 if isinstance(admitted, Replay):
+                    status, outcome, charge = admitted.status, "replayed", None
                     return web.Response(
                         body=admitted.body, status=admitted.status, headers=replay_headers(admitted)
                     )
@@ -232,12 +246,48 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
             raise
-        return await _forward(request, admission, body, started, reservation)
+        response = await _forward(request, admission, body, started, reservation)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status, outcome = exc.status, exc.outcome or exc.type
+        raise
     finally:
+        gate.active -= 1
         metrics.inflight.dec()
         del app[REQUESTS][task]
         # An error's traceback holds this frame: no reference cycle through the task.
         del task
+        if app[ACCESS_LOG].on:
+            _log_chat(request, started, status, outcome, model, caller, charge)
+
+
+def _log_chat(
+    request: web.Request,
+    started: float,
+    status: int,
+    outcome: str | None,
+    model: str | None = None,
+    caller: Caller | None = None,
+    charge: Charge | None = None,
+) -> None:
+    """The access log line of a chat request; what became of an admitted one is in its progress."""
+    access = request.app[ACCESS_LOG]
+    if not access.on:
+        return
+    progress = request.get(PROGRESS)
+    request_id = upstream_ms = None
+    credits = 0
+    if progress is not None and charge is not None:
+        outcome = "expired" if progress.expired else progress.settlement.outcome
+        request_id = charge.request_id
+        upstream_ms = (progress.upstream_done - progress.forwarded_at) * 1000
+        credits = charge.credits if outcome == "charged" else 0
+    messages = charge.message_count if charge is not None else None
+    stream = charge.stream if charge is not None else None
+    access.chat(
+        request, started, status, outcome, request_id, model, caller, messages, stream, credits, upstream_ms
+    )
 
 
 def _reservation(request: web.Request, body: bytes) -> Reservation | None:
@@ -291,6 +341,7 @@ async def _forward(
     """Forward an admitted request and relay the answer; settle in `finally`, whatever happens."""
     forwarded_at = time.perf_counter()
     progress = _Progress(Settlement("upstream_unavailable"), started, forwarded_at, forwarded_at, reservation)
+    request[PROGRESS] = progress
     try:
         response = await _exchange(request, admission, body, progress)
     except GatewayError as exc:
@@ -381,6 +432,8 @@ async def _exchange(
         upstream.release()
 
 
+# How far an admitted request got, for its access log line.
+PROGRESS: web.RequestKey[_Progress] = web.RequestKey("progress")
 SETTLE_RETRY_MAX_SECONDS = 5.0
 # An SSE comment (ignored by clients' parsers, seen by people reading the stream).
 EXPIRED_NOTE = (

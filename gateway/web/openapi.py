@@ -63,7 +63,8 @@ ERRORS = {
     409: "The name is taken",
     413: "The request body is too large",
     502: "Upstream unavailable",
-    503: "The ledger database cannot be reached",
+    503: "The ledger database cannot be reached (ledger_unavailable), or the process is at its "
+    "concurrency limit (overloaded, with Retry-After)",
     504: "Upstream timed out",
 }
 
@@ -366,13 +367,14 @@ PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": {
-            "summary": "The database answers",
+            "summary": "The database accepts writes",
             "operationId": "readyz",
             "security": [],
             "responses": {
                 "200": _ok("Ready", _object({"status": STRING}, ("status",))),
                 "503": _ok(
-                    "The database cannot be reached", _object({"status": STRING}, ("status",), closed=False)
+                    "The database cannot be reached or refuses writes; the error says why",
+                    _object({"status": STRING}, ("status",), closed=False),
                 ),
             },
         }

@@ -11,7 +11,10 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store
+from gateway.web.access_log import AccessLog
 from gateway.web.auth import KeyCache
+from gateway.web.limits import Gate
+from gateway.web.readiness import Readiness
 from gateway.web.upstream import Deadlines
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,3 +32,7 @@ SETTLING: web.AppKey[set[str]] = web.AppKey("settling")
 GAUGES = web.AppKey("gauges", BudgetGauges)
 # The chat requests under way, each with what a shutdown may do to it now (`shutdown.RUNNING`...).
 REQUESTS: web.AppKey[dict[asyncio.Task[Any], int]] = web.AppKey("requests")
+# Chat requests in flight against GATEWAY_MAX_CONCURRENT_REQUESTS (see `limits`).
+GATE = web.AppKey("gate", Gate)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+READINESS = web.AppKey("readiness", Readiness)

@@ -23,8 +23,8 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
+# A TCP connect (and TLS handshake) to upstream taking longer than this is a 502.
 CONNECT_TIMEOUT_SECONDS = 10.0
-MAX_CONNECTIONS = 1000
 # Headers relayed from upstream's response to the client; everything else is upstream's business.
 RELAYED_HEADERS = ("Content-Type", "Cache-Control", "Retry-After")
 # Headers copied from the client's request to upstream. The caller's Authorization never is.
@@ -42,13 +42,30 @@ LARGE_BODY = 1 << 20
 CLOCK_RESOLUTION_SECONDS = 0.001
 
 
-def new_session() -> aiohttp.ClientSession:
-    """The one client session used for every upstream call."""
+def new_session(
+    max_connections: int, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
+) -> aiohttp.ClientSession:
+    """The one client session used for every upstream call, with a pool of `max_connections`.
+
+    The pool is as large as the requests a process takes at once, so none waits for a connection.
+    The connect timeout is aiohttp's `sock_connect`, the TCP connect alone: its `connect` also
+    covers the wait for a pooled connection, and a request queued there would be reported as an
+    upstream timeout while upstream sat idle.
+    """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS),
+        connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+def open_connections(session: aiohttp.ClientSession) -> int:
+    """Connections to upstream open right now: in use, and idle in the pool for reuse."""
+    connector = session.connector
+    if connector is None or connector.closed:
+        return 0
+    idle = sum(len(conns) for conns in connector._conns.values())
+    return len(connector._acquired) + idle
 
 
 def upstream_headers(client_headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
@@ -140,18 +157,22 @@ async def open_upstream(
     headers: dict[str, str],
     timeout: float,
 ) -> aiohttp.ClientResponse:
-    """POST to upstream; its response once the headers are in (504 / 502 otherwise). Release it."""
+    """POST to upstream; its response once the headers are in (504 / 502 otherwise). Release it.
+
+    Only this call's own deadline running out is a 504. aiohttp's timeouts (the TCP connect's) are
+    `ClientError`s that are also TimeoutErrors: a connection that could not be made is a 502.
+    """
     try:
         with deadlines.expiring(timeout):
             data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
             return await session.post(url, data=data, headers=headers, allow_redirects=False)
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"The upstream API sent no response headers within {timeout:g} seconds; nothing was charged."
-        ) from None
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(
             f"The upstream API could not be reached ({type(exc).__name__}); nothing was charged. Retry later."
+        ) from None
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The upstream API sent no response headers within {timeout:g} seconds; nothing was charged."
         ) from None
 
 

@@ -18,8 +18,8 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store, open_store
-from gateway.web import admin, openapi, usage
-from gateway.web.auth import KeyCache, lookup_caller
+from gateway.web import admin, models, openapi, usage
+from gateway.web.auth import KeyCache, last_used_forever, lookup_caller, write_last_used
 from gateway.web.chat import chat
 from gateway.web.middlewares import error_middleware
 from gateway.web.state import (
@@ -114,6 +114,7 @@ def create_app(
         scrape = files.view
         workers.tag_responses(app)
     app.cleanup_ctx.append(_store_ctx(store))
+    app.cleanup_ctx.append(_last_used_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_expiry_ctx(sweeper))
     if sweeper:
@@ -123,7 +124,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
-    for module in (usage, admin, openapi):
+    for module in (usage, models, admin, openapi):
         module.add_routes(app.router)
     return app
 
@@ -143,6 +144,18 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
             await store.close()
 
     return ctx
+
+
+async def _last_used_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keys' `last_used_at`, written from the key cache in the background, and once more at the end."""
+    keys, store = app[KEYS], app[STORE]
+    task = asyncio.get_running_loop().create_task(last_used_forever(keys, store.run))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(LedgerUnavailable):
+        await write_last_used(keys, store.run)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -25,6 +25,7 @@ from gateway.errors import (
     RequestTooLarge,
     UnknownModel,
 )
+from gateway.web.auth import model_not_allowed
 from gateway.web.state import (
     BACKGROUND,
     DEADLINES,
@@ -194,6 +195,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                     f"{', '.join(settings.pricing.models())}."
                 )
             model_label = model
+            if caller.models is not None and model not in caller.models:
+                raise model_not_allowed(model, caller.models, settings.pricing.models())
             charge = Charge(
                 request_id=metering.new_request_id(),
                 caller=caller,

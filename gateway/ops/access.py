@@ -31,8 +31,6 @@ def parse_models(value: object, priced: Collection[str], field: str = "models") 
     """An allow-list: a non-empty list of priced model names (None clears it: every priced model)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise InvalidRequest(
             f"`{field}` must be a list of model names, or null for every model.", field=field

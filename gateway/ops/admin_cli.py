@@ -143,7 +143,8 @@ def _models(args: argparse.Namespace, settings: Settings) -> Any:
         return None
     if args.models is None:
         return ...
-    return access.parse_models(args.models, settings.pricing.models())
+    names = [part.strip() for part in args.models.split(",") if part.strip()]
+    return access.parse_models(names, settings.pricing.models(), "--models")
 
 
 def _expiry(args: argparse.Namespace, at: int) -> Any:

@@ -239,3 +239,29 @@ async def test_duration_parsing() -> None:
     for bad in ("0", "0d", "-1d", "1y", "", "1.5h"):
         with pytest.raises(Exception, match="ttl"):
             access.parse_duration("ttl", bad)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("PATCH", "/admin/v1/teams/" + "t" * 201, {"models": None}, "name"),
+        ("PATCH", "/admin/v1/users/" + "u" * 201, {"models": None}, "name"),
+        ("PATCH", "/admin/v1/teams/eng", {}, None),
+        ("PATCH", "/admin/v1/teams/eng", {"models": None, "extra": 1}, "extra"),
+        ("POST", "/admin/v1/keys/" + "k" * 201 + "/block", None, "id"),
+        ("POST", "/admin/v1/keys/{id}/rotate", {"grace_seconds": "1h"}, "grace_seconds"),
+        ("POST", "/admin/v1/keys/{id}/rotate", {"grace_seconds": True}, "grace_seconds"),
+        ("POST", "/admin/v1/keys/{id}/rotate", {"grace_seconds": 10**12}, "grace_seconds"),
+        ("PATCH", "/admin/v1/keys/{id}", {"models": [[SMALL]]}, "models"),
+        ("PATCH", "/admin/v1/keys/{id}", {"expires_at": "9" * 100}, "expires_at"),
+    ],
+)
+async def test_hostile_input_is_a_clear_400(
+    admin_world: World, method: str, path: str, body: dict[str, Any] | None, field: str | None
+) -> None:
+    w = admin_world
+    key = await ok(w, "POST", "/admin/v1/keys", 201, json={"user": "alice"})
+    before = await w.sql("SELECT COUNT(*) FROM audit_log")
+    resp = await call(w, method, path.replace("{id}", key["id"]), json=body)
+    await error(resp, 400, "invalid_request", field)
+    assert await w.sql("SELECT COUNT(*) FROM audit_log") == before

@@ -6,6 +6,7 @@ GatewayError
  ├── Unauthorized          401 unauthorized
  ├── BudgetExceeded        402 budget_exceeded
  ├── AdminDisabled         403 admin_disabled
+ ├── ModelNotAllowed       403 model_not_allowed
  ├── NotFound              404 not_found
  ├── RequestTimeout        408 request_timeout
  ├── Conflict              409 conflict
@@ -57,6 +58,10 @@ class BudgetExceeded(GatewayError):
 
 class AdminDisabled(GatewayError):
     status, type = 403, "admin_disabled"
+
+
+class ModelNotAllowed(GatewayError):
+    status, type, outcome = 403, "model_not_allowed", "model_not_allowed"
 
 
 class NotFound(GatewayError):

@@ -117,5 +117,29 @@ async def test_real_answers_fit_the_document(admin_world: World) -> None:
         _check(await resp.json(), _schema(path.split("?")[0], method.lower(), status))
     resp = await call(w, "GET", "/api/v1/usage", token=key["key"])
     _check(await resp.json(), _schema("/api/v1/usage", "get", 200))
+    k = f"/admin/v1/keys/{key['id']}"
+    access = [
+        ("PATCH", k, {"models": ["openai/gpt-oss-20b"], "expires_at": "2099-01-01T00:00:00Z"}, 200),
+        ("PATCH", k, {"models": ["no/such-model"]}, 400),
+        ("POST", k + "/block", None, 200),
+        ("POST", k + "/unblock", None, 200),
+        ("PATCH", "/admin/v1/teams/eng", {"models": ["openai/gpt-oss-20b", "google/gemini-2.5-pro"]}, 200),
+        ("PATCH", "/admin/v1/users/alice", {"models": None}, 200),
+        ("PATCH", "/admin/v1/users/nobody", {"models": None}, 404),
+        ("GET", "/admin/v1/audit?limit=2", None, 200),
+        ("POST", k + "/rotate", {"grace_seconds": 60}, 201),
+        ("POST", k + "/rotate", {"grace_seconds": 60}, 409),
+    ]
+    for method, path, body, status in access:
+        resp = await call(w, method, path, json=body)
+        assert resp.status == status, await resp.text()
+        template = path.split("?")[0].replace(key["id"], "{id}").replace("/eng", "/{name}")
+        template = template.replace("/alice", "/{name}").replace("/nobody", "/{name}")
+        _check(await resp.json(), _schema(template, method.lower(), status))
+    for path in ("/v1/models", "/api/v1/models"):
+        resp = await call(w, "GET", path, token=key["key"])
+        _check(await resp.json(), _schema(path, "get", 200))
+    resp = await w.chat(key["key"], model="google/gemini-2.5-pro")
+    _check(await resp.json(), _schema("/api/v1/chat", "post", 403))
     resp = await call(w, "GET", "/admin/v1/teams", token="wrong")
     _check(await resp.json(), _schema("/admin/v1/teams", "get", 401))

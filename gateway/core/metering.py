@@ -37,6 +37,11 @@ class Caller:
     user_name: str
     team_id: int | None
     team_name: str | None
+    # The models the key may use (its, its user's and its team's allow-lists met); None: every one.
+    models: frozenset[str] | None = None
+    # When the key stops working (expiry, or the end of a rotation's grace), and the reason then.
+    ends_at: int | None = None
+    ends_why: str = ""
 
 
 @dataclass(slots=True)
@@ -119,7 +124,7 @@ _PLACE_HOLD = (
     "+ excluded.held_micros <= b.limit_micros OR NOT b.enforce OR b.deleted_at IS NOT NULL "
     "FROM budgets b WHERE b.id = excluded.budget_id)"
 )
-_KEY_REVOKED_AT = "SELECT revoked_at FROM api_keys WHERE id = :key"
+_KEY_STATE = "SELECT revoked_at, blocked_at, expires_at FROM api_keys WHERE id = :key"
 
 _INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
@@ -190,7 +195,8 @@ def admit_many(
     """Admit `calls` (`admit`'s arguments each, from any callers) together, as if one after the other.
 
     A refusal takes nothing from the others: results are (True, Admission) or (False, a refusal:
-    BudgetExceeded, or Unauthorized for a key revoked by now), in the order of `calls`, exactly
+    BudgetExceeded, or Unauthorized for a key revoked by now; on SQLite also one blocked or expired
+    by now, which on PostgreSQL the key caches refuse), in the order of `calls`, exactly
     what admitting them one after the other would give. A request that costs 0 is always admitted.
     PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
     """
@@ -235,6 +241,31 @@ def revoked() -> Unauthorized:
     )
 
 
+KEY_REFUSALS = {
+    "blocked": "This gateway key is blocked. Ask an administrator to unblock it ('gateway keys unblock ID').",
+    "expired": "This gateway key has expired. Ask an administrator for a new key, or to extend it "
+    "('gateway keys set ID --expires ...').",
+}
+
+
+def key_refused(reason: str) -> Unauthorized:
+    """The refusal of a key that is `revoked`, `blocked` or `expired`."""
+    if reason == "revoked":
+        return revoked()
+    return Unauthorized(KEY_REFUSALS[reason], reason=reason)
+
+
+def key_state(revoked_at: int | None, blocked_at: int | None, expires_at: int | None, at: int) -> str | None:
+    """Why a key does not work at `at` (`revoked`, `blocked`, `expired`), or None when it does."""
+    if revoked_at is not None and revoked_at <= at:
+        return "revoked"
+    if blocked_at is not None:
+        return "blocked"
+    if expires_at is not None and expires_at <= at:
+        return "expired"
+    return None
+
+
 def _admit_sqlite(
     db: Sql, calls: Sequence[tuple[Charge, str, int]]
 ) -> list[tuple[bool, Admission | Refusal]]:
@@ -250,8 +281,9 @@ def _admit_sqlite(
     # The counters this group's admissions hold on: each gets its update, even adding 0 credits (a
     # free model's), so that every window with allocations has its counter, as one by one it would.
     placed: set[tuple[int, int]] = set()
-    # Per caller and day: whether the key is live, and its budgets (id, scope, period, window, enforce).
-    budgets_of: dict[Hashable, tuple[bool, list[tuple[int, str, str, int, bool]]]] = {}
+    # Per caller and day: why the key is refused (None: live), and its budgets (id, scope, period,
+    # window, enforce).
+    budgets_of: dict[Hashable, tuple[str | None, list[tuple[int, str, str, int, bool]]]] = {}
     results: list[tuple[bool, Admission | Refusal]] = []
     holds: list[tuple[Any, ...]] = []
     allocation_rows: list[tuple[Any, ...]] = []
@@ -261,10 +293,10 @@ def _admit_sqlite(
         known = budgets_of.get(who)
         if known is None:
             caller = charge.caller
-            key = db.first(_KEY_REVOKED_AT, {"key": caller.key_id})
-            live = key is not None and (key[0] is None or key[0] > at)
+            key = db.first(_KEY_STATE, {"key": caller.key_id})
+            state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
             budgets: list[tuple[int, str, str, int, bool]] = []
-            known = budgets_of[who] = (live, budgets)
+            known = budgets_of[who] = (state, budgets)
             read = db.all(
                 _BUDGETS_AND_COUNTERS,
                 {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
@@ -274,9 +306,9 @@ def _admit_sqlite(
                 # A counter another caller of this group shares (their team's) is as that left it.
                 counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
                 budgets.append((budget_id, scope, period, window, bool(enforce)))
-        live, budgets = known
-        if not live:
-            results.append((False, revoked()))
+        state, budgets = known
+        if state is not None:
+            results.append((False, key_refused(state)))
             continue
         credits = charge.credits
         # Refused at the first budget (in id order) it does not fit; a free request always fits.

@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, demo, fake-upstream, db, and administration on the database."""
+"""The `gateway` command: serve, demo, fake-upstream, db, and administration (`admin_cli`) on the database."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,8 +21,7 @@ from aiohttp import web
 
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.jsonout import dumps
-from gateway.ops import ledger, reports, services, workers
+from gateway.ops import admin_cli, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -67,53 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", parents=[common], help="migrate the database to the latest schema")
 
-    teams = sub.add_parser("teams", help="teams").add_subparsers(dest="action", required=True)
-    p = teams.add_parser("create", parents=[common, as_json], help="create a team")
-    p.add_argument("name")
-    teams.add_parser("list", parents=[common, as_json], help="list teams")
-
-    users = sub.add_parser("users", help="users").add_subparsers(dest="action", required=True)
-    p = users.add_parser("create", parents=[common, as_json], help="create a user")
-    p.add_argument("name")
-    p.add_argument("--team")
-    users.add_parser("list", parents=[common, as_json], help="list users")
-
-    keys = sub.add_parser("keys", help="gateway keys").add_subparsers(dest="action", required=True)
-    p = keys.add_parser("create", parents=[common, as_json], help="create a key (its secret is shown once)")
-    p.add_argument("user")
-    p.add_argument("--name")
-    p = keys.add_parser("list", parents=[common, as_json], help="list keys (no secrets)")
-    p.add_argument("--user")
-    p = keys.add_parser("revoke", parents=[common, as_json], help="revoke a key")
-    p.add_argument("id")
-
-    budgets = sub.add_parser("budgets", help="budgets").add_subparsers(dest="action", required=True)
-    p = budgets.add_parser("set", parents=[common, as_json], help="create a budget or change its limit")
-    p.add_argument("scope", choices=services.SCOPES)
-    p.add_argument("subject", help="team name, user name or key id")
-    p.add_argument("limit", help="credits, e.g. 25 or 0.5")
-    p.add_argument("--period", required=True, choices=("daily", "weekly", "monthly", "total"))
-    p = budgets.add_parser("delete", parents=[common, as_json], help="delete a budget")
-    p.add_argument("scope", choices=services.SCOPES)
-    p.add_argument("subject")
-    p.add_argument("--period", required=True, choices=("daily", "weekly", "monthly", "total"))
-    p = budgets.add_parser("list", parents=[common, as_json], help="budgets with spent, held, remaining")
-    p.add_argument("--scope", choices=services.SCOPES)
-    p.add_argument("--subject")
-
-    p = sub.add_parser("report", parents=[common, as_json], help="billing report of charged requests")
-    p.set_defaults(action=None)
-    p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
-    p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
-    p.add_argument("--group-by", default="", help=f"comma-separated: {','.join(reports.GROUPS)}")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    books = sub.add_parser("ledger", help="the ledger").add_subparsers(dest="action", required=True)
-    p = books.add_parser("list", parents=[common, as_json], help="ledger rows, oldest first, one page")
-    for name in ("user", "team", "key", "model", "outcome", "limit", "cursor"):
-        p.add_argument(f"--{name}")
-    p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
-    p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
-    books.add_parser("verify", parents=[common, as_json], help="check budget counters against the ledger")
+    admin_cli.add_parsers(sub, common, as_json)
     return parser
 
 
@@ -137,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             migrate.upgrade(settings.database_url)
             print("database is at the latest schema")
             return 0
-        return asyncio.run(_admin(settings, args))
+        return asyncio.run(admin_cli.run(settings, args))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -156,108 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-async def _admin(settings: Settings, args: argparse.Namespace) -> int:
-    # A database problem is told in one line by main(); the store's own warning would repeat it.
-    logging.getLogger("gateway.store").setLevel(logging.ERROR)
-    store = open_store(settings.database_url, pool_size=2)
-    try:
-        work, show = _admin_action(args)
-        # Reading commands take no write lock, so a long report never holds up a live gateway.
-        reading = args.action in ("list", "verify") or args.command == "report"
-        result = await (store.read(work) if reading else store.run(work))
-    finally:
-        await store.close()
-    if args.json:
-        if result is not None:
-            print(dumps(result, indent=2))
-    else:
-        print(show(result))
-    # `ledger verify` found a difference.
-    return 1 if isinstance(result, dict) and result.get("ok") is False else 0
-
-
-def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Callable[[Any], str]]:
-    """The unit of work for an admin command, and how to show its result to a person."""
-    at = now_us()
-    command = (args.command, args.action)
-    if command == ("teams", "create"):
-        return (lambda c: services.create_team(c, args.name, at)), lambda r: f"created team {r['name']}"
-    if command == ("teams", "list"):
-        return services.list_teams, lambda rows: _table(rows, ["name", "created_at"])
-    if command == ("users", "create"):
-        return (
-            lambda c: services.create_user(c, args.name, args.team, at)
-        ), lambda r: f"created user {r['name']}" + (f" in team {r['team']}" if r["team"] else "")
-    if command == ("users", "list"):
-        return services.list_users, lambda rows: _table(rows, ["name", "team", "created_at"])
-    if command == ("keys", "create"):
-        return (
-            (lambda c: services.create_key(c, args.user, args.name, at)),
-            lambda r: (
-                f"created key {r['id']} for {r['user']}\n{r['key']}\n"
-                "(this secret is shown only now: store it safely)"
-            ),
-        )
-    if command == ("keys", "list"):
-        return (lambda c: services.list_keys(c, args.user)), lambda rows: _table(
-            rows, ["id", "user", "name", "prefix", "created_at", "revoked_at"]
-        )
-    if command == ("keys", "revoke"):
-        return (lambda c: services.revoke_key(c, args.id, at)), lambda _: f"revoked key {args.id}"
-    if command == ("budgets", "set"):
-        return (
-            (lambda c: services.set_budget(c, args.scope, args.subject, args.period, args.limit, at)),
-            lambda r: (
-                f"{r['period']} {r['scope']} budget of {r['subject']}: limit {r['limit']}, "
-                f"spent {r['spent']}, remaining {r['remaining']}"
-            ),
-        )
-    if command == ("budgets", "delete"):
-        return (
-            lambda c: services.delete_budget(c, args.scope, args.subject, args.period)
-        ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
-    if command == ("budgets", "list"):
-        return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
-            rows, ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
-        )
-    if command == ("report", None):
-        report = reports.parse_query(args.start, args.end, args.group_by)
-        if args.format == "json":
-            args.json = True
-        if args.json:
-            return (lambda c: reports.usage_report(c, report).json()), str
-        if args.format == "csv":
-            return (lambda c: reports.usage_report(c, report)), lambda r: r.csv("\n").rstrip("\n")
-        return (lambda c: reports.usage_report(c, report)), lambda r: _table(r.table(), r.columns())
-    if command == ("ledger", "list"):
-        page = ledger.parse_query(
-            **{k: getattr(args, k) for k in ("user", "team", "key", "model", "outcome", "limit", "cursor")},
-            start=args.start,
-            end=args.end,
-        )
-        return (lambda c: ledger.list_entries(c, page)), _ledger_page
-    if command == ("ledger", "verify"):
-        return ledger.verify, ledger.describe
-    raise AssertionError(f"unhandled command {command}")
-
-
-def _ledger_page(page: dict[str, Any]) -> str:
-    columns = ["request_id", "admitted_at", "team", "user", "model", "credits", "outcome"]
-    more = f"\nnext page: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
-    return _table(page["entries"], columns) + more
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain text table for a terminal."""
-    if not rows:
-        return "(none)"
-    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -24,8 +24,8 @@ from sqlalchemy import Connection, text
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import from_key, iso_us, isoformat
 from gateway.errors import InvalidRequest, NotFound
+from gateway.ops import services  # the module: services -> audit -> ledger -> services is a cycle
 from gateway.ops.reports import parse_range, range_clause
-from gateway.ops.services import check_choice, check_name
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 OUTCOMES = ("charged", "upstream_error", "upstream_unavailable", "upstream_timeout", "expired")
@@ -61,19 +61,19 @@ def parse_query(
     """Validate a listing's filters (as strings from a query string or the command line)."""
     lo, hi = parse_range(start, end)
     return LedgerQuery(
-        user=None if user is None else check_name("user", user),
-        team=None if team is None else check_name("team", team),
-        key=None if key is None else check_name("key", key),
-        model=None if model is None else check_name("model", model),
-        outcome=None if outcome is None else check_choice("outcome", outcome, OUTCOMES),
+        user=None if user is None else services.check_name("user", user),
+        team=None if team is None else services.check_name("team", team),
+        key=None if key is None else services.check_name("key", key),
+        model=None if model is None else services.check_name("model", model),
+        outcome=None if outcome is None else services.check_choice("outcome", outcome, OUTCOMES),
         start=lo,
         end=hi,
-        limit=_limit(limit),
+        limit=parse_limit(limit),
         after=None if cursor is None else decode_cursor(cursor),
     )
 
 
-def _limit(value: str | int | None) -> int:
+def parse_limit(value: str | int | None) -> int:
     if value is None:
         return DEFAULT_LIMIT
     try:

@@ -1,11 +1,15 @@
 """Administration: teams, users, keys and budgets, shared by the CLI and the admin HTTP API.
 
 Each function is a unit of work for the store (`fn(conn, ...)`) and returns the JSON the HTTP API
-answers with, so `gateway ... --json` prints exactly the HTTP body.
+answers with, so `gateway ... --json` prints exactly the HTTP body. Each change appends its audit
+row (`audit.record`) in the same transaction; `actor` says who made it (`internal` when neither the
+CLI nor the HTTP API did: tests, `gateway demo`). Allow-lists, expiry, blocking and rotation are in
+`access`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -15,11 +19,13 @@ from gateway.core.metering import now_us
 from gateway.core.pricing import MICROS, credits_json, parse_credits
 from gateway.core.windows import PERIODS, from_key, from_us, iso_us, isoformat, window_end, window_key
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.ops import audit
 from gateway.web.auth import new_key
 
 SCOPES = ("team", "user", "key")
 MAX_NAME = 200
 MAX_LIMIT_MICROS = 10**18
+INTERNAL = "internal"
 
 
 def check_name(field: str, name: object) -> str:
@@ -52,7 +58,7 @@ def _user_id(conn: Connection, name: str) -> int:
     return int(row[0])
 
 
-def create_team(conn: Connection, name: str, at: int) -> dict[str, Any]:
+def create_team(conn: Connection, name: str, at: int, *, actor: str = INTERNAL) -> dict[str, Any]:
     """A new team; Conflict if the name is taken."""
     name = check_name("name", name)
     if conn.execute(text("SELECT 1 FROM teams WHERE name = :name"), {"name": name}).first():
@@ -64,16 +70,26 @@ def create_team(conn: Connection, name: str, at: int) -> dict[str, Any]:
         ).scalar_one()
     except IntegrityError:
         raise Conflict(f"A team named {name!r} already exists.", field="name") from None
-    return {"id": team_id, "name": name, "created_at": iso_us(at)}
+    team = {"id": team_id, "name": name, "created_at": iso_us(at), "models": None}
+    audit.record(conn, at, actor, "team.create", name, None, team)
+    return team
 
 
-def list_teams(conn: Connection) -> list[dict[str, Any]]:
-    """Every team."""
-    rows = conn.execute(text("SELECT id, name, created_at FROM teams ORDER BY name")).all()
-    return [{"id": r[0], "name": r[1], "created_at": iso_us(r[2])} for r in rows]
+def models_json(stored: str | None) -> list[str] | None:
+    """A stored allow-list as JSON shows it (None: every priced model)."""
+    return None if stored is None else list(json.loads(stored))
 
 
-def create_user(conn: Connection, name: str, team: str | None, at: int) -> dict[str, Any]:
+def list_teams(conn: Connection, name: str | None = None) -> list[dict[str, Any]]:
+    """Every team (or the one named)."""
+    where, params = ("WHERE name = :name ", {"name": name}) if name is not None else ("", {})
+    rows = conn.execute(text(f"SELECT id, name, created_at, models FROM teams {where}ORDER BY name"), params)
+    return [{"id": r[0], "name": r[1], "created_at": iso_us(r[2]), "models": models_json(r[3])} for r in rows]
+
+
+def create_user(
+    conn: Connection, name: str, team: str | None, at: int, *, actor: str = INTERNAL
+) -> dict[str, Any]:
     """A new user, optionally in a team; NotFound for an unknown team, Conflict if the name is taken."""
     name = check_name("name", name)
     team_id = _team_id(conn, check_name("team", team)) if team is not None else None
@@ -86,76 +102,122 @@ def create_user(conn: Connection, name: str, team: str | None, at: int) -> dict[
         ).scalar_one()
     except IntegrityError:
         raise Conflict(f"A user named {name!r} already exists.", field="name") from None
-    return {"id": user_id, "name": name, "team": team, "created_at": iso_us(at)}
+    user = {"id": user_id, "name": name, "team": team, "created_at": iso_us(at), "models": None}
+    audit.record(conn, at, actor, "user.create", name, None, user)
+    return user
 
 
-def list_users(conn: Connection) -> list[dict[str, Any]]:
-    """Every user with their team."""
+def list_users(conn: Connection, name: str | None = None) -> list[dict[str, Any]]:
+    """Every user with their team (or the one named)."""
+    where, params = ("WHERE u.name = :name ", {"name": name}) if name is not None else ("", {})
     rows = conn.execute(
         text(
-            "SELECT u.id, u.name, t.name, u.created_at FROM users u LEFT JOIN teams t ON t.id = u.team_id "
-            "ORDER BY u.name"
-        )
+            "SELECT u.id, u.name, t.name, u.created_at, u.models FROM users u "
+            f"LEFT JOIN teams t ON t.id = u.team_id {where}ORDER BY u.name"
+        ),
+        params,
     ).all()
-    return [{"id": r[0], "name": r[1], "team": r[2], "created_at": iso_us(r[3])} for r in rows]
+    return [
+        {"id": r[0], "name": r[1], "team": r[2], "created_at": iso_us(r[3]), "models": models_json(r[4])}
+        for r in rows
+    ]
 
 
-def create_key(conn: Connection, user: str, name: str | None, at: int) -> dict[str, Any]:
-    """A new key for a user. The secret is in this answer only; the database keeps its hash."""
+def create_key(
+    conn: Connection,
+    user: str,
+    name: str | None,
+    at: int,
+    *,
+    expires_at: int | None = None,
+    models: list[str] | None = None,
+    actor: str = INTERNAL,
+    action: str = "key.create",
+) -> dict[str, Any]:
+    """A new key for a user. The secret is in this answer only; the database keeps its hash.
+
+    `expires_at` and `models` come validated (see `access.parse_expiry`, `access.parse_models`).
+    """
     user_id = _user_id(conn, check_name("user", user))
     if name is not None:
         name = check_name("name", name)
     key_id, secret, digest = new_key()
     conn.execute(
         text(
-            "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, created_at) "
-            "VALUES (:id, :user, :name, :hash, :prefix, :at)"
+            "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, created_at, expires_at, models) "
+            "VALUES (:id, :user, :name, :hash, :prefix, :at, :expires, :models)"
         ),
-        {"id": key_id, "user": user_id, "name": name, "hash": digest, "prefix": secret[:8], "at": at},
+        {
+            "id": key_id,
+            "user": user_id,
+            "name": name,
+            "hash": digest,
+            "prefix": secret[:8],
+            "at": at,
+            "expires": expires_at,
+            "models": None if models is None else json.dumps(models),
+        },
     )
+    key = key_object(conn, key_id)
+    if action:
+        audit.record(conn, at, actor, action, key_id, None, key)
+    return {**key, "key": secret}
+
+
+_KEYS = (
+    "SELECT k.id, u.name, k.name, k.prefix, k.created_at, k.revoked_at, k.expires_at, k.blocked_at, "
+    "k.models, k.rotated_to, k.last_used_at FROM api_keys k JOIN users u ON u.id = k.user_id"
+)
+
+
+def _key_json(r: Any) -> dict[str, Any]:
     return {
-        "id": key_id,
-        "key": secret,
-        "user": user,
-        "name": name,
-        "prefix": secret[:8],
-        "created_at": iso_us(at),
-        "revoked_at": None,
+        "id": r[0],
+        "user": r[1],
+        "name": r[2],
+        "prefix": r[3],
+        "created_at": iso_us(r[4]),
+        "revoked_at": iso_us(r[5]),
+        "expires_at": iso_us(r[6]),
+        "blocked": r[7] is not None,
+        "models": models_json(r[8]),
+        "rotated_to": r[9],
+        "last_used_at": iso_us(r[10]),
     }
+
+
+def key_object(conn: Connection, key_id: str) -> dict[str, Any]:
+    """One key as the admin API shows it (no secret); NotFound for an unknown id."""
+    row = conn.execute(text(_KEYS + " WHERE k.id = :id"), {"id": key_id}).first()
+    if row is None:
+        raise NotFound(f"No key with id {key_id!r}. List keys with 'gateway keys list'.", field="id")
+    return _key_json(row)
 
 
 def list_keys(conn: Connection, user: str | None = None) -> list[dict[str, Any]]:
     """Keys (no secrets), optionally of one user."""
-    query = (
-        "SELECT k.id, u.name, k.name, k.prefix, k.created_at, k.revoked_at FROM api_keys k "
-        "JOIN users u ON u.id = k.user_id"
-    )
+    query = _KEYS
     params: dict[str, Any] = {}
     if user is not None:
         params["user"] = _user_id(conn, user)
         query += " WHERE k.user_id = :user"
     rows = conn.execute(text(query + " ORDER BY k.created_at, k.id"), params).all()
-    return [
-        {
-            "id": r[0],
-            "user": r[1],
-            "name": r[2],
-            "prefix": r[3],
-            "created_at": iso_us(r[4]),
-            "revoked_at": iso_us(r[5]),
-        }
-        for r in rows
-    ]
+    return [_key_json(r) for r in rows]
 
 
-def revoke_key(conn: Connection, key_id: str, at: int) -> None:
-    """Revoke a key; revoking it again changes nothing. NotFound for an unknown id."""
-    if conn.execute(text("SELECT 1 FROM api_keys WHERE id = :id"), {"id": key_id}).first() is None:
-        raise NotFound(f"No key with id {key_id!r}. List keys with 'gateway keys list'.", field="id")
+def revoke_key(conn: Connection, key_id: str, at: int, *, actor: str = INTERNAL) -> None:
+    """Revoke a key; revoking it again changes nothing. NotFound for an unknown id.
+
+    A key in a rotation's grace period is revoked now.
+    """
+    before = key_object(conn, key_id)
     conn.execute(
-        text("UPDATE api_keys SET revoked_at = :at WHERE id = :id AND revoked_at IS NULL"),
+        text(
+            "UPDATE api_keys SET revoked_at = :at WHERE id = :id AND (revoked_at IS NULL OR revoked_at > :at)"
+        ),
         {"id": key_id, "at": at},
     )
+    audit.record(conn, at, actor, "key.revoke", key_id, before, key_object(conn, key_id))
 
 
 def _subject_id(conn: Connection, scope: str, subject: object) -> str:
@@ -171,7 +233,14 @@ def _subject_id(conn: Connection, scope: str, subject: object) -> str:
 
 
 def set_budget(
-    conn: Connection, scope: object, subject: object, period: object, limit: object, at: int
+    conn: Connection,
+    scope: object,
+    subject: object,
+    period: object,
+    limit: object,
+    at: int,
+    *,
+    actor: str = INTERNAL,
 ) -> dict[str, Any]:
     """Create a budget or change its limit; a lower limit blocks requests once spending reaches it."""
     scope = check_choice("scope", scope, SCOPES)
@@ -184,6 +253,7 @@ def set_budget(
         # Beyond a 64-bit column: the database would refuse it with an error that is no 400.
         raise InvalidRequest(f"`limit` must be at most {MAX_LIMIT_MICROS // MICROS} credits.", field="limit")
     subject_id = _subject_id(conn, scope, subject)
+    before = list_budgets(conn, scope, str(subject), at, period=period)
     conn.execute(
         text(
             "INSERT INTO budgets (scope, subject, period, limit_micros, created_at, updated_at) "
@@ -195,11 +265,20 @@ def set_budget(
         ),
         {"scope": scope, "subject": subject_id, "period": period, "limit": limit_micros, "at": at},
     )
-    return list_budgets(conn, scope, str(subject), at, period=period)[0]
+    budget = list_budgets(conn, scope, str(subject), at, period=period)[0]
+    target = f"{scope}:{subject}:{period}"
+    audit.record(conn, at, actor, "budget.set", target, before[0] if before else None, budget)
+    return budget
 
 
 def delete_budget(
-    conn: Connection, scope: object, subject: object, period: object, at: int | None = None
+    conn: Connection,
+    scope: object,
+    subject: object,
+    period: object,
+    at: int | None = None,
+    *,
+    actor: str = INTERNAL,
 ) -> None:
     """Remove a budget: no limit applies to that subject and period afterwards.
 
@@ -210,15 +289,18 @@ def delete_budget(
     scope = check_choice("scope", scope, SCOPES)
     period = check_choice("period", period, PERIODS)
     subject_id = _subject_id(conn, scope, subject)
+    at = now_us() if at is None else at
+    before = list_budgets(conn, scope, str(subject), at, period=period)
     deleted = conn.execute(
         text(
             "UPDATE budgets SET deleted_at = :at, updated_at = :at WHERE scope = :scope "
             "AND subject = :subject AND period = :period AND deleted_at IS NULL RETURNING id"
         ),
-        {"scope": scope, "subject": subject_id, "period": period, "at": now_us() if at is None else at},
+        {"scope": scope, "subject": subject_id, "period": period, "at": at},
     ).first()
     if deleted is None:
         raise NotFound(f"No {period} {scope} budget for {subject!r}.", field="subject")
+    audit.record(conn, at, actor, "budget.delete", f"{scope}:{subject}:{period}", before[0], None)
 
 
 _BUDGET_ROWS = (

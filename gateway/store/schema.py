@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     text,
     true,
 )
@@ -42,6 +43,8 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # The models its members may use: a JSON array of names; NULL, every priced model.
+    models: Mapped[str | None] = mapped_column(Text)
 
 
 class User(Base):
@@ -51,6 +54,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    models: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiKey(Base):
@@ -63,7 +67,15 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # A time in the future: the key works until then (a rotated key's grace period).
     revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+    models: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    blocked_at: Mapped[int | None] = mapped_column(BigInteger)
+    # The key that replaced this one (`keys rotate`).
+    rotated_to: Mapped[str | None] = mapped_column(String(32))
+    # Written from the key caches in the background, at most once a minute a key.
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Budget(Base):
@@ -222,3 +234,24 @@ class IdempotencyKey(Base):
     content_type: Mapped[str | None] = mapped_column(String(200))
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """One administrative change (HTTP or CLI), written in the change's own transaction; never edited."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_at", "at", "id"),
+        Index("ix_audit_log_action_at", "action", "at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[int] = mapped_column(BigInteger)
+    # `admin-api 127.0.0.1` or `cli alice`.
+    actor: Mapped[str] = mapped_column(String(300))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. key.create, budget.set
+    target: Mapped[str] = mapped_column(String(300))
+    # JSON of the object before and after the change (no secrets); NULL for none.
+    before: Mapped[str | None] = mapped_column(Text)
+    after: Mapped[str | None] = mapped_column(Text)

@@ -4,7 +4,8 @@ Every handler checks the token first (403 `admin_disabled` when none is configur
 `unauthorized` when it is missing or wrong; compared in constant time), then validates its
 parameters (400 naming the field; unknown body fields and query parameters are refused, so a typo
 never silently widens a report) and runs one `services`, `reports` or `ledger` unit of work. The
-JSON answered is the one `gateway ... --json` prints.
+JSON answered is the one `gateway ... --json` prints. Every change is audited with the actor
+`admin-api <client address>`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import AdminDisabled, InvalidRequest, Unauthorized
 from gateway.jsonout import json_response
-from gateway.ops import ledger, reports, services
+from gateway.ops import access, audit, ledger, reports, services
 from gateway.web.auth import bearer_token
 from gateway.web.chat import read_body
 from gateway.web.state import GAUGES, KEYS, SETTINGS, STORE
@@ -40,6 +41,13 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post(f"{PREFIX}/keys", create_key)
     router.add_get(f"{PREFIX}/keys", list_keys)
     router.add_delete(f"{PREFIX}/keys/{{id}}", revoke_key)
+    router.add_patch(f"{PREFIX}/keys/{{id}}", set_key)
+    router.add_post(f"{PREFIX}/keys/{{id}}/block", block_key)
+    router.add_post(f"{PREFIX}/keys/{{id}}/unblock", unblock_key)
+    router.add_post(f"{PREFIX}/keys/{{id}}/rotate", rotate_key)
+    router.add_patch(f"{PREFIX}/teams/{{name}}", set_team)
+    router.add_patch(f"{PREFIX}/users/{{name}}", set_user)
+    router.add_get(f"{PREFIX}/audit", list_audit)
     router.add_put(f"{PREFIX}/budgets", set_budget)
     router.add_delete(f"{PREFIX}/budgets", delete_budget)
     router.add_get(f"{PREFIX}/budgets", list_budgets)
@@ -80,8 +88,12 @@ def query_params(request: web.Request, allowed: tuple[str, ...]) -> dict[str, st
     return {name: request.query[name] for name in allowed if name in request.query}
 
 
-async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+async def _json_body(
+    request: web.Request, allowed: tuple[str, ...], *, optional: bool = False
+) -> dict[str, Any]:
     body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    if optional and not body.strip():
+        return {}
     try:
         # A Decimal, not a float, so that a limit of 123456789012.345678 stays exactly that.
         payload = json.loads(body, parse_float=Decimal)
@@ -103,6 +115,18 @@ async def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
     return await (store.read(fn, *args) if request.method == "GET" else store.run(fn, *args))
 
 
+async def _change(request: web.Request, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a change, audited as made by `admin-api <client address>`; this process's key cache forgets."""
+    actor = audit.api_actor(request.remote)
+    result = await request.app[STORE].run(functools.partial(fn, actor=actor, **kwargs), *args)
+    request.app[KEYS].clear()
+    return result
+
+
+def _priced(request: web.Request) -> list[str]:
+    return request.app[SETTINGS].pricing.models()
+
+
 def _budgets_changed(request: web.Request) -> None:
     """This process sees an admin change at once (other replicas within their cache TTL)."""
     request.app[KEYS].clear()
@@ -113,7 +137,7 @@ def _budgets_changed(request: web.Request) -> None:
 async def create_team(request: web.Request) -> web.Response:
     """POST /admin/v1/teams {"name"} -> 201."""
     body = await _json_body(request, ("name",))
-    return json_response(await _run(request, services.create_team, body.get("name"), now_us()), status=201)
+    return json_response(await _change(request, services.create_team, body.get("name"), now_us()), status=201)
 
 
 @_admin
@@ -127,7 +151,7 @@ async def list_teams(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     """POST /admin/v1/users {"name", "team"?} -> 201."""
     body = await _json_body(request, ("name", "team"))
-    user = await _run(request, services.create_user, body.get("name"), body.get("team"), now_us())
+    user = await _change(request, services.create_user, body.get("name"), body.get("team"), now_us())
     return json_response(user, status=201)
 
 
@@ -140,9 +164,20 @@ async def list_users(request: web.Request) -> web.Response:
 
 @_admin
 async def create_key(request: web.Request) -> web.Response:
-    """POST /admin/v1/keys {"user", "name"?} -> 201 with the secret, shown only here."""
-    body = await _json_body(request, ("user", "name"))
-    key = await _run(request, services.create_key, body.get("user"), body.get("name"), now_us())
+    """POST /admin/v1/keys {"user", "name"?, "expires_at"?, "models"?} -> 201 with the secret (only here)."""
+    body = await _json_body(request, ("user", "name", "expires_at", "models"))
+    at = now_us()
+    expires = access.parse_expiry(body.get("expires_at"), None, at)
+    models = access.parse_models(body.get("models"), _priced(request))
+    key = await _change(
+        request,
+        services.create_key,
+        body.get("user"),
+        body.get("name"),
+        at,
+        expires_at=expires,
+        models=models,
+    )
     return json_response(key, status=201)
 
 
@@ -159,9 +194,91 @@ async def list_keys(request: web.Request) -> web.Response:
 async def revoke_key(request: web.Request) -> web.Response:
     """DELETE /admin/v1/keys/{id} -> 204; later use of the key is refused."""
     key_id = services.check_name("id", request.match_info["id"])
-    await _run(request, services.revoke_key, key_id, now_us())
-    request.app[KEYS].clear()
+    await _change(request, services.revoke_key, key_id, now_us())
     return web.Response(status=204)
+
+
+@_admin
+async def set_key(request: web.Request) -> web.Response:
+    """PATCH /admin/v1/keys/{id} {"models"?, "expires_at"?, "name"?} -> 200 with the key."""
+    key_id = services.check_name("id", request.match_info["id"])
+    body = await _json_body(request, ("models", "expires_at", "name"))
+    at = now_us()
+    changes: dict[str, Any] = {}
+    if "models" in body:
+        changes["models"] = access.parse_models(body["models"], _priced(request))
+    if "expires_at" in body:
+        changes["expires_at"] = access.parse_expiry(body["expires_at"], None, at)
+    if "name" in body:
+        changes["name"] = None if body["name"] is None else services.check_name("name", body["name"])
+    return json_response(await _change(request, access.set_key, key_id, at, **changes))
+
+
+@_admin
+async def block_key(request: web.Request) -> web.Response:
+    """POST /admin/v1/keys/{id}/block -> 200: refused (401 `blocked`) on every replica within 5 s."""
+    key_id = services.check_name("id", request.match_info["id"])
+    await _json_body(request, (), optional=True)
+    return json_response(await _change(request, access.block_key, key_id, now_us()))
+
+
+@_admin
+async def unblock_key(request: web.Request) -> web.Response:
+    """POST /admin/v1/keys/{id}/unblock -> 200: works again at once."""
+    key_id = services.check_name("id", request.match_info["id"])
+    await _json_body(request, (), optional=True)
+    return json_response(await _change(request, access.unblock_key, key_id, now_us()))
+
+
+@_admin
+async def rotate_key(request: web.Request) -> web.Response:
+    """POST /admin/v1/keys/{id}/rotate {"grace_seconds"?} -> 201 with the new key and its secret."""
+    key_id = services.check_name("id", request.match_info["id"])
+    body = await _json_body(request, ("grace_seconds",), optional=True)
+    grace = body.get("grace_seconds", 0)
+    if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= access.MAX_SECONDS:
+        raise InvalidRequest(
+            "`grace_seconds` must be a whole number of seconds from 0 (the old key stops at once) "
+            f"to {access.MAX_SECONDS}.",
+            field="grace_seconds",
+        )
+    key = await _change(request, access.rotate_key, key_id, grace, now_us())
+    return json_response(key, status=201)
+
+
+async def _set_models(request: web.Request, kind: str) -> web.Response:
+    name = services.check_name("name", request.match_info["name"])
+    body = await _json_body(request, ("models",))
+    if "models" not in body:
+        raise InvalidRequest("The body must have `models`: a list of model names, or null for every model.")
+    models = access.parse_models(body["models"], _priced(request))
+    return json_response(await _change(request, access.set_models, kind, name, models, now_us()))
+
+
+@_admin
+async def set_team(request: web.Request) -> web.Response:
+    """PATCH /admin/v1/teams/{name} {"models"} -> 200: the team's allow-list (null: every model)."""
+    return await _set_models(request, "team")
+
+
+@_admin
+async def set_user(request: web.Request) -> web.Response:
+    """PATCH /admin/v1/users/{name} {"models"} -> 200: the user's allow-list (null: every model)."""
+    return await _set_models(request, "user")
+
+
+@_admin
+async def list_audit(request: web.Request) -> web.Response:
+    """GET /admin/v1/audit?action=&from=&to=&limit=&cursor=: one page of the audit log, oldest first."""
+    params = query_params(request, ("action", "from", "to", "limit", "cursor"))
+    query = audit.parse_query(
+        action=params.get("action"),
+        start=params.get("from"),
+        end=params.get("to"),
+        limit=params.get("limit"),
+        cursor=params.get("cursor"),
+    )
+    return json_response(await _run(request, audit.list_entries, query))
 
 
 BUDGET_FIELDS = ("scope", "subject", "period", "limit")
@@ -172,7 +289,7 @@ async def set_budget(request: web.Request) -> web.Response:
     """PUT /admin/v1/budgets {"scope", "subject", "period", "limit"} -> 200 with the budget."""
     body = await _json_body(request, BUDGET_FIELDS)
     args = [body.get(name) for name in BUDGET_FIELDS]
-    budget = await _run(request, services.set_budget, *args, now_us())
+    budget = await _change(request, services.set_budget, *args, now_us())
     _budgets_changed(request)
     return json_response(budget)
 
@@ -181,7 +298,7 @@ async def set_budget(request: web.Request) -> web.Response:
 async def delete_budget(request: web.Request) -> web.Response:
     """DELETE /admin/v1/budgets {"scope", "subject", "period"} -> 204."""
     body = await _json_body(request, BUDGET_FIELDS[:3])
-    await _run(request, services.delete_budget, *(body.get(name) for name in BUDGET_FIELDS[:3]))
+    await _change(request, services.delete_budget, *(body.get(name) for name in BUDGET_FIELDS[:3]))
     _budgets_changed(request)
     return web.Response(status=204)
 

@@ -19,9 +19,9 @@ from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
 from gateway.store import Store, open_store
-from gateway.web import access_log, admin, limits, openapi, readiness, shutdown, usage
+from gateway.web import access_log, admin, limits, models, openapi, readiness, shutdown, usage
 from gateway.web.access_log import AccessLog
-from gateway.web.auth import KeyCache, lookup_caller
+from gateway.web.auth import KeyCache, last_used_forever, lookup_caller, write_last_used
 from gateway.web.chat import chat
 from gateway.web.limits import Gate
 from gateway.web.middlewares import error_middleware
@@ -117,6 +117,7 @@ def create_app(
     if access.on:
         app.cleanup_ctx.append(access.ctx)
     app.cleanup_ctx.append(_store_ctx(store))
+    app.cleanup_ctx.append(_last_used_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_expiry_ctx(sweeper))
     if sweeper:
@@ -126,7 +127,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
-    for module in (usage, openapi):
+    for module in (usage, models, openapi):
         module.add_routes(app.router)
     # Admin calls are logged by their handlers' wrapper; LoggedRoutes has the `add_*` of a router.
     admin_router = access_log.LoggedRoutes(app.router, access) if access.on else app.router
@@ -151,6 +152,18 @@ def _store_ctx(injected: Store | None):  # type: ignore[no-untyped-def]
             await store.close()
 
     return ctx
+
+
+async def _last_used_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keys' `last_used_at`, written from the key cache in the background, and once more at the end."""
+    keys, store = app[KEYS], app[STORE]
+    task = asyncio.get_running_loop().create_task(last_used_forever(keys, store.run))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(LedgerUnavailable):
+        await write_last_used(keys, store.run)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

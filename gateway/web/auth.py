@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import Connection, text
 
-from gateway.core.metering import Caller, revoked
-from gateway.errors import Unauthorized
+from gateway.core.metering import Caller, key_refused, key_state
+from gateway.errors import GatewayError, ModelNotAllowed, Unauthorized
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gwk_"
 CACHE_MAX_ENTRIES = 100_000
@@ -29,19 +34,49 @@ def hash_key(secret: str) -> str:
 
 
 _LOOKUP = text(
-    "SELECT k.id, u.id, u.name, t.id, t.name, k.revoked_at FROM api_keys k JOIN users u ON u.id = k.user_id "
+    "SELECT k.id, u.id, u.name, t.id, t.name, k.revoked_at, k.blocked_at, k.expires_at, "
+    "k.models, u.models, t.models FROM api_keys k JOIN users u ON u.id = k.user_id "
     "LEFT JOIN teams t ON t.id = u.team_id WHERE k.key_hash = :hash"
 )
 
 
+def allowed_models(*lists: str | None) -> frozenset[str] | None:
+    """The models in every one of these allow-lists (JSON arrays; None: no list); None if there is none."""
+    allowed: frozenset[str] | None = None
+    for stored in lists:
+        if stored is not None:
+            models = frozenset(json.loads(stored))
+            allowed = models if allowed is None else allowed & models
+    return allowed
+
+
 def lookup_caller(conn: Connection, key_hash: str) -> Caller | str:
-    """The live key with this hash, or why there is none: `unknown` or `revoked`."""
+    """The live key with this hash, or why there is none: `unknown`, `revoked`, `blocked`, `expired`."""
     row = conn.execute(_LOOKUP, {"hash": key_hash}).first()
     if row is None:
         return "unknown"
-    if row[5] is not None and row[5] <= time.time_ns() // 1_000:
-        return "revoked"
-    return Caller(row[0], row[1], row[2], row[3], row[4])
+    revoked_at, blocked_at, expires_at = row[5], row[6], row[7]
+    state = key_state(revoked_at, blocked_at, expires_at, time.time_ns() // 1_000)
+    if state is not None:
+        return state
+    # The first of expiry and the end of a rotation's grace, checked at each use: the cache never
+    # stretches either.
+    ends = [(at, why) for at, why in ((expires_at, "expired"), (revoked_at, "revoked")) if at is not None]
+    ends_at, ends_why = min(ends) if ends else (None, "")
+    return Caller(
+        row[0], row[1], row[2], row[3], row[4], allowed_models(row[8], row[9], row[10]), ends_at, ends_why
+    )
+
+
+def model_not_allowed(model: str, allowed: frozenset[str], priced: list[str]) -> ModelNotAllowed:
+    """The refusal of a model outside the caller's allow-lists; `allowed`: the priced models it may use."""
+    usable = [name for name in priced if name in allowed]
+    return ModelNotAllowed(
+        f"This key may not use {model[:200]!r}: an allow-list of the key, its user or its team leaves "
+        f"it out. Models this key may use: {', '.join(usable) or 'none'}. An administrator changes "
+        "the lists with 'gateway keys set', 'gateway users set' or 'gateway teams set'.",
+        allowed=usable,
+    )
 
 
 UNKNOWN = "This gateway key is unknown. Check it, or ask an administrator for a key."
@@ -57,16 +92,20 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class KeyCache:
-    """Caches live keys for `ttl` seconds, so revocation reaches every process within the TTL.
+    """Caches live keys for `ttl` seconds, so revocation and blocking reach every process within the TTL.
 
-    Unknown and revoked keys are not cached: each attempt asks the database, so a key created a
-    moment ago works at once.
+    Unknown, revoked, blocked and expired keys are not cached: each attempt asks the database, so a
+    key created or unblocked a moment ago works at once. A cached key's expiry (or the end of its
+    rotation grace) is compared with the clock at each use. Each load is a use of the key: the
+    times are written to `api_keys.last_used_at` in the background (`write_last_used`).
     """
 
     def __init__(self, load: Callable[[str], Awaitable[Caller | str]], ttl: float) -> None:
         self._load = load
         self._ttl = ttl
         self._entries: dict[str, tuple[float, Caller]] = {}
+        # key id -> when it was last loaded for a request (microseconds since the epoch)
+        self.used: dict[str, int] = {}
 
     async def caller(self, authorization: str | None) -> Caller:
         """The caller for an Authorization header, or raise Unauthorized."""
@@ -81,17 +120,60 @@ class KeyCache:
         now = time.monotonic()
         entry = self._entries.get(digest)
         if entry is not None and entry[0] > now:
-            return entry[1]
-        caller = await self._load(digest)
-        if isinstance(caller, str):
+            caller = entry[1]
+            if caller.ends_at is not None and caller.ends_at <= time.time_ns() // 1_000:
+                self._entries.pop(digest, None)
+                raise key_refused(caller.ends_why)
+            return caller
+        loaded = await self._load(digest)
+        if isinstance(loaded, str):
             self._entries.pop(digest, None)
-            # A revoked key is refused as admission refuses it (metering.revoked), in the same words.
-            raise revoked() if caller == "revoked" else Unauthorized(UNKNOWN, reason=caller)
+            # Refused as admission refuses it (metering.key_refused), in the same words.
+            raise Unauthorized(UNKNOWN, reason=loaded) if loaded == "unknown" else key_refused(loaded)
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries.clear()
-        self._entries[digest] = (now + self._ttl, caller)
-        return caller
+        self._entries[digest] = (now + self._ttl, loaded)
+        if len(self.used) < CACHE_MAX_ENTRIES:
+            self.used[loaded.key_id] = time.time_ns() // 1_000
+        return loaded
 
     def clear(self) -> None:
         """Forget every cached key (after a change made by this process)."""
         self._entries.clear()
+
+
+LAST_USED_EVERY_US = 60_000_000
+LAST_USED_FLUSH_SECONDS = 15.0
+
+_TOUCH = text(
+    "UPDATE api_keys SET last_used_at = :at WHERE id = :id "
+    "AND (last_used_at IS NULL OR last_used_at <= :before)"
+)
+
+
+def touch_keys(conn: Connection, used: dict[str, int]) -> None:
+    """Unit of work: record when keys were used, at most once a minute a key (across replicas too)."""
+    rows = [
+        {"id": key_id, "at": at, "before": at - LAST_USED_EVERY_US} for key_id, at in sorted(used.items())
+    ]
+    if rows:
+        conn.execute(_TOUCH, rows)
+
+
+async def write_last_used(keys: KeyCache, run: Callable[..., Awaitable[object]]) -> None:
+    """Write the keys used since the last call to the database (`run` is the store's `run`)."""
+    used, keys.used = keys.used, {}
+    if used:
+        await run(touch_keys, used)
+
+
+async def last_used_forever(keys: KeyCache, run: Callable[..., Awaitable[object]]) -> None:
+    """Every LAST_USED_FLUSH_SECONDS, `write_last_used`; a failure loses those times, nothing else."""
+    while True:
+        await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
+        try:
+            await write_last_used(keys, run)
+        except GatewayError:
+            pass  # the database is out: requests are refused meanwhile, the times barely matter
+        except Exception:
+            log.exception("could not write the keys' last_used_at")

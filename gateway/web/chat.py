@@ -26,6 +26,7 @@ from gateway.errors import (
     UnknownModel,
 )
 from gateway.web import shutdown
+from gateway.web.auth import model_not_allowed
 from gateway.web.state import (
     ACCESS_LOG,
     BACKGROUND,
@@ -213,6 +214,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                     f"{', '.join(settings.pricing.models())}."
                 )
             model_label = model
+            if caller.models is not None and model not in caller.models:
+                raise model_not_allowed(model, caller.models, settings.pricing.models())
             charge = Charge(
                 request_id=metering.new_request_id(),
                 caller=caller,

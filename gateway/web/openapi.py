@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.windows import PERIODS
+from gateway.ops.access import MAX_MODELS, MAX_SECONDS
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
 from gateway.ops.reports import GROUPS, SUMS
 from gateway.ops.services import MAX_NAME, SCOPES
@@ -25,6 +26,15 @@ INTEGER = {"type": "integer"}
 NUMBER = {"type": "number"}
 TIME = {"type": "string", "format": "date-time"}
 NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "description": "printable characters"}
+MODELS = {
+    "type": "array",
+    "items": STRING,
+    "minItems": 1,
+    "maxItems": MAX_MODELS,
+    "nullable": True,
+    "description": "an allow-list of priced models; null: every priced model",
+}
+EXPIRES = {**TIME, "nullable": True, "description": "when the key stops working (in the future); null: never"}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -58,9 +68,9 @@ ERRORS = {
     400: "Invalid request: the `error.field` names the parameter at fault",
     401: "Missing or wrong credentials",
     402: "A budget would go over",
-    403: "The admin API is disabled (no GATEWAY_ADMIN_TOKEN)",
+    403: "The admin API is disabled (no GATEWAY_ADMIN_TOKEN); on chat: the model is not allowed for this key",
     404: "Unknown team, user or key",
-    409: "The name is taken",
+    409: "The name is taken, or the key is revoked or already rotated",
     413: "The request body is too large",
     502: "Upstream unavailable",
     503: "The ledger database cannot be reached (ledger_unavailable), or the process is at its "
@@ -140,11 +150,26 @@ _CHAT = {
         400,
         401,
         402,
+        403,
         413,
         502,
         503,
         504,
     ),
+}
+
+KEY_FIELDS: dict[str, Any] = {
+    "id": STRING,
+    "user": STRING,
+    "name": _nullable(STRING),
+    "prefix": STRING,
+    "created_at": TIME,
+    "revoked_at": {**TIME, "nullable": True, "description": "in the future: a rotated key's grace ends then"},
+    "expires_at": _nullable(TIME),
+    "blocked": {"type": "boolean"},
+    "models": MODELS,
+    "rotated_to": _nullable(STRING),
+    "last_used_at": {**TIME, "nullable": True, "description": "to within a minute"},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -193,7 +218,21 @@ SCHEMAS: dict[str, Any] = {
     ),
     "TeamCreate": _object({"name": NAME}, ("name",)),
     "UserCreate": _object({"name": NAME, "team": _nullable(NAME)}, ("name",)),
-    "KeyCreate": _object({"user": NAME, "name": _nullable(NAME)}, ("user",)),
+    "KeyCreate": _object(
+        {"user": NAME, "name": _nullable(NAME), "expires_at": EXPIRES, "models": MODELS}, ("user",)
+    ),
+    "KeyPatch": _object({"name": _nullable(NAME), "models": MODELS, "expires_at": EXPIRES}),
+    "KeyRotate": _object(
+        {
+            "grace_seconds": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_SECONDS,
+                "description": "how long the old key keeps working (default 0)",
+            }
+        }
+    ),
+    "ModelsPatch": _object({"models": MODELS}, ("models",)),
     "BudgetPut": _object(
         {
             "scope": {"type": "string", "enum": list(SCOPES)},
@@ -217,33 +256,55 @@ SCHEMAS: dict[str, Any] = {
         },
         ("scope", "subject", "period"),
     ),
-    "Team": _object({"id": INTEGER, "name": STRING, "created_at": TIME}, ("id", "name", "created_at")),
+    "Team": _object(
+        {"id": INTEGER, "name": STRING, "created_at": TIME, "models": MODELS},
+        ("id", "name", "created_at", "models"),
+    ),
     "User": _object(
-        {"id": INTEGER, "name": STRING, "team": _nullable(STRING), "created_at": TIME},
-        ("id", "name", "team", "created_at"),
+        {"id": INTEGER, "name": STRING, "team": _nullable(STRING), "created_at": TIME, "models": MODELS},
+        ("id", "name", "team", "created_at", "models"),
     ),
-    "Key": _object(
-        {
-            "id": STRING,
-            "user": STRING,
-            "name": _nullable(STRING),
-            "prefix": STRING,
-            "created_at": TIME,
-            "revoked_at": _nullable(TIME),
-        },
-        ("id", "user", "name", "prefix", "created_at", "revoked_at"),
-    ),
+    "Key": _object(KEY_FIELDS, tuple(KEY_FIELDS)),
     "KeyCreated": _object(
         {
-            "id": STRING,
+            **KEY_FIELDS,
             "key": {"type": "string", "description": "the secret: shown only in this answer"},
-            "user": STRING,
-            "name": _nullable(STRING),
-            "prefix": STRING,
-            "created_at": TIME,
-            "revoked_at": _nullable(TIME),
+            "rotated_from": {"type": "string", "description": "the key this one replaces (rotation only)"},
         },
-        ("id", "key", "user", "name", "prefix", "created_at", "revoked_at"),
+        ("key", *KEY_FIELDS),
+    ),
+    "ModelList": _object(
+        {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": _array(
+                _object(
+                    {
+                        "id": STRING,
+                        "object": {"type": "string", "enum": ["model"]},
+                        "created": INTEGER,
+                        "owned_by": STRING,
+                        "credits_per_message": NUMBER,
+                    },
+                    ("id", "object", "created", "owned_by", "credits_per_message"),
+                )
+            ),
+        },
+        ("object", "data"),
+    ),
+    "AuditEntry": _object(
+        {
+            "id": INTEGER,
+            "at": TIME,
+            "actor": {"type": "string", "description": "`admin-api <client address>` or `cli <OS user>`"},
+            "action": {"type": "string", "description": "e.g. key.create, key.block, budget.set"},
+            "target": STRING,
+            "before": {"type": "object", "nullable": True},
+            "after": {"type": "object", "nullable": True},
+        },
+        ("id", "at", "actor", "action", "target", "before", "after"),
+    ),
+    "AuditPage": _object(
+        {"entries": _array(_ref("AuditEntry")), "next_cursor": _nullable(STRING)}, ("entries", "next_cursor")
     ),
     "Budget": _object(
         {
@@ -343,6 +404,37 @@ SCHEMAS: dict[str, Any] = {
 
 _GROUP_BY = "(" + "|".join(GROUPS) + ")"
 
+_MODELS = {
+    "summary": "The models this key may use, as OpenAI lists them, with prices; never refused for budget",
+    "tags": ["chat"],
+    "security": [{"gatewayKey": []}],
+    "responses": _responses({200: _ok("The models", _ref("ModelList"))}, 400, 401, 503),
+}
+KEY_ID = [_param("id", NAME, "the key's id", "path")]
+
+
+def _key_change(summary: str, operation: str, status: int = 200, **extra: Any) -> dict[str, Any]:
+    return _admin(
+        summary,
+        _responses(
+            {status: _ok("The key", _ref("KeyCreated" if status == 201 else "Key"))}, *ADMIN_ERRORS, 404, 409
+        ),
+        operationId=operation,
+        parameters=KEY_ID,
+        **extra,
+    )
+
+
+def _models_patch(kind: str) -> dict[str, Any]:
+    return _admin(
+        f"Set the {kind}'s model allow-list (null: every priced model)",
+        _responses({200: _ok(f"The {kind}", _ref(kind.title()))}, *ADMIN_ERRORS, 404, 413),
+        operationId=f"set{kind.title()}",
+        parameters=[_param("name", NAME, f"the {kind}'s name", "path")],
+        requestBody=_body("ModelsPatch"),
+    )
+
+
 PATHS: dict[str, Any] = {
     "/api/v1/chat": {"post": {**_CHAT, "operationId": "chat"}},
     "/v1/chat/completions": {"post": {**_CHAT, "operationId": "chatCompletions"}},
@@ -357,6 +449,8 @@ PATHS: dict[str, Any] = {
             ),
         }
     },
+    "/v1/models": {"get": {**_MODELS, "operationId": "listModels"}},
+    "/api/v1/models": {"get": {**_MODELS, "operationId": "listModelsApi"}},
     "/healthz": {
         "get": {
             "summary": "The process is alive",
@@ -442,7 +536,37 @@ PATHS: dict[str, Any] = {
             "Revoke a key (again: no change)",
             _responses({204: _ok("Revoked")}, *ADMIN_ERRORS, 404),
             operationId="revokeKey",
-            parameters=[_param("id", NAME, "the key's id", "path")],
+            parameters=KEY_ID,
+        ),
+        "patch": _key_change(
+            "Change a key's models, expiry or name", "setKey", requestBody=_body("KeyPatch")
+        ),
+    },
+    "/admin/v1/keys/{id}/block": {
+        "post": _key_change("Block a key: 401 `blocked` until unblocked", "blockKey")
+    },
+    "/admin/v1/keys/{id}/unblock": {"post": _key_change("Unblock a key", "unblockKey")},
+    "/admin/v1/keys/{id}/rotate": {
+        "post": _key_change(
+            "A new key for the same user, name, models and expiry; the old one is revoked after the grace",
+            "rotateKey",
+            201,
+            requestBody={"required": False, "content": _content(_ref("KeyRotate"))},
+        )
+    },
+    "/admin/v1/teams/{name}": {"patch": _models_patch("team")},
+    "/admin/v1/users/{name}": {"patch": _models_patch("user")},
+    "/admin/v1/audit": {
+        "get": _admin(
+            "Administrative changes in (at, id) order, one page",
+            _responses({200: _ok("A page and the cursor of the next", _ref("AuditPage"))}, *ADMIN_ERRORS),
+            operationId="listAudit",
+            parameters=[
+                _param("action", {"type": "string", "minLength": 1, "maxLength": 64}, "only this action"),
+                *TIME_RANGE,
+                _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (100)"),
+                _param("cursor", STRING, "`next_cursor` of the previous page"),
+            ],
         )
     },
     "/admin/v1/budgets": {

@@ -201,6 +201,23 @@ async def test_rotation_with_grace(admin_world: World) -> None:
     await assert_counters_match_ledger(w)
 
 
+async def test_rotation_moves_the_key_budget_with_what_it_spent(admin_world: World) -> None:
+    """A key budget is no fresh allowance after a rotation: the new key goes on from what was spent."""
+    w = admin_world
+    old = await ok(w, "POST", "/admin/v1/keys", 201, json={"user": "alice", "name": "svc"})
+    limit = {"scope": "key", "subject": old["id"], "period": "daily", "limit": 1}
+    await ok(w, "PUT", "/admin/v1/budgets", json=limit)
+    assert (await w.chat(old["key"], messages=8)).status == 200  # 0.8 of 1
+    new = await ok(w, "POST", f"/admin/v1/keys/{old['id']}/rotate", 201, json={"grace_seconds": 0})
+    budgets = await ok(w, "GET", f"/admin/v1/budgets?scope=key&subject={new['id']}")
+    assert [(b["spent"], b["remaining"]) for b in budgets] == [(0.8, 0.2)]
+    assert await ok(w, "GET", f"/admin/v1/budgets?scope=key&subject={old['id']}") == []
+    await error(await w.chat(new["key"], messages=3), 402, "budget_exceeded")
+    assert (await w.chat(new["key"], messages=2)).status == 200
+    await error(await w.chat(new["key"], messages=1), 402, "budget_exceeded")
+    await assert_counters_match_ledger(w)
+
+
 async def test_v1_models_with_the_openai_sdk(admin_world: World) -> None:
     w = admin_world
     key = await ok(w, "POST", "/admin/v1/keys", 201, json={"user": "alice", "models": [PRO, SMALL]})

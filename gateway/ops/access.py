@@ -165,7 +165,7 @@ def unblock_key(conn: Connection, key_id: str, at: int, *, actor: str = INTERNAL
 def rotate_key(
     conn: Connection, key_id: str, grace_seconds: int, at: int, *, actor: str = INTERNAL
 ) -> dict[str, Any]:
-    """A new key for the same user, name, models and expiry (and key budgets); the old one is revoked
+    """A new key for the same user, name, models, expiry and key budgets; the old one is revoked
     when `grace_seconds` have passed. The answer is the new key with its secret, shown only here."""
     before = _live_key(conn, key_id, at)
     if before["rotated_to"] is not None:
@@ -183,13 +183,11 @@ def rotate_key(
     new = create_key(
         conn, before["user"], before["name"], at, expires_at=expires, models=before["models"], action=""
     )
-    # The key's own budgets follow it, with fresh counters; user and team budgets are shared anyway.
+    # The key's own budgets move to the new key with their counters (deleted ones too, which still
+    # count): what was spent in the window stays spent, so a rotation is never a fresh allowance.
+    # During the grace, requests through the old key count on its user's and team's budgets only.
     conn.execute(
-        text(
-            "INSERT INTO budgets (scope, subject, period, limit_micros, enforce, created_at, updated_at) "
-            "SELECT scope, :new, period, limit_micros, enforce, :at, :at FROM budgets "
-            "WHERE scope = 'key' AND subject = :old AND deleted_at IS NULL"
-        ),
+        text("UPDATE budgets SET subject = :new, updated_at = :at WHERE scope = 'key' AND subject = :old"),
         {"new": new["id"], "old": key_id, "at": at},
     )
     conn.execute(

@@ -49,10 +49,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 from sqlalchemy import text  # noqa: E402
 
-from gateway.store import migrate  # noqa: E402
 from gateway.core.pricing import DEFAULT_PRICES  # noqa: E402
 from gateway.ops.fake_upstream import FakeUpstream  # noqa: E402
 from gateway.ops.settings import Secret, Settings  # noqa: E402
+from gateway.store import migrate  # noqa: E402
 from gateway.web.app import create_app  # noqa: E402
 
 from .conftest import counters_equal_ledger_sql, sync_sqlite  # noqa: E402
@@ -63,7 +63,7 @@ ADMIN_TOKEN = "schemathesis-admin-token"
 CHAT_PATHS = ("/api/v1/chat", "/v1/chat/completions")
 PRICED = sorted(DEFAULT_PRICES)
 # Fuzzed cases per operation and generation mode (on top of the coverage cases); chat gets the most.
-CHAT_EXAMPLES = {GenerationMode.POSITIVE: 260, GenerationMode.NEGATIVE: 130}
+CHAT_EXAMPLES = {GenerationMode.POSITIVE: 300, GenerationMode.NEGATIVE: 150}
 OTHER_EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 10}
 CHECKS = [
     not_a_server_error,

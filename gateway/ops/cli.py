@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
 from gateway.jsonout import dumps
-from gateway.ops import ledger, reports, services, workers
+from gateway.ops import cli_alerts, ledger, reports, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("subject", help="team name, user name or key id")
     p.add_argument("limit", help="credits, e.g. 25 or 0.5")
     p.add_argument("--period", required=True, choices=("daily", "weekly", "monthly", "total"))
+    p.add_argument("--soft", action="store_true", help="counted and alerted on, never refusing")
+    p.add_argument("--alert-at", help="alert thresholds, percent of the limit, e.g. 50,90,100")
     p = budgets.add_parser("delete", parents=[common, as_json], help="delete a budget")
     p.add_argument("scope", choices=services.SCOPES)
     p.add_argument("subject")
@@ -114,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
     p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
     books.add_parser("verify", parents=[common, as_json], help="check budget counters against the ledger")
+    cli_alerts.add_parsers(sub, common, as_json)
     return parser
 
 
@@ -137,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             migrate.upgrade(settings.database_url)
             print("database is at the latest schema")
             return 0
+        if args.command == "webhooks":
+            return asyncio.run(cli_alerts.test_webhooks(settings, args))
         return asyncio.run(_admin(settings, args))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
@@ -163,7 +168,7 @@ async def _admin(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("gateway.store").setLevel(logging.ERROR)
     store = open_store(settings.database_url, pool_size=2)
     try:
-        work, show = _admin_action(args)
+        work, show = cli_alerts.action(args, settings) or _admin_action(args)
         # Reading commands take no write lock, so a long report never holds up a live gateway.
         reading = args.action in ("list", "verify") or args.command == "report"
         result = await (store.read(work) if reading else store.run(work))
@@ -208,7 +213,18 @@ def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Calla
         return (lambda c: services.revoke_key(c, args.id, at)), lambda _: f"revoked key {args.id}"
     if command == ("budgets", "set"):
         return (
-            (lambda c: services.set_budget(c, args.scope, args.subject, args.period, args.limit, at)),
+            (
+                lambda c: services.set_budget(
+                    c,
+                    args.scope,
+                    args.subject,
+                    args.period,
+                    args.limit,
+                    at,
+                    enforce=not args.soft,
+                    alert_at=args.alert_at,
+                )
+            ),
             lambda r: (
                 f"{r['period']} {r['scope']} budget of {r['subject']}: limit {r['limit']}, "
                 f"spent {r['spent']}, remaining {r['remaining']}"
@@ -220,7 +236,19 @@ def _admin_action(args: argparse.Namespace) -> tuple[Callable[[Any], Any], Calla
         ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
         return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
-            rows, ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
+            [{**r, "alert_at": ",".join(map(str, r["alert_at"]))} for r in rows],
+            [
+                "scope",
+                "subject",
+                "period",
+                "limit",
+                "spent",
+                "held",
+                "remaining",
+                "resets_at",
+                "enforce",
+                "alert_at",
+            ],
         )
     if command == ("report", None):
         report = reports.parse_query(args.start, args.end, args.group_by)

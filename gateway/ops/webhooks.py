@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -400,8 +399,6 @@ class Deliverer:
 
     async def run_forever(self) -> None:
         """Rounds every POLL_SECONDS (at once again after a full batch), until cancelled."""
-        with contextlib.suppress(LedgerUnavailable):
-            await self.store_defaults()
         async with new_session() as session:
             while True:
                 made = 0

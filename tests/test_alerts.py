@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -339,5 +340,76 @@ async def test_webhooks_test_endpoint(world: World) -> None:
         assert receiver.events()[0]["type"] == "webhook.test"
         resp = await w.client.post("/admin/v1/webhooks/test", headers=AUTH)
         assert [(r["ok"], r["error"]) for r in await resp.json()] == [(False, "HTTP 503")]
+    finally:
+        await server.close()
+
+
+async def test_events_are_listed_a_page_at_a_time(world: World) -> None:
+    w = world
+    key = await w.key("alice")
+    await w.admin(
+        lambda c: services.set_budget(
+            c, "user", "alice", "daily", "1", now_us(), alert_at=[10, 20, 30, 40, 50]
+        )
+    )
+    for _ in range(5):
+        assert (await w.chat(key["key"], messages=2)).status == 200
+    await w.reconfigure(admin_token=Secret(ADMIN_TOKEN))
+    seen, cursor = [], None
+    while True:
+        resp = await w.client.get(
+            "/admin/v1/events", params={"limit": "2", **({"cursor": cursor} if cursor else {})}, headers=AUTH
+        )
+        page = await resp.json()
+        assert resp.status == 200 and len(page["events"]) <= 2
+        seen += page["events"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [e["data"]["threshold"] for e in seen] == [10, 20, 30, 40, 50]
+    # No webhook configured: nothing is sent, and nothing waits for a sender.
+    assert all(e["deliveries"] == [] for e in seen)
+    for query, field in (
+        ("?type=nope", "type"),
+        ("?limit=0", "limit"),
+        ("?cursor=x", "cursor"),
+        ("?x=1", "x"),
+    ):
+        resp = await w.client.get("/admin/v1/events" + query, headers=AUTH)
+        assert resp.status == 400 and (await resp.json())["error"]["field"] == field
+
+
+async def test_cli_lists_events_and_tests_webhooks(
+    world: World, backend: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.ops.cli import main
+
+    w = world
+    key = await w.key("alice")
+    await w.budget("user", "alice", "0.1")
+    assert (await w.chat(key["key"])).status == 200
+    receiver = Receiver(answers=[200])
+    server = await serve(receiver)
+    try:
+        monkeypatch.setenv("GATEWAY_DATABASE_URL", backend.url)
+
+        def run(*args: str) -> tuple[int, str]:
+            code = main(list(args))
+            return code, capsys.readouterr().out
+
+        code, out = await asyncio.to_thread(run, "events", "list", "--json")
+        listed = json.loads(out)["events"]
+        assert code == 0 and sorted(e["data"]["threshold"] for e in listed) == [80, 100]
+        code, out = await asyncio.to_thread(run, "events", "list")
+        assert code == 0 and "has reached 100% of its limit" in out
+        code, out = await asyncio.to_thread(run, "webhooks", "test")
+        assert code == 1 and "no webhook is configured" in out
+        monkeypatch.setenv("GATEWAY_WEBHOOK_URL", str(server.make_url("/hook")))
+        monkeypatch.setenv("GATEWAY_WEBHOOK_SECRET", SECRET)
+        code, out = await asyncio.to_thread(run, "webhooks", "test", "--json")
+        assert code == 0 and json.loads(out)[0]["status"] == 200
+        assert receiver.events()[0]["type"] == "webhook.test"
+        code, out = await asyncio.to_thread(run, "webhooks", "test")
+        assert code == 0 and "answered 200" in out
     finally:
         await server.close()

@@ -115,8 +115,18 @@ def parse_query(
         start=lo,
         end=hi,
         limit=count,
-        after=None if cursor is None else ledger.decode_cursor(cursor),
+        after=None if cursor is None else _after(cursor),
     )
+
+
+# The ledger's cursor, (time, id), with an event id's `evt_` left out: the ledger's ids are 32 long.
+def _cursor(created_at: int, event_id: str) -> str:
+    return ledger.encode_cursor(created_at, event_id.removeprefix("evt_"))
+
+
+def _after(cursor: str) -> tuple[int, str]:
+    created_at, rest = ledger.decode_cursor(cursor)
+    return created_at, "evt_" + rest
 
 
 def _state(deliveries: list[dict[str, Any]], dispatched: bool) -> str:
@@ -179,4 +189,4 @@ def list_events(conn: Connection, query: EventQuery, names: dict[str, str] | Non
             }
         )
     last = rows[-1] if rows else None
-    return {"events": out, "next_cursor": ledger.encode_cursor(last[2], last[0]) if more and last else None}
+    return {"events": out, "next_cursor": _cursor(last[2], last[0]) if more and last else None}

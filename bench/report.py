@@ -26,8 +26,8 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.ops import reports  # noqa: E402
 from gateway.core.pricing import DEFAULT_PRICES, parse_credits  # noqa: E402
+from gateway.ops import reports  # noqa: E402
 from gateway.store import migrate
 
 TEAMS, USERS, DAYS = 50, 500, 60

@@ -11,7 +11,9 @@ class _Link:
     """One proxied connection."""
 
     client: asyncio.StreamWriter
-    marked: bool = False  # the trap's statement was prepared; its execution (Bind) comes next
+    # The name of the prepared statement that holds the trap, once prepared: its execution (a Bind
+    # of that statement; asyncpg may first prepare and run type introspection queries) comes next.
+    marked: bytes | None = None
     swallow: bool = False  # the trap sprang: nothing more gets through
 
 
@@ -61,10 +63,13 @@ class TcpProxy:
                 await writer.drain()
                 if to_db:
                     self.round_trips += 1
-                if to_db and self.trap is not None and self.trap in data:
-                    link.marked = True
-                elif to_db and link.marked and data[:1] == b"B":  # Bind, Execute, Sync
-                    self.trap, link.marked, link.swallow = None, False, True
+                if to_db and self.trap is not None and self.trap in data and data[:1] == b"P":
+                    link.marked = _names(data)[0]  # Parse: statement name, query
+                elif (
+                    to_db and link.marked is not None and data[:1] == b"B" and _names(data)[1] == link.marked
+                ):
+                    # Bind (portal, statement), Execute, Sync: the trap's statement runs.
+                    self.trap, link.marked, link.swallow = None, None, True
                     # Long after the database has committed, the gateway's socket is reset.
                     asyncio.get_running_loop().call_later(0.5, link.client.transport.abort)
         except (ConnectionError, OSError):
@@ -93,3 +98,9 @@ class TcpProxy:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _names(message: bytes) -> tuple[bytes, bytes]:
+    """The first two NUL-terminated strings of a PostgreSQL message (after its type and length)."""
+    parts = message[5:].split(b"\0", 2) + [b"", b""]
+    return parts[0], parts[1]

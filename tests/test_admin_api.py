@@ -202,6 +202,8 @@ async def test_budgets(admin_world: World) -> None:
         "remaining": 0.3,
         "window_start": None,
         "resets_at": None,
+        "enforce": True,
+        "alert_at": [80, 100],
     }
     assert budget["resets_at"].endswith("T00:00:00Z")
     assert (await w.chat(key["key"], messages=2)).status == 200

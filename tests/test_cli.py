@@ -56,10 +56,34 @@ def test_admin_commands(
         "remaining": 12.5,
         "window_start": None,
         "resets_at": None,
+        "enforce": True,
+        "alert_at": [80, 100],
     }
     assert _run(capsys, "budgets", "set", "key", key["id"], "1", "--period", "total")[0] == 0
     code, out, _ = _run(capsys, "budgets", "list")
     assert "eng" in out and "monthly" in out and key["id"] in out
+    # A soft budget with its own thresholds (issue 17); bad thresholds are named.
+    code, out, _ = _run(
+        capsys,
+        "budgets",
+        "set",
+        "user",
+        "alice",
+        "5",
+        "--period",
+        "daily",
+        "--soft",
+        "--alert-at",
+        "50,90",
+        "--json",
+    )
+    assert (json.loads(out)["enforce"], json.loads(out)["alert_at"]) == (False, [50, 90])
+    code, out, _ = _run(capsys, "budgets", "list", "--scope", "user")
+    assert "ENFORCE" in out and "ALERT_AT" in out and "False" in out and "50,90" in out
+    code, _, err = _run(
+        capsys, "budgets", "set", "user", "alice", "5", "--period", "daily", "--alert-at", "0"
+    )
+    assert code == 1 and "alert_at" in err
     code, _, err = _run(capsys, "budgets", "set", "team", "eng", "-3", "--period", "daily")
     assert code == 1 and "limit" in err
     assert _run(capsys, "budgets", "delete", "team", "eng", "--period", "monthly")[0] == 0

@@ -42,6 +42,8 @@ EXPECTED_ALERTS = {
     "GatewayUpstreamErrorRatioHigh",
     "GatewayLedgerUnavailable",
     "GatewayHoldsExpiring",
+    "GatewayWebhookFailing",
+    "GatewayWebhookGaveUp",
 }
 
 
@@ -63,6 +65,7 @@ def exported() -> dict[str, frozenset[str]]:
     m.overhead.observe(0.001)
     m.inflight.inc()
     m.holds_expired.inc()
+    m.alerts_emitted.labels(scope="team", threshold="80").inc()
 
     labels: dict[str, set[str]] = {}
     for line in generate_latest(m.registry).decode().splitlines():

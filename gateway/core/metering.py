@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, text
 
+from gateway.core import alerts
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
 from gateway.errors import BudgetExceeded, Unauthorized
@@ -483,6 +485,54 @@ def _write_settlements(
             _SETTLE_COUNTER,
             [(released, spent, b, w) for (b, w), (released, spent) in sorted(counters.items())],
         )
+        record_crossings(db, [(b, w, spent) for (b, w), (_, spent) in sorted(counters.items()) if spent])
+
+
+# A budget's counter in a window with what alerts need: the budget's limit, whether it refuses,
+# and its thresholds (its own, else the defaults' row, else NULL: the built-in defaults).
+_COUNTER_FOR_ALERTS = (
+    "SELECT c.spent_micros, b.limit_micros, b.enforce, "
+    "COALESCE(b.alert_at, (SELECT ad.thresholds FROM alert_defaults ad WHERE ad.id = 1)) "
+    "FROM budget_counters c JOIN budgets b ON b.id = c.budget_id "
+    "WHERE c.budget_id = :budget AND c.window_start = :window AND b.deleted_at IS NULL"
+)
+# One event per (budget, window, threshold) not re-armed: a second is refused by the unique index.
+INSERT_THRESHOLD_EVENT = (
+    "INSERT INTO alert_events (id, type, created_at, budget_id, window_start, threshold, limit_micros, "
+    "spent_micros, enforce, dispatched) VALUES (:id, 'budget.threshold_crossed', :created_at, :budget, "
+    ":window, :threshold, :limit, :spent, :enforce, false) ON CONFLICT DO NOTHING"
+)
+
+
+def new_event_id() -> str:
+    """An event's id, as webhook receivers see it (`webhook-id`): `evt_` and 128 random bits."""
+    return "evt_" + uuid.uuid4().hex
+
+
+def record_crossings(db: Sql, moved: Sequence[tuple[int, int, int]]) -> None:
+    """After counters moved (budget_id, window_start, credits spent by this move): write an event
+    for each alert threshold the move reached for the first time (SQLite; PostgreSQL does this in
+    gateway_settle_batch). The caller holds the write lock, so `spent - delta` is what it was."""
+    at = now_us()
+    for budget_id, window, delta in moved:
+        row = db.first(_COUNTER_FOR_ALERTS, {"budget": budget_id, "window": window})
+        if row is None:
+            continue
+        spent, limit, enforce, stored = row
+        for threshold in alerts.crossed(spent - delta, spent, limit, alerts.parse(stored)):
+            db.changed(
+                INSERT_THRESHOLD_EVENT,
+                {
+                    "id": new_event_id(),
+                    "created_at": at,
+                    "budget": budget_id,
+                    "window": window,
+                    "threshold": threshold,
+                    "limit": limit,
+                    "spent": spent,
+                    "enforce": bool(enforce),
+                },
+            )
 
 
 def settle_many(

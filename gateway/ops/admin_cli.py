@@ -8,12 +8,13 @@ actor `cli <OS user>`.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import access, audit, ledger, reports, services
+from gateway.ops import access, audit, cli_alerts, ledger, reports, services
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
@@ -70,6 +71,8 @@ def add_parsers(
     p.add_argument("subject", help="team name, user name or key id")
     p.add_argument("limit", help="credits, e.g. 25 or 0.5")
     p.add_argument("--period", required=True, choices=PERIODS)
+    p.add_argument("--soft", action="store_true", help="counted and alerted on, never refusing")
+    p.add_argument("--alert-at", help="alert thresholds, percent of the limit, e.g. 50,90,100")
     p = budgets.add_parser("delete", parents=both, help="delete a budget")
     p.add_argument("scope", choices=services.SCOPES)
     p.add_argument("subject")
@@ -120,9 +123,11 @@ def _range_options(p: argparse.ArgumentParser) -> None:
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run one administration command; its exit code."""
+    # A database problem is told in one line by main(); the store's own warning would repeat it.
+    logging.getLogger("gateway.store").setLevel(logging.ERROR)
     store = open_store(settings.database_url, pool_size=2)
     try:
-        work, show = _action(settings, args)
+        work, show = cli_alerts.action(args, settings) or _action(settings, args)
         # Reading commands take no write lock, so a long report never holds up a live gateway.
         reading = args.action in ("list", "verify") or args.command == "report"
         result = await (store.read(work) if reading else store.run(work))
@@ -189,7 +194,15 @@ def _action(
         return (
             (
                 lambda c: services.set_budget(
-                    c, args.scope, args.subject, args.period, args.limit, at, actor=who
+                    c,
+                    args.scope,
+                    args.subject,
+                    args.period,
+                    args.limit,
+                    at,
+                    actor=who,
+                    enforce=not args.soft,
+                    alert_at=args.alert_at,
                 )
             ),
             lambda r: (
@@ -202,8 +215,10 @@ def _action(
             lambda c: services.delete_budget(c, args.scope, args.subject, args.period, at, actor=who)
         ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
+        columns = ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
         return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
-            rows, ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
+            [{**r, "alert_at": ",".join(map(str, r["alert_at"]))} for r in rows],
+            [*columns, "enforce", "alert_at"],
         )
     if command == ("report", None):
         report = reports.parse_query(args.start, args.end, args.group_by)

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.ops import admin_cli, services, workers
+from gateway.ops import admin_cli, cli_alerts, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", parents=[common], help="migrate the database to the latest schema")
 
     admin_cli.add_parsers(sub, common, as_json)
+    cli_alerts.add_parsers(sub, common, as_json)
     return parser
 
 
@@ -90,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             migrate.upgrade(settings.database_url)
             print("database is at the latest schema")
             return 0
+        if args.command == "webhooks":
+            return asyncio.run(cli_alerts.test_webhooks(settings, args))
         return asyncio.run(admin_cli.run(settings, args))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)

@@ -281,6 +281,24 @@ class Metrics:
             "Holds released by expiry (a sign of crashed processes).",
             registry=r,
         )
+        # Alerts (contract section 9; gateway/ops/webhooks.py).
+        self.alerts_emitted = Counter(
+            "gateway_alerts_emitted_total",
+            "Budget alert events emitted, counted once by the process that dispatched them.",
+            ["scope", "threshold"],
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome (delivered, failed: to be retried, gave_up).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "failed", "gave_up"):
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_pending = Gauge(
+            "gateway_webhook_pending", "Webhook deliveries not yet made nor given up.", registry=r
+        )
 
 
 # ------------------------------------------------------------------ across worker processes
@@ -291,7 +309,12 @@ Snapshot = list[dict[str, Any]]
 
 # Gauges that every process would read alike from the database: a server shows them once.
 SHOWN_ONCE = frozenset(
-    {"gateway_budget_limit_credits", "gateway_budget_spent_credits", "gateway_budget_remaining_credits"}
+    {
+        "gateway_budget_limit_credits",
+        "gateway_budget_spent_credits",
+        "gateway_budget_remaining_credits",
+        "gateway_webhook_pending",
+    }
 )
 # Families whose samples count what happened: they outlive the process that counted them.
 _ADDED = ("counter", "histogram", "summary")

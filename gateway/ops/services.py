@@ -15,11 +15,12 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
+from gateway.core import alerts
 from gateway.core.metering import now_us
 from gateway.core.pricing import MICROS, credits_json, parse_credits
 from gateway.core.windows import PERIODS, from_key, from_us, iso_us, isoformat, window_end, window_key
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.ops import audit
+from gateway.ops import alert_events, audit
 from gateway.web.auth import new_key
 
 SCOPES = ("team", "user", "key")
@@ -241,8 +242,23 @@ def set_budget(
     at: int,
     *,
     actor: str = INTERNAL,
+    enforce: object = True,
+    alert_at: object = None,
 ) -> dict[str, Any]:
-    """Create a budget or change its limit; a lower limit blocks requests once spending reaches it."""
+    """Create a budget or change its limit; a lower limit blocks requests once spending reaches it.
+
+    `enforce` False makes it soft (counted and alerted on, never refusing); `alert_at` its alert
+    thresholds (None: the defaults). Alert thresholds the change reaches are emitted, and those it
+    takes spending back below are re-armed (see `alert_events.budget_changed`).
+    """
+    if not isinstance(enforce, bool):
+        raise InvalidRequest(f"`enforce` must be true or false; got {enforce!r}.", field="enforce")
+    stored_alert_at = None
+    if alert_at is not None:
+        try:
+            stored_alert_at = alerts.render(alerts.check(alert_at, "`alert_at`"))
+        except ValueError as exc:
+            raise InvalidRequest(f"{exc}.", field="alert_at") from None
     scope = check_choice("scope", scope, SCOPES)
     period = check_choice("period", period, PERIODS)
     try:
@@ -254,17 +270,28 @@ def set_budget(
         raise InvalidRequest(f"`limit` must be at most {MAX_LIMIT_MICROS // MICROS} credits.", field="limit")
     subject_id = _subject_id(conn, scope, subject)
     before = list_budgets(conn, scope, str(subject), at, period=period)
+    alerts_before = alert_events.budget_before(conn, scope, subject_id, period)
     conn.execute(
         text(
-            "INSERT INTO budgets (scope, subject, period, limit_micros, created_at, updated_at) "
-            "VALUES (:scope, :subject, :period, :limit, :at, :at) ON CONFLICT (scope, subject, period) "
+            "INSERT INTO budgets (scope, subject, period, limit_micros, enforce, alert_at, created_at, "
+            "updated_at) VALUES (:scope, :subject, :period, :limit, :enforce, :alert_at, :at, :at) "
+            "ON CONFLICT (scope, subject, period) "
             # A deleted budget set again is the same budget: its counters, and what they say was
             # spent in the current window, still count.
             "DO UPDATE SET limit_micros = excluded.limit_micros, updated_at = excluded.updated_at, "
-            "deleted_at = NULL"
+            "deleted_at = NULL, enforce = excluded.enforce, alert_at = excluded.alert_at"
         ),
-        {"scope": scope, "subject": subject_id, "period": period, "limit": limit_micros, "at": at},
+        {
+            "scope": scope,
+            "subject": subject_id,
+            "period": period,
+            "limit": limit_micros,
+            "enforce": enforce,
+            "alert_at": stored_alert_at,
+            "at": at,
+        },
     )
+    alert_events.budget_changed(conn, scope, subject_id, period, alerts_before, at)
     budget = list_budgets(conn, scope, str(subject), at, period=period)[0]
     target = f"{scope}:{subject}:{period}"
     audit.record(conn, at, actor, "budget.set", target, before[0] if before else None, budget)
@@ -304,7 +331,8 @@ def delete_budget(
 
 
 _BUDGET_ROWS = (
-    "SELECT b.id, b.scope, b.period, b.limit_micros, COALESCE(t.name, u.name, b.subject) "
+    "SELECT b.id, b.scope, b.period, b.limit_micros, COALESCE(t.name, u.name, b.subject), b.enforce, "
+    "COALESCE(b.alert_at, (SELECT ad.thresholds FROM alert_defaults ad WHERE ad.id = 1)) "
     "FROM budgets b LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
     "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject"
 )
@@ -337,7 +365,7 @@ def list_budgets(
     rows = conn.execute(text(query + " ORDER BY b.scope, b.subject, b.period"), params).all()
     moment = from_us(at)
     out = []
-    for budget_id, scope_, period_, limit, subject_name in rows:
+    for budget_id, scope_, period_, limit, subject_name, enforce, alert_at in rows:
         window = window_key(period_, moment)
         counter = conn.execute(
             text(
@@ -359,6 +387,8 @@ def list_budgets(
                 "remaining": credits_json(max(limit - spent - held, 0)),
                 "window_start": isoformat(start),
                 "resets_at": isoformat(window_end(period_, start)),
+                "enforce": bool(enforce),
+                "alert_at": list(alerts.parse(alert_at)),
             }
         )
     return out

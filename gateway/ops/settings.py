@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.core import alerts
 from gateway.core.pricing import PriceTable
 
 # More worker processes than this is a typo, not a machine (`gateway serve --workers`).
@@ -101,6 +104,74 @@ def _upstream_url(name: str, value: object) -> str:
     return url
 
 
+def _thresholds(name: str, value: object) -> tuple[int, ...]:
+    try:
+        return alerts.check(value, name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+WEBHOOK_FORMATS = ("standard", "slack")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """An endpoint alert events are posted to (section 9 of the contract)."""
+
+    url: str
+    secret: Secret | None = None
+    format: str = "standard"  # standard (Standard Webhooks, signed) or slack ({"text": ...})
+
+
+def _webhook(where: str, url: object, secret: object, fmt: object) -> Webhook:
+    """One endpoint, checked; `where` names its settings ("GATEWAY_WEBHOOK" or "webhooks[1]")."""
+    env = where.startswith("GATEWAY_")
+    url_name, secret_name = (
+        (f"{where}_URL", f"{where}_SECRET") if env else (f"{where}.url", f"{where}.secret")
+    )
+    checked = _upstream_url(url_name, url)
+    if fmt not in WEBHOOK_FORMATS:
+        raise ConfigError(f"{where}.format: {fmt!r} is not a webhook format (standard or slack)")
+    if secret is not None:
+        if not isinstance(secret, str) or not secret.strip():
+            raise ConfigError(f"{secret_name}: the signing secret must not be empty")
+        if secret.startswith("whsec_"):
+            try:
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(
+                    f"{secret_name}: a secret starting with whsec_ must be base64 after it"
+                ) from None
+    elif fmt == "standard":
+        raise ConfigError(
+            f"{secret_name}: the standard webhook format signs every event; give it a signing secret"
+        )
+    return Webhook(checked, None if secret is None else Secret(secret), str(fmt))
+
+
+def _webhooks(tables: object, url: object, secret: object, env: Mapping[str, str]) -> tuple[Webhook, ...]:
+    """GATEWAY_WEBHOOK_URL/SECRET (or the TOML's webhook_url/webhook_secret), then [[webhooks]]."""
+    url = env.get("GATEWAY_WEBHOOK_URL", url)
+    secret = env.get("GATEWAY_WEBHOOK_SECRET", secret)
+    hooks: list[Webhook] = []
+    if url is not None and url != "":
+        hooks.append(_webhook("GATEWAY_WEBHOOK", url, secret, "standard"))
+    elif secret is not None:
+        raise ConfigError("GATEWAY_WEBHOOK_SECRET: set, but GATEWAY_WEBHOOK_URL is not")
+    if tables is None:
+        return tuple(hooks)
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("webhooks: expected [[webhooks]] tables, each with url, secret and format")
+    for i, table in enumerate(tables, start=1):
+        unknown = sorted(set(table) - {"url", "secret", "format"})
+        if unknown:
+            raise ConfigError(f"webhooks[{i}].{unknown[0]}: unknown; a webhook has url, secret and format")
+        hooks.append(
+            _webhook(f"webhooks[{i}]", table.get("url"), table.get("secret"), table.get("format", "standard"))
+        )
+    return tuple(hooks)
+
+
 # setting -> (cast, default). The environment variable is GATEWAY_<SETTING upper-cased>.
 _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "host": (_text, "127.0.0.1"),
@@ -120,6 +191,9 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "shutdown_grace_seconds": (_positive(float), 30.0),
     "max_concurrent_requests": (_positive(int), 10_000),
     "access_log": (_access_log, "json"),
+    "alert_thresholds": (_thresholds, alerts.DEFAULT_THRESHOLDS),
+    "webhook_retry_base_seconds": (_positive(float), 2.0),
+    "webhook_timeout_seconds": (_positive(float), 10.0),
 }
 
 
@@ -154,6 +228,12 @@ class Settings:
     # One line a request on stdout: "json", "text" or "off" (see `gateway.web.access_log`).
     access_log: str = "json"
     pricing: PriceTable = field(default_factory=PriceTable.from_config)
+    # Alerts (section 9): default thresholds, webhook endpoints, the first retry's delay (doubling
+    # from there, with jitter) and how long one delivery attempt may take.
+    alert_thresholds: tuple[int, ...] = alerts.DEFAULT_THRESHOLDS
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_retry_base_seconds: float = 2.0
+    webhook_timeout_seconds: float = 10.0
 
     @classmethod
     def load(
@@ -180,10 +260,14 @@ class Settings:
         pricing = raw.pop("pricing", {})
         if not isinstance(pricing, dict):
             raise ConfigError("pricing: expected a table of model = credits per message")
+        webhooks = _webhooks(
+            raw.pop("webhooks", None), raw.pop("webhook_url", None), raw.pop("webhook_secret", None), env
+        )
         unknown = sorted(set(raw) - set(_FIELDS))
         if unknown:
             raise ConfigError(
-                f"{unknown[0]}: unknown setting in {path}; known settings are {', '.join(_FIELDS)}, [pricing]"
+                f"{unknown[0]}: unknown setting in {path}; known settings are {', '.join(_FIELDS)}, "
+                "webhook_url, webhook_secret, [pricing], [[webhooks]]"
             )
         values: dict[str, Any] = {}
         for name, (cast, default) in _FIELDS.items():
@@ -210,4 +294,4 @@ class Settings:
             values["pricing"] = PriceTable.from_config(pricing)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return cls(**values)
+        return cls(**values, webhooks=webhooks)

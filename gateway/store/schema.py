@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
     text,
     true,
 )
@@ -103,6 +104,8 @@ class Budget(Base):
     deleted_at: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # The budget's alert thresholds, "50,80,100" ("" none); NULL: the defaults (see `AlertDefaults`).
+    alert_at: Mapped[str | None] = mapped_column(String(200))
 
 
 class BudgetCounter(Base):
@@ -255,3 +258,92 @@ class AuditEntry(Base):
     # JSON of the object before and after the change (no secrets); NULL for none.
     before: Mapped[str | None] = mapped_column(Text)
     after: Mapped[str | None] = mapped_column(Text)
+
+
+class AlertDefaults(Base):
+    """The default alert thresholds (GATEWAY_ALERT_THRESHOLDS), one row, written by `gateway serve`
+    at start-up so the settlement, on either dialect, reads the same ones as the admin commands."""
+
+    __tablename__ = "alert_defaults"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    thresholds: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AlertEvent(Base):
+    """The outbox: an event written in the transaction that caused it, delivered from here.
+
+    One `budget.threshold_crossed` per (budget, window, threshold) not re-armed: the partial unique
+    index makes the database refuse a second, whatever the concurrency. Re-arming (a raised limit
+    that takes spending below a threshold) sets `rearmed_at`, so that a later crossing is a new row.
+    """
+
+    __tablename__ = "alert_events"
+    __table_args__ = (
+        Index(
+            "uq_alert_events_threshold",
+            "budget_id",
+            "window_start",
+            "threshold",
+            unique=True,
+            sqlite_where=text("rearmed_at IS NULL"),
+            postgresql_where=text("rearmed_at IS NULL"),
+        ),
+        Index("ix_alert_events_created_at", "created_at", "id"),
+        Index(
+            "ix_alert_events_undispatched",
+            "created_at",
+            sqlite_where=text("NOT dispatched"),
+            postgresql_where=text("NOT dispatched"),
+        ),
+        Index(
+            "ix_alert_events_uncounted",
+            "created_at",
+            sqlite_where=text("NOT counted"),
+            postgresql_where=text("NOT counted"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    type: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id"))
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    threshold: Mapped[int] = mapped_column(Integer)
+    # The budget at the crossing: its limit and whether it refused, and what was spent.
+    limit_micros: Mapped[int] = mapped_column(BigInteger)
+    spent_micros: Mapped[int] = mapped_column(BigInteger)
+    enforce: Mapped[bool] = mapped_column(Boolean)
+    rearmed_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Whether its deliveries, one per configured webhook, have been made, and whether a process has
+    # counted it in gateway_alerts_emitted_total (see gateway/ops/webhooks.py).
+    dispatched: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    counted: Mapped[bool] = mapped_column(Boolean, server_default=false())
+
+
+class WebhookDelivery(Base):
+    """The delivery of one event to one webhook endpoint (named by a digest of its URL)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'gave_up')", name="state"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+    event_id: Mapped[str] = mapped_column(ForeignKey("alert_events.id", ondelete="CASCADE"), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[int] = mapped_column(BigInteger)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+    # A process sending it now holds it until `lease_until`, so no two send the same attempt.
+    lease_owner: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[int | None] = mapped_column(BigInteger)

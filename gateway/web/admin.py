@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import AdminDisabled, InvalidRequest, Unauthorized
 from gateway.jsonout import json_response
-from gateway.ops import access, audit, ledger, reports, services
+from gateway.ops import access, audit, events, ledger, reports, services, webhooks
 from gateway.web.auth import bearer_token
 from gateway.web.chat import read_body
 from gateway.web.state import GAUGES, KEYS, SETTINGS, STORE
@@ -53,6 +53,8 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(f"{PREFIX}/budgets", list_budgets)
     router.add_get(f"{PREFIX}/usage", usage_report)
     router.add_get(f"{PREFIX}/ledger", list_ledger)
+    router.add_get(f"{PREFIX}/events", list_events)
+    router.add_post(f"{PREFIX}/webhooks/test", test_webhooks)
 
 
 def authorize(request: web.Request) -> None:
@@ -286,10 +288,11 @@ BUDGET_FIELDS = ("scope", "subject", "period", "limit")
 
 @_admin
 async def set_budget(request: web.Request) -> web.Response:
-    """PUT /admin/v1/budgets {"scope", "subject", "period", "limit"} -> 200 with the budget."""
-    body = await _json_body(request, BUDGET_FIELDS)
+    """PUT /admin/v1/budgets {"scope", "subject", "period", "limit", "enforce"?, "alert_at"?} -> 200."""
+    body = await _json_body(request, (*BUDGET_FIELDS, "enforce", "alert_at"))
     args = [body.get(name) for name in BUDGET_FIELDS]
-    budget = await _change(request, services.set_budget, *args, now_us())
+    options = {"enforce": body.get("enforce", True), "alert_at": body.get("alert_at")}
+    budget = await _change(request, services.set_budget, *args, now_us(), **options)
     _budgets_changed(request)
     return json_response(budget)
 
@@ -347,3 +350,31 @@ async def list_ledger(request: web.Request) -> web.Response:
         cursor=params.get("cursor"),
     )
     return json_response(await _run(request, ledger.list_entries, query))
+
+
+EVENT_PARAMS = ("type", "from", "to", "limit", "cursor")
+
+
+@_admin
+async def list_events(request: web.Request) -> web.Response:
+    """GET /admin/v1/events?type=&from=&to=&limit=&cursor=: alert events and their delivery state."""
+    params = query_params(request, EVENT_PARAMS)
+    query = events.parse_query(
+        type=params.get("type"),
+        start=params.get("from"),
+        end=params.get("to"),
+        limit=params.get("limit"),
+        cursor=params.get("cursor"),
+    )
+    names = {webhooks.endpoint_id(h.url): webhooks.shown(h.url) for h in request.app[SETTINGS].webhooks}
+    return json_response(await _run(request, events.list_events, query, names))
+
+
+@_admin
+async def test_webhooks(request: web.Request) -> web.Response:
+    """POST /admin/v1/webhooks/test: a `webhook.test` event to every webhook, and each one's answer."""
+    query_params(request, ())
+    settings = request.app[SETTINGS]
+    async with webhooks.new_session() as session:
+        results = await webhooks.send_test(session, settings.webhooks, settings.webhook_timeout_seconds)
+    return json_response(results)

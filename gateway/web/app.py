@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.core import expiry, metering
 from gateway.errors import LedgerUnavailable
-from gateway.ops import workers
+from gateway.ops import webhooks, workers
 from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
@@ -122,6 +122,7 @@ def create_app(
     app.cleanup_ctx.append(_expiry_ctx(sweeper))
     if sweeper:
         app.cleanup_ctx.append(_gauges_ctx)
+    app.cleanup_ctx.append(_webhooks_ctx)
     app.router.add_post("/api/v1/chat", chat)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/healthz", healthz)
@@ -203,6 +204,17 @@ def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None
 
 async def _gauges_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.get_running_loop().create_task(app[GAUGES].run_forever(app[STORE]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Alert events: the default thresholds stored, then delivery in the background (every process,
+    each claiming its share under a lease; see gateway/ops/webhooks.py)."""
+    deliverer = webhooks.Deliverer(app[SETTINGS], app[STORE], app[METRICS], app[INSTANCE_ID])
+    task = asyncio.get_running_loop().create_task(deliverer.run_forever())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

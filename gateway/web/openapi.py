@@ -14,8 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.core.alerts import MAX_THRESHOLD, MAX_THRESHOLDS, MIN_THRESHOLD
 from gateway.core.windows import PERIODS
 from gateway.ops.access import MAX_MODELS, MAX_SECONDS
+from gateway.ops.events import TYPES as EVENT_TYPES
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
 from gateway.ops.reports import GROUPS, SUMS
 from gateway.ops.services import MAX_NAME, SCOPES
@@ -638,6 +640,107 @@ PATHS: dict[str, Any] = {
         )
     },
 }
+
+
+# Alerts (contract sections 5, 6 and 9): soft budgets and thresholds, events, webhook tests.
+_THRESHOLDS = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": MIN_THRESHOLD, "maximum": MAX_THRESHOLD},
+    "maxItems": MAX_THRESHOLDS,
+    "description": "percentages of the limit at which an alert is emitted",
+}
+SCHEMAS["BudgetPut"]["properties"].update(
+    {
+        "enforce": {"type": "boolean", "description": "false: a soft budget, counted, never refusing"},
+        "alert_at": _nullable({**_THRESHOLDS, "description": "null or absent: GATEWAY_ALERT_THRESHOLDS"}),
+    }
+)
+SCHEMAS["Budget"]["properties"].update({"enforce": {"type": "boolean"}, "alert_at": _THRESHOLDS})
+SCHEMAS["Budget"]["required"] += ["enforce", "alert_at"]
+SCHEMAS.update(
+    {
+        "Delivery": _object(
+            {
+                "endpoint": STRING,
+                "state": {"type": "string", "enum": ["pending", "delivered", "gave_up"]},
+                "attempts": INTEGER,
+                "last_error": _nullable(STRING),
+                "last_status": _nullable(INTEGER),
+                "next_attempt_at": _nullable(TIME),
+                "delivered_at": _nullable(TIME),
+            },
+            ("endpoint", "state", "attempts", "last_error", "last_status", "next_attempt_at", "delivered_at"),
+        ),
+        "Event": _object(
+            {
+                "id": STRING,
+                "type": {"type": "string", "enum": list(EVENT_TYPES)},
+                "created_at": TIME,
+                "data": _object(
+                    {
+                        "scope": {"type": "string", "enum": list(SCOPES)},
+                        "subject": STRING,
+                        "period": {"type": "string", "enum": list(PERIODS)},
+                        "window_start": TIME,
+                        "resets_at": _nullable(TIME),
+                        "threshold": INTEGER,
+                        "limit": NUMBER,
+                        "spent": NUMBER,
+                        "remaining": NUMBER,
+                        "enforce": {"type": "boolean"},
+                    }
+                ),
+                "state": {"type": "string", "enum": ["pending", "delivered", "gave_up"]},
+                "attempts": INTEGER,
+                "last_error": _nullable(STRING),
+                "rearmed_at": _nullable(TIME),
+                "deliveries": _array(_ref("Delivery")),
+            },
+            ("id", "type", "created_at", "data", "state", "attempts", "last_error", "deliveries"),
+        ),
+        "EventPage": _object(
+            {"events": _array(_ref("Event")), "next_cursor": _nullable(STRING)}, ("events", "next_cursor")
+        ),
+        "WebhookTest": _object(
+            {
+                "endpoint": STRING,
+                "format": {"type": "string", "enum": ["standard", "slack"]},
+                "id": STRING,
+                "ok": {"type": "boolean"},
+                "status": _nullable(INTEGER),
+                "error": _nullable(STRING),
+                "duration_ms": NUMBER,
+            },
+            ("endpoint", "format", "id", "ok", "status", "error", "duration_ms"),
+        ),
+    }
+)
+PATHS.update(
+    {
+        "/admin/v1/events": {
+            "get": _admin(
+                "Alert events in (created_at, id) order with their delivery state, one page",
+                _responses({200: _ok("A page and the cursor of the next", _ref("EventPage"))}, *ADMIN_ERRORS),
+                operationId="listEvents",
+                parameters=[
+                    _param("type", {"type": "string", "enum": list(EVENT_TYPES)}, "only events of this type"),
+                    *TIME_RANGE,
+                    _param(
+                        "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (100)"
+                    ),
+                    _param("cursor", STRING, "`next_cursor` of the previous page"),
+                ],
+            )
+        },
+        "/admin/v1/webhooks/test": {
+            "post": _admin(
+                "Send a webhook.test event to every configured webhook; each one's answer",
+                _responses({200: _ok("One result per webhook", _array(_ref("WebhookTest")))}, *ADMIN_ERRORS),
+                operationId="testWebhooks",
+            )
+        },
+    }
+)
 
 
 def _version() -> str:

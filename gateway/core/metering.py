@@ -520,19 +520,26 @@ def record_crossings(db: Sql, moved: Sequence[tuple[int, int, int]]) -> None:
             continue
         spent, limit, enforce, stored = row
         for threshold in alerts.crossed(spent - delta, spent, limit, alerts.parse(stored)):
-            db.changed(
-                INSERT_THRESHOLD_EVENT,
-                {
-                    "id": new_event_id(),
-                    "created_at": at,
-                    "budget": budget_id,
-                    "window": window,
-                    "threshold": threshold,
-                    "limit": limit,
-                    "spent": spent,
-                    "enforce": bool(enforce),
-                },
-            )
+            emit_threshold(db, budget_id, window, threshold, limit, spent, bool(enforce), at)
+
+
+def emit_threshold(
+    db: Sql, budget_id: int, window: int, threshold: int, limit: int, spent: int, enforce: bool, at: int
+) -> None:
+    """Write the `budget.threshold_crossed` event of one threshold, unless that window has it already."""
+    db.changed(
+        INSERT_THRESHOLD_EVENT,
+        {
+            "id": new_event_id(),
+            "created_at": at,
+            "budget": budget_id,
+            "window": window,
+            "threshold": threshold,
+            "limit": limit,
+            "spent": spent,
+            "enforce": enforce,
+        },
+    )
 
 
 def settle_many(

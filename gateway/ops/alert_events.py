@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, text
 
 from gateway.core import alerts
-from gateway.core.metering import INSERT_THRESHOLD_EVENT, new_event_id
+from gateway.core.metering import emit_threshold
 from gateway.core.windows import from_us, window_key
 from gateway.store import sql_of
 
@@ -87,16 +87,4 @@ def budget_changed(conn: Connection, scope: str, subject: str, period: str, befo
     for threshold in rearm:
         db.changed(_REARM, {"at": at, "budget": budget_id, "window": window, "threshold": threshold})
     for threshold in emit:
-        db.changed(
-            INSERT_THRESHOLD_EVENT,
-            {
-                "id": new_event_id(),
-                "created_at": at,
-                "budget": budget_id,
-                "window": window,
-                "threshold": threshold,
-                "limit": limit,
-                "spent": spent,
-                "enforce": bool(enforce),
-            },
-        )
+        emit_threshold(db, budget_id, window, threshold, int(limit), spent, bool(enforce), at)

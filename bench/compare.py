@@ -58,7 +58,7 @@ def start(gateway: Gateway, servers: proxy.Servers, upstream_url: str) -> None:
     gateway.pid = servers.start(gateway.label, argv, env)
     servers.wait_ready(gateway.label, f"http://127.0.0.1:{port}/readyz")
     gateway.url = f"http://127.0.0.1:{port}/api/v1/chat"
-    gateway.web.auth = {"Authorization": f"Bearer {account.secret}"}
+    gateway.auth = {"Authorization": f"Bearer {account.secret}"}
 
 
 def load(gateway: Gateway, args: argparse.Namespace, script: Path | None, seconds: float) -> None:
@@ -68,7 +68,7 @@ def load(gateway: Gateway, args: argparse.Namespace, script: Path | None, second
     if script is not None:
         result = loadgen.run_wrk(script, gateway.url, seconds, args.connections, args.threads)
     else:
-        body, headers = proxy.chat_body(stream), {"Content-Type": "application/json", **gateway.web.auth}
+        body, headers = proxy.chat_body(stream), {"Content-Type": "application/json", **gateway.auth}
         run = loadgen.concurrent(
             gateway.url, body, headers, stream=stream, connections=args.connections, seconds=seconds
         )

@@ -685,6 +685,8 @@ def gateway_env(tree: Path, database_url: str, upstream_url: str, port: int | No
     GATEWAY_* settings of the caller's, the benchmark's database, upstream and port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    # `python -m` would put the working directory first, before PYTHONPATH: another tree's package.
+    env["PYTHONSAFEPATH"] = "1"
     return env | {
         "GATEWAY_DATABASE_URL": database_url,
         "GATEWAY_LOG_LEVEL": "WARNING",

@@ -91,6 +91,8 @@ def add_parsers(
     p = books.add_parser("list", parents=both, help="ledger rows, oldest first, one page")
     for name in ("user", "team", "key", "model", "outcome", "limit", "cursor"):
         p.add_argument(f"--{name}")
+    p.add_argument("--end-user", help="only rows of this end user")
+    p.add_argument("--tag", help="only rows with this tag")
     _range_options(p)
     books.add_parser("verify", parents=both, help="check budget counters against the ledger")
 
@@ -231,7 +233,10 @@ def _action(
         return (lambda c: reports.usage_report(c, report)), lambda r: _table(r.table(), r.columns())
     if command == ("ledger", "list"):
         page = ledger.parse_query(
-            **{k: getattr(args, k) for k in ("user", "team", "key", "model", "outcome", "limit", "cursor")},
+            **{
+                k: getattr(args, k)
+                for k in ("user", "team", "key", "model", "outcome", "end_user", "tag", "limit", "cursor")
+            },
             start=args.start,
             end=args.end,
         )
@@ -293,7 +298,7 @@ def _key_action(
 
 
 def _ledger_page(page: dict[str, Any]) -> str:
-    columns = ["request_id", "admitted_at", "team", "user", "model", "credits", "outcome"]
+    columns = ["request_id", "admitted_at", "team", "user", "end_user", "tags", "model", "credits", "outcome"]
     more = f"\nnext page: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
     return _table(page["entries"], columns) + more
 

@@ -331,12 +331,24 @@ async def usage_report(request: web.Request) -> web.Response:
     return json_response(report.json())
 
 
-LEDGER_PARAMS = ("user", "team", "key", "model", "outcome", "from", "to", "limit", "cursor")
+LEDGER_PARAMS = (
+    "user",
+    "team",
+    "key",
+    "model",
+    "outcome",
+    "end_user",
+    "tag",
+    "from",
+    "to",
+    "limit",
+    "cursor",
+)
 
 
 @_admin
 async def list_ledger(request: web.Request) -> web.Response:
-    """GET /admin/v1/ledger?user=&team=&key=&model=&outcome=&from=&to=&limit=&cursor=: one page."""
+    """GET /admin/v1/ledger?user=&team=&key=&model=&outcome=&end_user=&tag=&from=&to=&limit=&cursor=."""
     params = query_params(request, LEDGER_PARAMS)
     query = ledger.parse_query(
         user=params.get("user"),
@@ -344,6 +356,8 @@ async def list_ledger(request: web.Request) -> web.Response:
         key=params.get("key"),
         model=params.get("model"),
         outcome=params.get("outcome"),
+        end_user=params.get("end_user"),
+        tag=params.get("tag"),
         start=params.get("from"),
         end=params.get("to"),
         limit=params.get("limit"),

@@ -327,7 +327,10 @@ SCHEMAS: dict[str, Any] = {
             "rows": _array(
                 _object(
                     {
-                        **{g: _nullable(STRING) if g == "team" else STRING for g in GROUPS},
+                        **{
+                            g: _nullable(STRING) if g in ("team", "end_user", "tag") else STRING
+                            for g in GROUPS
+                        },
                         **SUMS_SCHEMA["properties"],
                     },
                     SUMS,
@@ -356,6 +359,8 @@ SCHEMAS: dict[str, Any] = {
             "total_tokens": _nullable(INTEGER),
             "stream": {"type": "boolean"},
             "duration_ms": NUMBER,
+            "end_user": _nullable(STRING),
+            "tags": _array(STRING),
         },
         (
             "request_id",
@@ -375,6 +380,8 @@ SCHEMAS: dict[str, Any] = {
             "total_tokens",
             "stream",
             "duration_ms",
+            "end_user",
+            "tags",
         ),
     ),
     "LedgerPage": _object(
@@ -633,6 +640,12 @@ PATHS: dict[str, Any] = {
                 _param("key", NAME, "only this key's rows (key id)"),
                 _param("model", NAME, "only this model's rows"),
                 _param("outcome", {"type": "string", "enum": list(OUTCOMES)}, "only rows with this outcome"),
+                _param(
+                    "end_user",
+                    {"type": "string", "minLength": 1, "maxLength": 128},
+                    "only this end user's rows",
+                ),
+                _param("tag", {"type": "string", "minLength": 1, "maxLength": 64}, "only rows with this tag"),
                 *TIME_RANGE,
                 _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (100)"),
                 _param("cursor", STRING, "`next_cursor` of the previous page"),

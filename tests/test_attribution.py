@@ -149,3 +149,29 @@ async def test_cli_ledger_list_filters(
         ((name, value),) = params.items()
         assert await cli_json(capsys, "ledger", "list", f"--{name.replace('_', '-')}", value) == http
         assert len(http["entries"]) == 1
+
+
+async def test_reports_by_tag_and_end_user_match_the_ledger_rows(admin_world: World) -> None:
+    w = admin_world
+    key = (await w.key("alice"))["key"]
+    sent = [("a,b", "u1", 1), ("a", "u1", 2), (None, "u2", 3), ("b", None, 4), (None, None, 5)]
+    for tags, user, messages in sent:
+        headers = {"X-Gateway-Tags": tags} if tags else {}
+        body = {"messages": [{"role": "user", "content": "x"}] * messages} | ({"user": user} if user else {})
+        assert (await _chat(w, key, headers, **body)).status == 200
+    rows = await w.sql("SELECT end_user, tags, credits_micros, message_count FROM ledger")
+    want: dict[tuple[Any, Any], list[int]] = {}
+    for end_user, tags, credits, messages in rows:
+        for tag in tags.split(",") if tags else [None]:
+            sums = want.setdefault((end_user, tag), [0, 0, 0])
+            sums[0] += 1
+            sums[1] += messages
+            sums[2] += credits
+    body = await ok(w, "GET", "/admin/v1/usage", params={"group_by": "end_user,tag"})
+    got = {(r["end_user"], r["tag"]): [r["requests"], r["messages"], r["credits"]] for r in body["rows"]}
+    assert got == {g: [s[0], s[1], s[2] / 1_000_000] for g, s in want.items()}
+    # The two-tag request counts in both tags' rows, once in the totals.
+    assert body["totals"]["requests"] == 5 and body["totals"]["messages"] == 15
+    by_tag = await ok(w, "GET", "/admin/v1/usage", params={"group_by": "tag"})
+    assert {r["tag"]: r["requests"] for r in by_tag["rows"]} == {"a": 2, "b": 2, None: 2}
+    assert by_tag["totals"]["requests"] == 5

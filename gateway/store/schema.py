@@ -178,6 +178,7 @@ REPORT_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "end_user",
+    "tags",
     "outcome",
 )
 

@@ -19,7 +19,7 @@ from gateway.core.windows import PERIODS
 from gateway.ops.access import MAX_MODELS, MAX_SECONDS
 from gateway.ops.events import TYPES as EVENT_TYPES
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
-from gateway.ops.reports import GROUPS, SUMS
+from gateway.ops.reports import CREDIT_SUMS, GROUPS, SUMS
 from gateway.ops.services import MAX_NAME, SCOPES
 
 JSON = "application/json"
@@ -117,7 +117,7 @@ def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": _content(_ref(name))}
 
 
-SUMS_SCHEMA = _object({name: NUMBER if name == "credits" else INTEGER for name in SUMS}, SUMS)
+SUMS_SCHEMA = _object({name: NUMBER if name in CREDIT_SUMS else INTEGER for name in SUMS}, SUMS)
 TIME_RANGE = [
     _param("from", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; inclusive"),
     _param("to", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; exclusive"),

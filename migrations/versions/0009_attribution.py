@@ -5,7 +5,7 @@
 row, written in the settlement's own statement, for reports by tag. `ledger_adjustments` is
 append-only: a signed correction (negative refunds) of a ledger row, applied in its transaction to
 the counters of the windows the request was counted in. The report index `ix_ledger_charged_report`
-also covers `end_user`.
+also covers `end_user` and `tags`, so reports by either read no table row.
 
 PostgreSQL: `gateway_admit_batch` takes two more arrays (end user, tags) for the holds it writes (a
 new signature: dropped and created); `gateway_settle_batch` is 0008's, signature and lock order
@@ -352,7 +352,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("tags", sa.String(length=700), nullable=True))
     with op.batch_alter_table("ledger") as batch:
         batch.drop_index("ix_ledger_charged_report")
-        _report_index(batch, [*REPORT_COLUMNS, "end_user", "outcome"])
+        _report_index(batch, [*REPORT_COLUMNS, "end_user", "tags", "outcome"])
     op.create_table(
         "ledger_tags",
         sa.Column("request_id", sa.String(length=32), nullable=False),

@@ -67,6 +67,7 @@ async def test_entries(admin_world: World) -> None:
         "duration_ms": 0,
         "end_user": None,
         "tags": [],
+        "adjustments": 0,
     }
     assert first["admitted_at"].endswith("Z") and first["settled_at"] >= first["admitted_at"]
     assert entries[1]["credits"] == 3 and isinstance(entries[1]["credits"], int)

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import access, audit, cli_alerts, ledger, reports, services
+from gateway.ops import access, adjustments, audit, cli_alerts, ledger, reports, services
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
@@ -95,6 +95,10 @@ def add_parsers(
     p.add_argument("--tag", help="only rows with this tag")
     _range_options(p)
     books.add_parser("verify", parents=both, help="check budget counters against the ledger")
+    p = books.add_parser("adjust", parents=both, help="correct a request's charge (negative refunds)")
+    p.add_argument("request_id")
+    p.add_argument("credits", help="signed credits, e.g. -0.05 to refund")
+    p.add_argument("--reason", required=True, help="why (kept in the ledger and the audit log)")
 
     log = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
     p = log.add_parser("list", parents=both, help="administrative changes, oldest first, one page")
@@ -243,6 +247,14 @@ def _action(
         return (lambda c: ledger.list_entries(c, page)), _ledger_page
     if command == ("ledger", "verify"):
         return ledger.verify, ledger.describe
+    if command == ("ledger", "adjust"):
+        return (
+            (lambda c: adjustments.adjust(c, args.request_id, args.credits, args.reason, at, actor=who)),
+            lambda r: (
+                f"adjusted request {r['request_id']} by {r['credits']} credits (now {r['total']}) "
+                f"in {r['windows']} budget window(s)"
+            ),
+        )
     if command == ("audit", "list"):
         query = audit.parse_query(
             action=args.action_filter, start=args.start, end=args.end, limit=args.limit, cursor=args.cursor

@@ -7,7 +7,8 @@ minutes may miss rows that settle behind the cursor: for a complete export, end 
 hold TTL before now.
 
 Verification recomputes each budget window from what the ledger and the open holds say: `spent` is
-the sum of allocations of requests charged, `held` the sum of allocations of requests still held.
+what the ledger rows of the requests counted in the window were charged (outcome `charged`) plus
+their adjustments (gateway/ops/adjustments.py), `held` the allocations of requests still held.
 It reads everything in one statement, so on PostgreSQL it sees one snapshot even under traffic.
 """
 
@@ -124,7 +125,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 _ENTRIES = (
     "SELECT l.request_id, l.admitted_at, l.settled_at, t.name, u.name, l.key_id, l.model, "
     "l.message_count, l.unit_price_micros, l.credits_micros, l.outcome, l.upstream_status, "
-    "l.prompt_tokens, l.completion_tokens, l.total_tokens, l.stream, l.duration_us, l.end_user, l.tags "
+    "l.prompt_tokens, l.completion_tokens, l.total_tokens, l.stream, l.duration_us, l.end_user, l.tags, "
+    "(SELECT SUM(x.credits_micros) FROM ledger_adjustments x WHERE x.request_id = l.request_id) "
     "FROM ledger l JOIN users u ON u.id = l.user_id LEFT JOIN teams t ON t.id = l.team_id"
 )
 
@@ -184,6 +186,8 @@ def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
             "duration_ms": r[16] / 1000,
             "end_user": r[17],
             "tags": r[18].split(",") if r[18] else [],
+            # Corrections of `credits` (signed; see `gateway ledger adjust`), 0 for none.
+            "adjustments": credits_json(int(r[19] or 0)),
         }
         for r in rows
     ]
@@ -204,13 +208,16 @@ def _id_of(conn: Connection, table: str, field: str, name: str) -> int:
 _VERIFY = """
 WITH expected AS (
     SELECT a.budget_id, a.window_start,
-           COALESCE(SUM(CASE WHEN l.outcome = 'charged' THEN a.credits_micros END), 0) AS spent,
+           COALESCE(SUM(CASE WHEN l.outcome = 'charged' THEN l.credits_micros END), 0)
+               + COALESCE(SUM(adj.credits), 0) AS spent,
            COALESCE(SUM(CASE WHEN h.request_id IS NOT NULL THEN a.credits_micros END), 0) AS held,
            COUNT(*) AS requests
     FROM allocations a
     JOIN budgets b ON b.id = a.budget_id
     LEFT JOIN ledger l ON l.request_id = a.request_id
     LEFT JOIN holds h ON h.request_id = a.request_id
+    LEFT JOIN (SELECT request_id, SUM(credits_micros) AS credits FROM ledger_adjustments
+               GROUP BY request_id) adj ON adj.request_id = a.request_id
     GROUP BY a.budget_id, a.window_start
 )
 SELECT c.budget_id, c.window_start, c.spent_micros, c.held_micros,

@@ -24,8 +24,9 @@ their outcome; `credits` includes them.
 from __future__ import annotations
 
 import csv
+import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -225,32 +226,37 @@ def usage_report(conn: Connection, query: ReportQuery) -> Report:
     stored = _stored_groups(query.group_by)
     teams = _names(conn, "teams") if "team" in stored else {}
     users = _names(conn, "users") if "user" in stored else {}
-    folded: dict[tuple[Any, ...], list[int]] = {}
-    totals = [0] * len(SUMS)
+    width = len(stored)
     sql, params = report_sql(query, conn.dialect.name)
-    charged = [
-        (row[: len(stored)], [int(v or 0) for v in row[len(stored) :]] + [0])
-        for row in conn.execute(text(sql), params).all()
+    found = [
+        (row[:width], [int(v or 0) for v in row[width:]] + [0]) for row in conn.execute(text(sql), params)
     ]
     sql, params = adjustments_sql(query)
-    adjusted = [
-        (row[: len(stored)], [0, 0, int(row[-1]), 0, 0, int(row[-1])])
-        for row in conn.execute(text(sql), params).all()
-        if row[-1] is not None
-    ]
-    for stored_values, sums in charged + adjusted:
+    for row in conn.execute(text(sql), params):
+        if row[-1] is not None:
+            found.append((row[:width], [0, 0, int(row[-1]), 0, 0, int(row[-1])]))
+    # Each group field: where it is in a row, and how its stored value is shown.
+    plan = [(stored.index("day" if g == "month" else g), _shown(g, teams, users)) for g in query.group_by]
+    tag_at = stored.index("tag") if "tag" in stored else None
+    folded: dict[tuple[Any, ...], list[int]] = {}
+    totals = [0] * len(SUMS)
+    for key, sums in found:
         if not any(sums):
             continue  # the one empty aggregate of a query without GROUP BY
         for i, v in enumerate(sums):
             totals[i] += v
-        values = dict(zip(stored, stored_values, strict=True))
-        tags: list[Any] = values["tag"].split(",") if values.get("tag") else [None]
+        values = list(key)
+        tags: list[Any] = values[tag_at].split(",") if tag_at is not None and values[tag_at] else [None]
         for tag in tags:
-            values["tag"] = tag
-            group = tuple(_group_value(g, values, teams, users) for g in query.group_by)
-            acc = folded.setdefault(group, [0] * len(SUMS))
-            for i, v in enumerate(sums):
-                acc[i] += v
+            if tag_at is not None:
+                values[tag_at] = tag
+            group = tuple(shown(values[at]) for at, shown in plan)
+            acc = folded.get(group)
+            if acc is None:
+                folded[group] = list(sums)
+            else:
+                for i, v in enumerate(sums):
+                    acc[i] += v
     order = sorted(folded, key=lambda g: tuple((v is None, v or "") for v in g))
     rows = [(group, tuple(folded[group])) for group in order]
     return Report(query.group_by, rows, tuple(totals))
@@ -260,16 +266,22 @@ def _names(conn: Connection, table: str) -> dict[int, str]:
     return {int(i): str(n) for i, n in conn.execute(text(f"SELECT id, name FROM {table}")).all()}
 
 
-def _group_value(field: str, values: Mapping[str, Any], teams: dict[int, str], users: dict[int, str]) -> Any:
+def _shown(field: str, teams: dict[int, str], users: dict[int, str]) -> Callable[[Any], Any]:
+    """How a group field's stored value is shown: names for ids, ISO dates for days."""
     if field == "team":
-        return None if values["team"] is None else teams.get(values["team"], str(values["team"]))
+        return lambda v: None if v is None else teams.get(v, str(v))
     if field == "user":
-        return users.get(values["user"], str(values["user"]))
+        return lambda v: users.get(v, str(v))
     if field == "day":
-        return (EPOCH_DAY + timedelta(days=int(values["day"]))).isoformat()
+        return _day
     if field == "month":
-        return (EPOCH_DAY + timedelta(days=int(values["day"]))).isoformat()[:7]
-    return values[field]
+        return lambda v: _day(v)[:7]
+    return lambda v: v
+
+
+@functools.lru_cache(maxsize=4096)
+def _day(value: int) -> str:
+    return (EPOCH_DAY + timedelta(days=int(value))).isoformat()
 
 
 def _sums_json(sums: tuple[int, ...]) -> dict[str, Any]:

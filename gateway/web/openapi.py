@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway.core.alerts import MAX_THRESHOLD, MAX_THRESHOLDS, MIN_THRESHOLD
 from gateway.core.windows import PERIODS
 from gateway.ops.access import MAX_MODELS, MAX_SECONDS
+from gateway.ops.adjustments import MAX_REASON
 from gateway.ops.events import TYPES as EVENT_TYPES
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
 from gateway.ops.reports import CREDIT_SUMS, GROUPS, SUMS
@@ -361,6 +362,7 @@ SCHEMAS: dict[str, Any] = {
             "duration_ms": NUMBER,
             "end_user": _nullable(STRING),
             "tags": _array(STRING),
+            "adjustments": NUMBER,
         },
         (
             "request_id",
@@ -382,6 +384,7 @@ SCHEMAS: dict[str, Any] = {
             "duration_ms",
             "end_user",
             "tags",
+            "adjustments",
         ),
     ),
     "LedgerPage": _object(
@@ -754,6 +757,42 @@ PATHS.update(
         },
     }
 )
+
+
+# Ledger adjustments (contract section 11).
+SCHEMAS.update(
+    {
+        "AdjustmentPost": _object(
+            {
+                "credits": {
+                    "oneOf": [{"type": "number"}, {"type": "string"}],
+                    "description": "signed credits, not zero: negative refunds",
+                },
+                "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON},
+            },
+            ("credits", "reason"),
+        ),
+        "Adjustment": _object(
+            {
+                "request_id": STRING,
+                "credits": NUMBER,
+                "reason": STRING,
+                "total": {"type": "number", "description": "the request's charge plus all its adjustments"},
+                "windows": {"type": "integer", "description": "budget windows whose counters moved"},
+            },
+            ("request_id", "credits", "reason", "total", "windows"),
+        ),
+    }
+)
+PATHS["/admin/v1/ledger/{request_id}/adjust"] = {
+    "post": _admin(
+        "Correct a request's charge: an adjustment appended to its ledger row, applied to its budget windows",
+        _responses({201: _ok("The adjustment", _ref("Adjustment"))}, *ADMIN_ERRORS, 404, 413),
+        operationId="adjustLedger",
+        parameters=[_param("request_id", {"type": "string", "minLength": 1}, "the request's id", "path")],
+        requestBody=_body("AdjustmentPost"),
+    )
+}
 
 
 def _version() -> str:

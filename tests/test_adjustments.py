@@ -24,7 +24,7 @@ async def _charged(w: World) -> tuple[str, str]:
         headers={"Authorization": f"Bearer {key['key']}", "X-Gateway-Tags": "a,b"},
     )
     assert resp.status == 200
-    return resp.headers["X-Request-Id"], key["id"]
+    return resp.headers["X-Request-Id"], key["key"]
 
 
 async def test_a_refund_of_half_a_charge_agrees_everywhere(
@@ -32,7 +32,7 @@ async def test_a_refund_of_half_a_charge_agrees_everywhere(
 ) -> None:
     w = admin_world
     monkeypatch.setenv("GATEWAY_DATABASE_URL", backend.url)
-    request_id, _ = await _charged(w)
+    request_id, key = await _charged(w)
     result = await ok(
         w,
         "POST",
@@ -66,6 +66,11 @@ async def test_a_refund_of_half_a_charge_agrees_everywhere(
         1,
     )
     assert (await cli_json(capsys, "ledger", "verify"))["ok"] is True
+    # The caller's own view agrees.
+    resp = await w.client.get("/api/v1/usage", headers={"Authorization": f"Bearer {key}"})
+    own = await resp.json()
+    assert {b["spent"] for b in own["budgets"]} == {0.2}
+    assert [(u["key"]["credits"], u["user"]["credits"]) for u in own["usage"]] == [(0.2, 0.2)] * 3
     # The CLI appends the same way; the audit log has both.
     code, out, err = await cli(capsys, "ledger", "adjust", request_id, "-0.2", "--reason", "the rest")
     assert code == 0, err

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+
+from gateway.core.metering import now_us
+from gateway.errors import InvalidRequest
+from gateway.ops import adjustments
+from gateway.store import Store, open_store
 
 from .admin_helpers import call, cli, cli_json, ok
 from .conftest import Backend, World, assert_counters_match_ledger
@@ -141,3 +148,31 @@ async def test_cli_unknown_request_and_negative_total(
     code, _, err = await cli(capsys, "ledger", "adjust", request_id, "-0.41", "--reason", "r")
     assert code != 0 and "below zero" in err
     assert await w.sql("SELECT * FROM ledger_adjustments") == []
+
+
+async def test_concurrent_refunds_never_take_a_request_below_zero(
+    admin_world: World, backend: Backend
+) -> None:
+    w = admin_world
+    request_id, _ = await _charged(w)
+    # Each from a store of its own (as from several replicas or CLIs): its own connections.
+    stores = [open_store(backend.url, pool_size=1) for _ in range(6)]
+    try:
+
+        async def refund(store: Store, i: int) -> bool:
+            try:
+                unit = functools.partial(adjustments.adjust, actor="test")
+                await store.run(unit, request_id, "-0.3", f"refund {i}", now_us())
+            except InvalidRequest:
+                return False
+            return True
+
+        done = await asyncio.gather(*(refund(store, i) for i, store in enumerate(stores)))
+    finally:
+        for store in stores:
+            await store.close()
+    assert sorted(done) == [False] * 5 + [True]
+    assert [int(r[0]) for r in await w.sql("SELECT credits_micros FROM ledger_adjustments")] == [-300_000]
+    for budget in await ok(w, "GET", "/admin/v1/budgets"):
+        assert budget["spent"] == 0.1
+    await assert_counters_match_ledger(w)

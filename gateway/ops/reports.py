@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -235,31 +236,47 @@ def usage_report(conn: Connection, query: ReportQuery) -> Report:
     for row in conn.execute(text(sql), params):
         if row[-1] is not None:
             found.append((row[:width], [0, 0, int(row[-1]), 0, 0, int(row[-1])]))
-    # Each group field: where it is in a row, and how its stored value is shown.
-    plan = [(stored.index("day" if g == "month" else g), _shown(g, teams, users)) for g in query.group_by]
+    # Rows are folded by their stored values (a day's month appended after them) and shown once
+    # per group (ids as names, days as dates: one to one, so no sum changes).
+    day_at = stored.index("day") if "month" in query.group_by else None
     tag_at = stored.index("tag") if "tag" in stored else None
+    key_of = _key_of([width if g == "month" else stored.index(g) for g in query.group_by])
     folded: dict[tuple[Any, ...], list[int]] = {}
     totals = [0] * len(SUMS)
+    add = operator.add
     for key, sums in found:
         if not any(sums):
             continue  # the one empty aggregate of a query without GROUP BY
-        for i, v in enumerate(sums):
-            totals[i] += v
+        totals = list(map(add, totals, sums))
         values = list(key)
-        tags: list[Any] = values[tag_at].split(",") if tag_at is not None and values[tag_at] else [None]
+        if day_at is not None:
+            values.append(_day(values[day_at])[:7])
+        tags = values[tag_at].split(",") if tag_at is not None and values[tag_at] else (None,)
         for tag in tags:
             if tag_at is not None:
                 values[tag_at] = tag
-            group = tuple(shown(values[at]) for at, shown in plan)
+            group = key_of(values)
             acc = folded.get(group)
-            if acc is None:
-                folded[group] = list(sums)
-            else:
-                for i, v in enumerate(sums):
-                    acc[i] += v
-    order = sorted(folded, key=lambda g: tuple((v is None, v or "") for v in g))
-    rows = [(group, tuple(folded[group])) for group in order]
+            folded[group] = sums if acc is None else list(map(add, acc, sums))
+    shown_as = [_shown(g, teams, users) for g in query.group_by]
+    named: dict[tuple[Any, ...], list[int]] = {}
+    for group, sums in folded.items():
+        shown = tuple(show(v) for show, v in zip(shown_as, group, strict=True))
+        acc = named.get(shown)
+        named[shown] = sums if acc is None else list(map(add, acc, sums))
+    order = sorted(named, key=lambda g: tuple((v is None, v or "") for v in g))
+    rows = [(group, tuple(named[group])) for group in order]
     return Report(query.group_by, rows, tuple(totals))
+
+
+def _key_of(positions: list[int]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """The group of a row's values: those at `positions`, as a tuple."""
+    if not positions:
+        return lambda values: ()
+    if len(positions) == 1:
+        (at,) = positions
+        return lambda values: (values[at],)
+    return operator.itemgetter(*positions)
 
 
 def _names(conn: Connection, table: str) -> dict[int, str]:
@@ -274,9 +291,7 @@ def _shown(field: str, teams: dict[int, str], users: dict[int, str]) -> Callable
         return lambda v: users.get(v, str(v))
     if field == "day":
         return _day
-    if field == "month":
-        return lambda v: _day(v)[:7]
-    return lambda v: v
+    return lambda v: v  # `month` is folded as its text already
 
 
 @functools.lru_cache(maxsize=4096)

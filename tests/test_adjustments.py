@@ -176,3 +176,16 @@ async def test_concurrent_refunds_never_take_a_request_below_zero(
     for budget in await ok(w, "GET", "/admin/v1/budgets"):
         assert budget["spent"] == 0.1
     await assert_counters_match_ledger(w)
+
+
+async def test_a_charge_added_by_adjustment_crosses_alert_thresholds(admin_world: World) -> None:
+    w = admin_world
+    request_id, _ = await _charged(w)
+    await w.budget("team", "eng", "1")
+    assert await w.sql("SELECT threshold FROM alert_events") == []
+    await ok(w, "POST", f"/admin/v1/ledger/{request_id}/adjust", 201, json={"credits": 0.45, "reason": "r"})
+    events = await w.sql(
+        "SELECT b.scope, e.threshold, e.spent_micros FROM alert_events e JOIN budgets b ON b.id = e.budget_id"
+    )
+    assert events == [("team", 80, 850_000)]
+    await assert_counters_match_ledger(w)

@@ -3,12 +3,13 @@
     python bench/report.py [--rows N] [--keep PATH]
 
 Fills a fresh SQLite database (migrated to head) with 50 teams, 500 users (one key each), 5 models
-and N ledger rows spread evenly over 60 days (95% charged), then times a 30-day report grouped by
-team,model and one grouped by user,day: the median of 3 runs each, printed as a table. The target
-is under a second each. The same statements are then timed once more after dropping the report
-index of migration 0002, for comparison. The database is ANALYZEd after filling, as `PRAGMA
-optimize` would in a long-lived deployment: with those statistics SQLite's planner picks a slow
-skip-scan unless told which index to use.
+and N ledger rows spread evenly over 60 days (95% charged; 80% name one of 1,000 end users, 60% carry
+one or two of 8 tags; one row in 1,000 has an adjustment), then times 30-day reports grouped by
+team,model, user,day, end_user, tag, end_user,tag and team,tag: the median of 3 runs each, printed
+as a table. The target is under a second each. The same statements are then timed once more after
+dropping the report index (migrations 0002 and 0009), for comparison. The database is ANALYZEd
+after filling, as `PRAGMA optimize` would in a long-lived deployment: with those statistics
+SQLite's planner picks a slow skip-scan unless told which index to use.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ DAY_US = 86_400_000_000
 START_US = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 BATCH = 100_000
 OUTCOMES = ["charged"] * 19 + ["upstream_error"]
+END_USERS, TAGS = (
+    1_000,
+    [f"feature:{name}" for name in ("chat", "search", "summary", "code", "agent", "eval", "rag", "batch")],
+)
 RUNS = 3
 
 
@@ -64,6 +69,8 @@ def fill(path: Path, rows: int) -> None:
     step = span // rows
     for first in range(0, rows, BATCH):
         batch = []
+        tag_rows: list[tuple[str, str]] = []
+        adjustments: list[tuple[str, int]] = []
         for i in range(first, min(first + BATCH, rows)):
             user = rng.randrange(1, USERS + 1)
             model, price = models[rng.randrange(len(models))]
@@ -73,6 +80,11 @@ def fill(path: Path, rows: int) -> None:
             admitted = START_US + i * step + rng.randrange(step)
             prompt = rng.randrange(10, 4000) if charged else None
             completion = rng.randrange(1, 1000) if charged else None
+            end_user = f"cust-{rng.randrange(END_USERS)}" if rng.random() < 0.8 else None
+            tags = rng.sample(TAGS, rng.choice((1, 2))) if rng.random() < 0.6 else []
+            tag_rows.extend((f"{i:032x}", tag) for tag in tags)
+            if charged and i % 1000 == 0:
+                adjustments.append((f"{i:032x}", -(price * messages) // 2))
             batch.append(
                 (
                     f"{i:032x}",
@@ -92,10 +104,18 @@ def fill(path: Path, rows: int) -> None:
                     None if prompt is None or completion is None else prompt + completion,
                     0,
                     500_000,
+                    end_user,
+                    ",".join(tags) or None,
                 )
             )
         db.execute("BEGIN")
-        db.executemany("INSERT INTO ledger VALUES (" + ", ".join("?" * 17) + ")", batch)
+        db.executemany("INSERT INTO ledger VALUES (" + ", ".join("?" * 19) + ")", batch)
+        db.executemany("INSERT INTO ledger_tags (request_id, tag) VALUES (?, ?)", tag_rows)
+        db.executemany(
+            "INSERT INTO ledger_adjustments (request_id, credits_micros, reason, created_at, actor) "
+            "VALUES (?, ?, 'bench', 0, 'bench')",
+            adjustments,
+        )
         db.execute("COMMIT")
     db.execute("ANALYZE")
     db.close()
@@ -135,7 +155,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--keep", help="build the database at this path and keep it")
     args = parser.parse_args()
-    groupings = ("team,model", "user,day")
+    groupings = ("team,model", "user,day", "end_user", "tag", "end_user,tag", "team,tag")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.keep) if args.keep else Path(tmp) / "bench.db"
         if path.exists():

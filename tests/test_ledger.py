@@ -65,6 +65,9 @@ async def test_entries(admin_world: World) -> None:
         "total_tokens": 27,
         "stream": False,
         "duration_ms": 0,
+        "end_user": None,
+        "tags": [],
+        "adjustments": 0,
     }
     assert first["admitted_at"].endswith("Z") and first["settled_at"] >= first["admitted_at"]
     assert entries[1]["credits"] == 3 and isinstance(entries[1]["credits"], int)
@@ -287,6 +290,8 @@ async def test_cli_ledger_list(
         "ADMITTED_AT",
         "TEAM",
         "USER",
+        "END_USER",
+        "TAGS",
         "MODEL",
         "CREDITS",
         "OUTCOME",

@@ -33,9 +33,13 @@ BOUNDARIES = (-DAY - 1, -DAY, -1, 0, 1, DAY - 1, DAY, DAY + 1)
 _INSERT = text(
     "INSERT INTO ledger (request_id, admitted_at, settled_at, team_id, user_id, key_id, model, "
     "message_count, unit_price_micros, credits_micros, outcome, upstream_status, prompt_tokens, "
-    "completion_tokens, total_tokens, stream, duration_us) VALUES (:request_id, :at, :at, :team_id, "
-    ":user_id, :key_id, :model, :messages, :price, :credits, :outcome, 200, :prompt, :completion, NULL, "
-    "false, 0)"
+    "completion_tokens, total_tokens, stream, duration_us, end_user, tags) VALUES (:request_id, :at, :at, "
+    ":team_id, :user_id, :key_id, :model, :messages, :price, :credits, :outcome, 200, :prompt, :completion, "
+    "NULL, false, 0, :end_user, :tags)"
+)
+_ADJUST = text(
+    "INSERT INTO ledger_adjustments (request_id, credits_micros, reason, created_at, actor) "
+    "VALUES (:request_id, :credits, 'test', 0, 'test')"
 )
 
 
@@ -63,6 +67,9 @@ ROW = st.tuples(
     st.integers(1, 40),
     st.one_of(st.none(), st.integers(0, 100_000)),
     st.one_of(st.none(), st.integers(0, 100_000)),
+    st.one_of(st.none(), st.sampled_from(("cust-1", "cust-2"))),
+    st.lists(st.sampled_from(("search", "billing", "proj:x")), unique=True, max_size=3),
+    st.one_of(st.none(), st.integers(1, 10**6), st.integers(-(10**6), -1)),
 )
 BOUND = st.one_of(st.none(), st.sampled_from(BOUNDARIES))
 
@@ -71,23 +78,28 @@ def _expected(
     rows: list[tuple[Any, ...]], group_by: tuple[str, ...], start: int | None, end: int | None
 ) -> tuple[dict[tuple[Any, ...], list[int]], list[int]]:
     """The report computed from the generated rows in Python: groups -> sums, and totals."""
-    groups: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0] * 5)
-    totals = [0] * 5
-    for user, model, offset, outcome, messages, prompt, completion in rows:
-        if (
-            outcome != "charged"
-            or (start is not None and offset < start)
-            or (end is not None and offset >= end)
-        ):
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0] * 6)
+    totals = [0] * 6
+    for user, model, offset, outcome, messages, prompt, completion, end_user, tags, adjust in rows:
+        if (start is not None and offset < start) or (end is not None and offset >= end):
             continue
+        sums = [0] * 6
+        if outcome == "charged":
+            sums = [1, messages, messages * PRICES[model], prompt or 0, completion or 0, 0]
+        if adjust is not None:
+            sums[2] += adjust
+            sums[5] += adjust
         day = (datetime(2026, 2, 1) + timedelta(microseconds=offset)).date().isoformat()
         fields = {"team": USERS[user], "user": user, "key": f"key_{user}", "model": model, "day": day}
         fields["month"] = day[:7]
-        sums = [1, messages, messages * PRICES[model], prompt or 0, completion or 0]
-        group = tuple(fields[g] for g in group_by)
-        groups[group] = [a + b for a, b in zip(groups[group], sums, strict=True)]
+        fields["end_user"] = end_user
+        # A row counts in the group of each of its tags; in totals once.
+        for tag in (tags or [None]) if "tag" in group_by else [None]:
+            fields["tag"] = tag
+            group = tuple(fields[g] for g in group_by)
+            groups[group] = [a + b for a, b in zip(groups[group], sums, strict=True)]
         totals = [a + b for a, b in zip(totals, sums, strict=True)]
-    return groups, totals
+    return {g: v for g, v in groups.items() if any(v)}, totals
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -105,9 +117,17 @@ async def test_report_equals_the_charged_ledger_rows(
 
     def load(conn: Any) -> None:
         people = _people(conn)
+        conn.execute(text("DELETE FROM ledger_adjustments"))
         conn.execute(text("DELETE FROM ledger"))
         if rows:
             conn.execute(_INSERT, [_params(i, row, people) for i, row in enumerate(rows)])
+        adjustments = [
+            {"request_id": f"r{i:031d}", "credits": row[-1]}
+            for i, row in enumerate(rows)
+            if row[-1] is not None
+        ]
+        if adjustments:
+            conn.execute(_ADJUST, adjustments)
 
     await store.run(load)
     for group_by in [tuple(g) for g in group_bys] + [()]:
@@ -119,19 +139,22 @@ async def test_report_equals_the_charged_ledger_rows(
         assert computed.totals == tuple(totals)
         assert {g: list(sums) for g, sums in computed.rows} == groups
         report = computed.json()
-        want_totals = dict(zip(reports.SUMS, totals, strict=True)) | {"credits": credits_json(totals[2])}
+        want_totals = dict(zip(reports.SUMS, totals, strict=True)) | {
+            "credits": credits_json(totals[2]),
+            "adjustments": credits_json(totals[5]),
+        }
         assert report["totals"] == want_totals
         got = {tuple(r[g] for g in group_by): r for r in report["rows"]}
         assert len(got) == len(report["rows"])
         assert {g: [got[g][s] for s in reports.SUMS] for g in got} == {
-            g: [*v[:2], credits_json(v[2]), *v[3:]] for g, v in groups.items()
+            g: [*v[:2], credits_json(v[2]), *v[3:5], credits_json(v[5])] for g, v in groups.items()
         }
         keys = [tuple((v is None, v or "") for v in g) for g in got]
         assert keys == sorted(keys)
 
 
 def _params(i: int, row: tuple[Any, ...], people: dict[str, tuple[int, int | None]]) -> dict[str, Any]:
-    user, model, offset, outcome, messages, prompt, completion = row
+    user, model, offset, outcome, messages, prompt, completion, end_user, tags, _ = row
     return {
         "request_id": f"r{i:031d}",
         "at": BASE + offset,
@@ -145,6 +168,8 @@ def _params(i: int, row: tuple[Any, ...], people: dict[str, tuple[int, int | Non
         "outcome": outcome,
         "prompt": prompt,
         "completion": completion,
+        "end_user": end_user,
+        "tags": ",".join(tags) or None,
     }
 
 
@@ -194,6 +219,7 @@ async def test_http_report_matches_the_ledger(admin_world: World, group_by: str)
         "credits": credits_json(credits),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
+        "adjustments": 0,
     }
     fields = [g for g in group_by.split(",") if g]
     for row in body["rows"]:
@@ -202,7 +228,7 @@ async def test_http_report_matches_the_ledger(admin_world: World, group_by: str)
         summed = sum(row[name] for row in body["rows"])
         assert (
             summed == pytest.approx(body["totals"][name])
-            if name == "credits"
+            if name in reports.CREDIT_SUMS
             else summed == body["totals"][name]
         )
     if group_by == "user":
@@ -241,6 +267,8 @@ async def test_range_is_from_inclusive_to_exclusive(admin_world: World, backend:
                     "outcome": "charged",
                     "prompt": None,
                     "completion": None,
+                    "end_user": None,
+                    "tags": None,
                 },
             )
 
@@ -284,11 +312,22 @@ async def test_csv(admin_world: World) -> None:
     raw = await resp.text()
     lines = list(csv.reader(io.StringIO(raw)))
     assert lines[0] == ["team", "user", *reports.SUMS]
-    assert raw.startswith("team,user,requests,messages,credits,prompt_tokens,completion_tokens\r\n")
+    assert raw.startswith(
+        "team,user,requests,messages,credits,prompt_tokens,completion_tokens,adjustments\r\n"
+    )
     body = await ok(w, "GET", "/admin/v1/usage?group_by=team,user")
     assert len(lines) == 1 + len(body["rows"])
     by_user = {line[1]: line for line in lines[1:]}
-    assert by_user["alice"] == ["eng", "alice", "2", "4", "3.3", by_user["alice"][5], by_user["alice"][6]]
+    assert by_user["alice"] == [
+        "eng",
+        "alice",
+        "2",
+        "4",
+        "3.3",
+        by_user["alice"][5],
+        by_user["alice"][6],
+        "0",
+    ]
     assert by_user["carol"][:5] == ["", "carol", "1", "7", "1.05"]
     # A name that looks like a formula is not one in a spreadsheet.
     assert by_user["'=HYPERLINK(1)"][0] == "eng"

@@ -24,6 +24,12 @@ from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_en
 from gateway.errors import BudgetExceeded, Unauthorized
 from gateway.store import Sql, grouped, sql_of
 
+
+def joined(tags: tuple[str, ...]) -> str | None:
+    """Tags as holds and ledger rows store them: comma-separated (a tag has no comma), NULL for none."""
+    return ",".join(tags) if tags else None
+
+
 Refusal = BudgetExceeded | Unauthorized
 
 
@@ -57,6 +63,8 @@ class Charge:
     unit_price: int
     credits: int
     stream: bool
+    end_user: str | None = None  # whom the caller serves (contract §11), None when not said
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -130,8 +138,10 @@ _KEY_STATE = "SELECT revoked_at, blocked_at, expires_at FROM api_keys WHERE id =
 
 _INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
-    "unit_price_micros, credits_micros, stream, admitted_at) VALUES (:request_id, :instance_id, :key_id, "
-    ":user_id, :team_id, :model, :message_count, :unit_price, :credits, :stream, :admitted_at)"
+    "unit_price_micros, credits_micros, stream, admitted_at, end_user, tags) "
+    "VALUES (:request_id, :instance_id, :key_id, :user_id, :team_id, :model, :message_count, "
+    ":unit_price, :credits, :stream, :admitted_at, "
+    ":end_user, :tags)"
 )
 
 _INSERT_ALLOCATION = (
@@ -149,10 +159,14 @@ _SETTLE_COUNTER = (
 _INSERT_LEDGER = (
     "INSERT INTO ledger (request_id, admitted_at, settled_at, team_id, user_id, key_id, model, "
     "message_count, unit_price_micros, credits_micros, outcome, upstream_status, prompt_tokens, "
-    "completion_tokens, total_tokens, stream, duration_us) VALUES (:request_id, :admitted_at, "
-    ":settled_at, :team_id, :user_id, :key_id, :model, :message_count, :unit_price, :credits, :outcome, "
-    ":upstream_status, :prompt_tokens, :completion_tokens, :total_tokens, :stream, :duration_us)"
+    "completion_tokens, total_tokens, stream, duration_us, end_user, tags) "
+    "VALUES (:request_id, :admitted_at, :settled_at, :team_id, :user_id, :key_id, :model, "
+    ":message_count, :unit_price, :credits, :outcome, "
+    ":upstream_status, :prompt_tokens, :completion_tokens, :total_tokens, :stream, :duration_us, :end_user, "
+    ":tags)"
 )
+# A ledger row's tags, one row each, for reports by tag (written with the row, never changed).
+_INSERT_LEDGER_TAG = "INSERT INTO ledger_tags (request_id, tag) VALUES (:request_id, :tag)"
 
 
 # On PostgreSQL, the same work in one statement for the requests of any callers (the functions of
@@ -169,6 +183,8 @@ _ADMIT_ARGS = (
     ("credits", "bigint"),
     ("stream", "boolean"),
     ("admitted_at", "bigint"),
+    ("end_user", "varchar"),
+    ("tags", "varchar"),
     *((period, "bigint") for period in PERIODS),
 )
 _SETTLE_ARGS = (
@@ -369,6 +385,8 @@ def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
         charge.credits,
         charge.stream,
         at,
+        charge.end_user,
+        joined(charge.tags),
     )
 
 
@@ -434,9 +452,11 @@ def _ledger_row(
     spent: int,
     settlement: Settlement,
     at: int,
+    attributed: tuple[str | None, str | None],
 ) -> tuple[Any, ...]:
     """The ledger row, as `_INSERT_LEDGER` takes it, of a hold settled at `at` that charged `spent`:
-    its `caller` is (key_id, user_id, team_id), `priced` (model, message_count, unit_price, stream)."""
+    its `caller` is (key_id, user_id, team_id), `priced` (model, message_count, unit_price, stream),
+    `attributed` (end user, tags as stored)."""
     key_id, user_id, team_id = caller
     model, message_count, unit_price, stream = priced
     return (
@@ -457,6 +477,7 @@ def _ledger_row(
         settlement.total_tokens,
         bool(stream),
         max(at - admitted_at, 0),
+        *attributed,
     )
 
 
@@ -479,6 +500,9 @@ def _write_settlements(
     each counter by its `(budget_id, window_start): (released, spent)`, in lock order."""
     if ledger_rows:
         db.many(_INSERT_LEDGER, ledger_rows)
+        tagged = [(row[0], tag) for row in ledger_rows if row[-1] for tag in row[-1].split(",")]
+        if tagged:
+            db.many(_INSERT_LEDGER_TAG, tagged)
     # Counters last: on PostgreSQL their row locks are then held only until the commit.
     if counters:
         db.many(
@@ -573,6 +597,7 @@ def settle_many(
                 spent,
                 settlement,
                 at,
+                (charge.end_user, joined(charge.tags)),
             )
         )
         _release(counters, admission.allocations, charge.credits, spent)
@@ -627,7 +652,7 @@ def settle(conn: Connection, admission: Admission, settlement: Settlement, at: i
 # A hold's columns, as `expire_holds` reads them.
 _HOLD_COLUMNS = (
     "request_id, key_id, user_id, team_id, model, message_count, unit_price_micros AS unit_price, "
-    "credits_micros AS credits, stream, admitted_at"
+    "credits_micros AS credits, stream, admitted_at, end_user, tags"
 )
 # PostgreSQL's own clock in microseconds since the epoch. Replicas' clocks may disagree; on
 # PostgreSQL heartbeats are written and judged by this one clock, so a replica whose clock runs
@@ -717,6 +742,7 @@ def expire_holds(
                 0,
                 Settlement("expired"),
                 at,
+                (row["end_user"], row["tags"]),
             )
         )
     _write_settlements(db, ledger_rows, released)

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import access, audit, cli_alerts, ledger, reports, services
+from gateway.ops import access, adjustments, audit, cli_alerts, ledger, reports, services
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
@@ -91,8 +91,14 @@ def add_parsers(
     p = books.add_parser("list", parents=both, help="ledger rows, oldest first, one page")
     for name in ("user", "team", "key", "model", "outcome", "limit", "cursor"):
         p.add_argument(f"--{name}")
+    p.add_argument("--end-user", help="only rows of this end user")
+    p.add_argument("--tag", help="only rows with this tag")
     _range_options(p)
     books.add_parser("verify", parents=both, help="check budget counters against the ledger")
+    p = books.add_parser("adjust", parents=both, help="correct a request's charge (negative refunds)")
+    p.add_argument("request_id")
+    p.add_argument("credits", help="signed credits, e.g. -0.05 to refund")
+    p.add_argument("--reason", required=True, help="why (kept in the ledger and the audit log)")
 
     log = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
     p = log.add_parser("list", parents=both, help="administrative changes, oldest first, one page")
@@ -231,13 +237,24 @@ def _action(
         return (lambda c: reports.usage_report(c, report)), lambda r: _table(r.table(), r.columns())
     if command == ("ledger", "list"):
         page = ledger.parse_query(
-            **{k: getattr(args, k) for k in ("user", "team", "key", "model", "outcome", "limit", "cursor")},
+            **{
+                k: getattr(args, k)
+                for k in ("user", "team", "key", "model", "outcome", "end_user", "tag", "limit", "cursor")
+            },
             start=args.start,
             end=args.end,
         )
         return (lambda c: ledger.list_entries(c, page)), _ledger_page
     if command == ("ledger", "verify"):
         return ledger.verify, ledger.describe
+    if command == ("ledger", "adjust"):
+        return (
+            (lambda c: adjustments.adjust(c, args.request_id, args.credits, args.reason, at, actor=who)),
+            lambda r: (
+                f"adjusted request {r['request_id']} by {r['credits']} credits (now {r['total']}) "
+                f"in {r['windows']} budget window(s)"
+            ),
+        )
     if command == ("audit", "list"):
         query = audit.parse_query(
             action=args.action_filter, start=args.start, end=args.end, limit=args.limit, cursor=args.cursor
@@ -293,7 +310,7 @@ def _key_action(
 
 
 def _ledger_page(page: dict[str, Any]) -> str:
-    columns = ["request_id", "admitted_at", "team", "user", "model", "credits", "outcome"]
+    columns = ["request_id", "admitted_at", "team", "user", "end_user", "tags", "model", "credits", "outcome"]
     more = f"\nnext page: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
     return _table(page["entries"], columns) + more
 

@@ -7,7 +7,8 @@ minutes may miss rows that settle behind the cursor: for a complete export, end 
 hold TTL before now.
 
 Verification recomputes each budget window from what the ledger and the open holds say: `spent` is
-the sum of allocations of requests charged, `held` the sum of allocations of requests still held.
+what the ledger rows of the requests counted in the window were charged (outcome `charged`) plus
+their adjustments (gateway/ops/adjustments.py), `held` the allocations of requests still held.
 It reads everything in one statement, so on PostgreSQL it sees one snapshot even under traffic.
 """
 
@@ -26,6 +27,7 @@ from gateway.core.windows import from_key, iso_us, isoformat
 from gateway.errors import InvalidRequest, NotFound
 from gateway.ops import services  # the module: services -> audit -> ledger -> services is a cycle
 from gateway.ops.reports import parse_range, range_clause
+from gateway.web.attribution import MAX_END_USER
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 OUTCOMES = ("charged", "upstream_error", "upstream_unavailable", "upstream_timeout", "expired")
@@ -40,6 +42,8 @@ class LedgerQuery:
     key: str | None = None
     model: str | None = None
     outcome: str | None = None
+    end_user: str | None = None
+    tag: str | None = None
     start: int | None = None
     end: int | None = None
     limit: int = DEFAULT_LIMIT
@@ -53,6 +57,8 @@ def parse_query(
     key: str | None = None,
     model: str | None = None,
     outcome: str | None = None,
+    end_user: str | None = None,
+    tag: str | None = None,
     start: str | None = None,
     end: str | None = None,
     limit: str | int | None = None,
@@ -66,11 +72,19 @@ def parse_query(
         key=None if key is None else services.check_name("key", key),
         model=None if model is None else services.check_name("model", model),
         outcome=None if outcome is None else services.check_choice("outcome", outcome, OUTCOMES),
+        end_user=None if end_user is None else _checked("end_user", end_user, MAX_END_USER),
+        tag=None if tag is None else _checked("tag", tag, 64),
         start=lo,
         end=hi,
         limit=parse_limit(limit),
         after=None if cursor is None else decode_cursor(cursor),
     )
+
+
+def _checked(field: str, value: str, longest: int) -> str:
+    if not 1 <= len(value) <= longest:
+        raise InvalidRequest(f"`{field}` must be 1 to {longest} characters long.", field=field)
+    return value
 
 
 def parse_limit(value: str | int | None) -> int:
@@ -111,7 +125,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 _ENTRIES = (
     "SELECT l.request_id, l.admitted_at, l.settled_at, t.name, u.name, l.key_id, l.model, "
     "l.message_count, l.unit_price_micros, l.credits_micros, l.outcome, l.upstream_status, "
-    "l.prompt_tokens, l.completion_tokens, l.total_tokens, l.stream, l.duration_us "
+    "l.prompt_tokens, l.completion_tokens, l.total_tokens, l.stream, l.duration_us, l.end_user, l.tags, "
+    "(SELECT SUM(x.credits_micros) FROM ledger_adjustments x WHERE x.request_id = l.request_id) "
     "FROM ledger l JOIN users u ON u.id = l.user_id LEFT JOIN teams t ON t.id = l.team_id"
 )
 
@@ -131,10 +146,16 @@ def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
         ("key_id", "key", query.key),
         ("model", "model", query.model),
         ("outcome", "outcome", query.outcome),
+        ("end_user", "end_user", query.end_user),
     ):
         if value is not None:
             clauses.append(f"l.{column} = :{name}")
             values[name] = value
+    if query.tag is not None:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM ledger_tags lt WHERE lt.request_id = l.request_id AND lt.tag = :tag)"
+        )
+        values["tag"] = query.tag
     if query.after is not None:
         clauses.append("(l.admitted_at, l.request_id) > (:after_at, :after_id)")
         values["after_at"], values["after_id"] = query.after
@@ -163,6 +184,10 @@ def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
             "total_tokens": r[14],
             "stream": bool(r[15]),
             "duration_ms": r[16] / 1000,
+            "end_user": r[17],
+            "tags": r[18].split(",") if r[18] else [],
+            # Corrections of `credits` (signed; see `gateway ledger adjust`), 0 for none.
+            "adjustments": credits_json(int(r[19] or 0)),
         }
         for r in rows
     ]
@@ -183,13 +208,16 @@ def _id_of(conn: Connection, table: str, field: str, name: str) -> int:
 _VERIFY = """
 WITH expected AS (
     SELECT a.budget_id, a.window_start,
-           COALESCE(SUM(CASE WHEN l.outcome = 'charged' THEN a.credits_micros END), 0) AS spent,
+           COALESCE(SUM(CASE WHEN l.outcome = 'charged' THEN l.credits_micros END), 0)
+               + COALESCE(SUM(adj.credits), 0) AS spent,
            COALESCE(SUM(CASE WHEN h.request_id IS NOT NULL THEN a.credits_micros END), 0) AS held,
            COUNT(*) AS requests
     FROM allocations a
     JOIN budgets b ON b.id = a.budget_id
     LEFT JOIN ledger l ON l.request_id = a.request_id
     LEFT JOIN holds h ON h.request_id = a.request_id
+    LEFT JOIN (SELECT request_id, SUM(credits_micros) AS credits FROM ledger_adjustments
+               GROUP BY request_id) adj ON adj.request_id = a.request_id
     GROUP BY a.budget_id, a.window_start
 )
 SELECT c.budget_id, c.window_start, c.spent_micros, c.held_micros,

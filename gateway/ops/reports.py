@@ -1,4 +1,5 @@
-"""Billing reports: sums of charged ledger rows grouped by team, user, key, model, day or month.
+"""Billing reports: sums of charged ledger rows grouped by team, user, key, model, day, month,
+end user or tag.
 
 What is counted: only ledger rows with outcome `charged`. `credits` is the sum of what was charged;
 `requests` and `messages` count charged requests only (a request that upstream refused, that failed
@@ -12,13 +13,21 @@ SQLite and PostgreSQL); `month` is folded from days in Python, so it is exact on
 names are looked up once per report rather than joined per row. In CSV, totals are left out (a
 spreadsheet sums a column) and a text cell that begins like a formula gets a leading `'`, so a
 crafted team or user name cannot run in a spreadsheet.
+
+`tag`: SQL groups by the row's stored tag list (few distinct lists; read from the report index, no
+join), and each group is then counted in the row of every tag of its list (rows without tags under
+a null tag), so a request with two tags counts in both rows; `totals` sum the ledger rows, each once.
+`adjustments` sums the corrections of the rows in each group (gateway/ops/adjustments.py), whatever
+their outcome; `credits` includes them.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -28,8 +37,9 @@ from sqlalchemy import Connection, text
 from gateway.core.pricing import credits_json, format_credits
 from gateway.errors import InvalidRequest
 
-GROUPS = ("team", "user", "key", "model", "day", "month")
-SUMS = ("requests", "messages", "credits", "prompt_tokens", "completion_tokens")
+GROUPS = ("team", "user", "key", "model", "day", "month", "end_user", "tag")
+SUMS = ("requests", "messages", "credits", "prompt_tokens", "completion_tokens", "adjustments")
+CREDIT_SUMS = ("credits", "adjustments")
 US_PER_DAY = 86_400_000_000
 EPOCH_DAY = date(1970, 1, 1)
 
@@ -40,6 +50,8 @@ _GROUP_SQL = {
     "key": "key_id",
     "model": "model",
     "day": f"admitted_at / {US_PER_DAY}",
+    "end_user": "end_user",
+    "tag": "tags",
 }
 
 
@@ -123,8 +135,7 @@ def report_sql(query: ReportQuery, dialect: str) -> tuple[str, dict[str, int]]:
     holds every column read here. SQLite is told to use it: with statistics from ANALYZE its planner
     prefers a skip-scan of the (team_id, admitted_at) index that reads the table, twice as slow.
     """
-    stored = _stored_groups(query.group_by)
-    exprs = [_GROUP_SQL[g] for g in stored]
+    exprs = [_GROUP_SQL[g] for g in _stored_groups(query.group_by)]
     where, params = range_clause(query.start, query.end)
     hint = " INDEXED BY ix_ledger_charged_report" if dialect == "sqlite" else ""
     sql = (
@@ -133,6 +144,20 @@ def report_sql(query: ReportQuery, dialect: str) -> tuple[str, dict[str, int]]:
         + "COUNT(*), SUM(message_count), SUM(credits_micros), COALESCE(SUM(prompt_tokens), 0), "
         f"COALESCE(SUM(completion_tokens), 0) FROM ledger{hint} WHERE outcome = 'charged'"
         + (f" AND {where}" if where else "")
+        + (" GROUP BY " + ", ".join(exprs) if exprs else "")
+    )
+    return sql, params
+
+
+def adjustments_sql(query: ReportQuery) -> tuple[str, dict[str, int]]:
+    """The adjustments of the ledger rows in range, grouped as the report is."""
+    exprs = [f"l.{_GROUP_SQL[g]}" for g in _stored_groups(query.group_by)]
+    where, params = range_clause(query.start, query.end, "l.admitted_at")
+    sql = (
+        "SELECT "
+        + "".join(f"{e}, " for e in exprs)
+        + "SUM(a.credits_micros) FROM ledger_adjustments a JOIN ledger l ON l.request_id = a.request_id"
+        + (f" WHERE {where}" if where else "")
         + (" GROUP BY " + ", ".join(exprs) if exprs else "")
     )
     return sql, params
@@ -198,51 +223,88 @@ class Report:
 
 
 def usage_report(conn: Connection, query: ReportQuery) -> Report:
-    """Run the report's query and fold its rows (days into months where asked)."""
-    sql, params = report_sql(query, conn.dialect.name)
+    """Run the report's queries and fold their rows (days into months, tag lists into tags)."""
     stored = _stored_groups(query.group_by)
     teams = _names(conn, "teams") if "team" in stored else {}
     users = _names(conn, "users") if "user" in stored else {}
+    width = len(stored)
+    sql, params = report_sql(query, conn.dialect.name)
+    found = [
+        (row[:width], [int(v or 0) for v in row[width:]] + [0]) for row in conn.execute(text(sql), params)
+    ]
+    sql, params = adjustments_sql(query)
+    for row in conn.execute(text(sql), params):
+        if row[-1] is not None:
+            found.append((row[:width], [0, 0, int(row[-1]), 0, 0, int(row[-1])]))
+    # Rows are folded by their stored values (a day's month appended after them) and shown once
+    # per group (ids as names, days as dates: one to one, so no sum changes).
+    day_at = stored.index("day") if "month" in query.group_by else None
+    tag_at = stored.index("tag") if "tag" in stored else None
+    key_of = _key_of([width if g == "month" else stored.index(g) for g in query.group_by])
     folded: dict[tuple[Any, ...], list[int]] = {}
-    for row in conn.execute(text(sql), params).all():
-        sums = [int(v or 0) for v in row[len(stored) :]]
-        if sums[0] == 0:
+    totals = [0] * len(SUMS)
+    add = operator.add
+    for key, sums in found:
+        if not any(sums):
             continue  # the one empty aggregate of a query without GROUP BY
-        values = dict(zip(stored, row, strict=False))
-        group = tuple(_group_value(g, values, teams, users) for g in query.group_by)
-        acc = folded.setdefault(group, [0] * len(SUMS))
-        for i, v in enumerate(sums):
-            acc[i] += v
-    order = sorted(folded, key=lambda g: tuple((v is None, v or "") for v in g))
-    rows = [(group, tuple(folded[group])) for group in order]
-    totals = tuple(sum(sums[i] for _, sums in rows) for i in range(len(SUMS)))
-    return Report(query.group_by, rows, totals)
+        totals = list(map(add, totals, sums))
+        values = list(key)
+        if day_at is not None:
+            values.append(_day(values[day_at])[:7])
+        tags = values[tag_at].split(",") if tag_at is not None and values[tag_at] else (None,)
+        for tag in tags:
+            if tag_at is not None:
+                values[tag_at] = tag
+            group = key_of(values)
+            acc = folded.get(group)
+            folded[group] = sums if acc is None else list(map(add, acc, sums))
+    shown_as = [_shown(g, teams, users) for g in query.group_by]
+    named: dict[tuple[Any, ...], list[int]] = {}
+    for group, sums in folded.items():
+        shown = tuple(show(v) for show, v in zip(shown_as, group, strict=True))
+        acc = named.get(shown)
+        named[shown] = sums if acc is None else list(map(add, acc, sums))
+    order = sorted(named, key=lambda g: tuple((v is None, v or "") for v in g))
+    rows = [(group, tuple(named[group])) for group in order]
+    return Report(query.group_by, rows, tuple(totals))
+
+
+def _key_of(positions: list[int]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """The group of a row's values: those at `positions`, as a tuple."""
+    if not positions:
+        return lambda values: ()
+    if len(positions) == 1:
+        (at,) = positions
+        return lambda values: (values[at],)
+    return operator.itemgetter(*positions)
 
 
 def _names(conn: Connection, table: str) -> dict[int, str]:
     return {int(i): str(n) for i, n in conn.execute(text(f"SELECT id, name FROM {table}")).all()}
 
 
-def _group_value(field: str, values: Mapping[str, Any], teams: dict[int, str], users: dict[int, str]) -> Any:
+def _shown(field: str, teams: dict[int, str], users: dict[int, str]) -> Callable[[Any], Any]:
+    """How a group field's stored value is shown: names for ids, ISO dates for days."""
     if field == "team":
-        return None if values["team"] is None else teams.get(values["team"], str(values["team"]))
+        return lambda v: None if v is None else teams.get(v, str(v))
     if field == "user":
-        return users.get(values["user"], str(values["user"]))
+        return lambda v: users.get(v, str(v))
     if field == "day":
-        return (EPOCH_DAY + timedelta(days=int(values["day"]))).isoformat()
-    if field == "month":
-        return (EPOCH_DAY + timedelta(days=int(values["day"]))).isoformat()[:7]
-    return values[field]
+        return _day
+    return lambda v: v  # `month` is folded as its text already
+
+
+@functools.lru_cache(maxsize=4096)
+def _day(value: int) -> str:
+    return (EPOCH_DAY + timedelta(days=int(value))).isoformat()
 
 
 def _sums_json(sums: tuple[int, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(zip(SUMS, sums, strict=True))
-    out["credits"] = credits_json(sums[2])
-    return out
+    return {name: credits_json(v) if name in CREDIT_SUMS else v for name, v in zip(SUMS, sums, strict=True)}
 
 
 def _sums_text(sums: tuple[int, ...]) -> list[str]:
-    return [format_credits(v) if name == "credits" else str(v) for name, v in zip(SUMS, sums, strict=True)]
+    return [format_credits(v) if name in CREDIT_SUMS else str(v) for name, v in zip(SUMS, sums, strict=True)]
 
 
 def _csv_safe(cell: str) -> str:

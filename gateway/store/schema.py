@@ -161,6 +161,9 @@ class Hold(Base):
     credits_micros: Mapped[int] = mapped_column(BigInteger)
     stream: Mapped[bool] = mapped_column(Boolean)
     admitted_at: Mapped[int] = mapped_column(BigInteger)
+    # Attribution (contract §11), carried to the ledger row: the end user and the tags, comma-separated.
+    end_user: Mapped[str | None] = mapped_column(String(128))
+    tags: Mapped[str | None] = mapped_column(String(700))
 
 
 # A covering index of charged rows for billing reports; `outcome` last so SQLite treats it as covering.
@@ -174,6 +177,8 @@ REPORT_COLUMNS = (
     "credits_micros",
     "prompt_tokens",
     "completion_tokens",
+    "end_user",
+    "tags",
     "outcome",
 )
 
@@ -216,6 +221,36 @@ class LedgerEntry(Base):
     total_tokens: Mapped[int | None] = mapped_column(Integer)
     stream: Mapped[bool] = mapped_column(Boolean)
     duration_us: Mapped[int] = mapped_column(BigInteger)
+    end_user: Mapped[str | None] = mapped_column(String(128))
+    tags: Mapped[str | None] = mapped_column(String(700))  # comma-separated, as sent; see LedgerTag
+
+
+class LedgerTag(Base):
+    """A tag of a ledger row, one row each, for reports by tag; written with the row, never changed."""
+
+    __tablename__ = "ledger_tags"
+    __table_args__ = (Index("ix_ledger_tags_tag", "tag", "request_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class LedgerAdjustment(Base):
+    """A correction of a ledger row's charge (signed micro-credits; negative refunds): appended,
+    never edited, and applied to the counters of the windows the request was counted in."""
+
+    __tablename__ = "ledger_adjustments"
+    __table_args__ = (
+        Index("ix_ledger_adjustments_request_id", "request_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("ledger.request_id"))
+    credits_micros: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(300))
 
 
 class IdempotencyKey(Base):

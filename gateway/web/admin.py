@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import AdminDisabled, InvalidRequest, Unauthorized
 from gateway.jsonout import json_response
-from gateway.ops import access, audit, events, ledger, reports, services, webhooks
+from gateway.ops import access, adjustments, audit, events, ledger, reports, services, webhooks
 from gateway.web.auth import bearer_token
 from gateway.web.chat import read_body
 from gateway.web.state import GAUGES, KEYS, SETTINGS, STORE
@@ -53,6 +53,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(f"{PREFIX}/budgets", list_budgets)
     router.add_get(f"{PREFIX}/usage", usage_report)
     router.add_get(f"{PREFIX}/ledger", list_ledger)
+    router.add_post(f"{PREFIX}/ledger/{{request_id}}/adjust", adjust_ledger)
     router.add_get(f"{PREFIX}/events", list_events)
     router.add_post(f"{PREFIX}/webhooks/test", test_webhooks)
 
@@ -331,12 +332,24 @@ async def usage_report(request: web.Request) -> web.Response:
     return json_response(report.json())
 
 
-LEDGER_PARAMS = ("user", "team", "key", "model", "outcome", "from", "to", "limit", "cursor")
+LEDGER_PARAMS = (
+    "user",
+    "team",
+    "key",
+    "model",
+    "outcome",
+    "end_user",
+    "tag",
+    "from",
+    "to",
+    "limit",
+    "cursor",
+)
 
 
 @_admin
 async def list_ledger(request: web.Request) -> web.Response:
-    """GET /admin/v1/ledger?user=&team=&key=&model=&outcome=&from=&to=&limit=&cursor=: one page."""
+    """GET /admin/v1/ledger?user=&team=&key=&model=&outcome=&end_user=&tag=&from=&to=&limit=&cursor=."""
     params = query_params(request, LEDGER_PARAMS)
     query = ledger.parse_query(
         user=params.get("user"),
@@ -344,12 +357,30 @@ async def list_ledger(request: web.Request) -> web.Response:
         key=params.get("key"),
         model=params.get("model"),
         outcome=params.get("outcome"),
+        end_user=params.get("end_user"),
+        tag=params.get("tag"),
         start=params.get("from"),
         end=params.get("to"),
         limit=params.get("limit"),
         cursor=params.get("cursor"),
     )
     return json_response(await _run(request, ledger.list_entries, query))
+
+
+@_admin
+async def adjust_ledger(request: web.Request) -> web.Response:
+    """POST /admin/v1/ledger/{request_id}/adjust {"credits", "reason"} -> 201: a correction."""
+    body = await _json_body(request, ("credits", "reason"))
+    result = await _change(
+        request,
+        adjustments.adjust,
+        request.match_info["request_id"],
+        body.get("credits"),
+        body.get("reason"),
+        now_us(),
+    )
+    request.app[GAUGES].mark_dirty()
+    return json_response(result, status=201)
 
 
 EVENT_PARAMS = ("type", "from", "to", "limit", "cursor")

@@ -25,7 +25,7 @@ from gateway.errors import (
     RequestTooLarge,
     UnknownModel,
 )
-from gateway.web import shutdown
+from gateway.web import attribution, shutdown
 from gateway.web.auth import model_not_allowed
 from gateway.web.state import (
     ACCESS_LOG,
@@ -81,8 +81,9 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
-def parse_chat(body: bytes) -> tuple[str, int, bool]:
-    """Validate a chat body; returns (model, message count, stream) or raises InvalidRequest.
+def parse_chat(body: bytes) -> tuple[str, int, bool, Any]:
+    """Validate a chat body; returns (model, message count, stream, its `user` field as sent) or
+    raises InvalidRequest.
 
     The body is forwarded as it is, so what is priced must be what upstream reads: it must be UTF-8
     (no other encoding `json` would guess), and no top-level key may appear twice, since `json`
@@ -114,7 +115,7 @@ def parse_chat(body: bytes) -> tuple[str, int, bool]:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false.")
-    return model, len(messages), stream
+    return model, len(messages), stream, payload.get("user")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -206,7 +207,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         try:
             caller = await app[KEYS].caller(request.headers.get("Authorization"))
             body = await read_body(request, settings.max_body_bytes)
-            model, message_count, stream = parse_chat(body)
+            model, message_count, stream, body_user = parse_chat(body)
+            headers = request.headers
+            end_user = attribution.end_user(headers.get(attribution.END_USER_HEADER), body_user)
+            tags = attribution.tags(headers.get(attribution.TAGS_HEADER))
             unit_price = settings.pricing.unit_price(model)
             if unit_price is None:
                 raise UnknownModel(
@@ -224,6 +228,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 unit_price=unit_price,
                 credits=cost(message_count, unit_price),
                 stream=stream,
+                end_user=end_user,
+                tags=tags,
             )
             reservation = _reservation(request, body)
             if reservation is None:
@@ -289,7 +295,19 @@ def _log_chat(
     messages = charge.message_count if charge is not None else None
     stream = charge.stream if charge is not None else None
     access.chat(
-        request, started, status, outcome, request_id, model, caller, messages, stream, credits, upstream_ms
+        request,
+        started,
+        status,
+        outcome,
+        request_id,
+        model,
+        caller,
+        messages,
+        stream,
+        credits,
+        upstream_ms,
+        charge.end_user if charge is not None else None,
+        charge.tags if charge is not None else (),
     )
 
 

@@ -17,9 +17,10 @@ from aiohttp import web
 from gateway.core.alerts import MAX_THRESHOLD, MAX_THRESHOLDS, MIN_THRESHOLD
 from gateway.core.windows import PERIODS
 from gateway.ops.access import MAX_MODELS, MAX_SECONDS
+from gateway.ops.adjustments import MAX_REASON
 from gateway.ops.events import TYPES as EVENT_TYPES
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
-from gateway.ops.reports import GROUPS, SUMS
+from gateway.ops.reports import CREDIT_SUMS, GROUPS, SUMS
 from gateway.ops.services import MAX_NAME, SCOPES
 
 JSON = "application/json"
@@ -117,7 +118,7 @@ def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": _content(_ref(name))}
 
 
-SUMS_SCHEMA = _object({name: NUMBER if name == "credits" else INTEGER for name in SUMS}, SUMS)
+SUMS_SCHEMA = _object({name: NUMBER if name in CREDIT_SUMS else INTEGER for name in SUMS}, SUMS)
 TIME_RANGE = [
     _param("from", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; inclusive"),
     _param("to", STRING, "ISO 8601 date or datetime, UTC unless an offset is given; exclusive"),
@@ -327,7 +328,10 @@ SCHEMAS: dict[str, Any] = {
             "rows": _array(
                 _object(
                     {
-                        **{g: _nullable(STRING) if g == "team" else STRING for g in GROUPS},
+                        **{
+                            g: _nullable(STRING) if g in ("team", "end_user", "tag") else STRING
+                            for g in GROUPS
+                        },
                         **SUMS_SCHEMA["properties"],
                     },
                     SUMS,
@@ -356,6 +360,9 @@ SCHEMAS: dict[str, Any] = {
             "total_tokens": _nullable(INTEGER),
             "stream": {"type": "boolean"},
             "duration_ms": NUMBER,
+            "end_user": _nullable(STRING),
+            "tags": _array(STRING),
+            "adjustments": NUMBER,
         },
         (
             "request_id",
@@ -375,6 +382,9 @@ SCHEMAS: dict[str, Any] = {
             "total_tokens",
             "stream",
             "duration_ms",
+            "end_user",
+            "tags",
+            "adjustments",
         ),
     ),
     "LedgerPage": _object(
@@ -633,6 +643,12 @@ PATHS: dict[str, Any] = {
                 _param("key", NAME, "only this key's rows (key id)"),
                 _param("model", NAME, "only this model's rows"),
                 _param("outcome", {"type": "string", "enum": list(OUTCOMES)}, "only rows with this outcome"),
+                _param(
+                    "end_user",
+                    {"type": "string", "minLength": 1, "maxLength": 128},
+                    "only this end user's rows",
+                ),
+                _param("tag", {"type": "string", "minLength": 1, "maxLength": 64}, "only rows with this tag"),
                 *TIME_RANGE,
                 _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (100)"),
                 _param("cursor", STRING, "`next_cursor` of the previous page"),
@@ -741,6 +757,42 @@ PATHS.update(
         },
     }
 )
+
+
+# Ledger adjustments (contract section 11).
+SCHEMAS.update(
+    {
+        "AdjustmentPost": _object(
+            {
+                "credits": {
+                    "oneOf": [{"type": "number"}, {"type": "string"}],
+                    "description": "signed credits, not zero: negative refunds",
+                },
+                "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON},
+            },
+            ("credits", "reason"),
+        ),
+        "Adjustment": _object(
+            {
+                "request_id": STRING,
+                "credits": NUMBER,
+                "reason": STRING,
+                "total": {"type": "number", "description": "the request's charge plus all its adjustments"},
+                "windows": {"type": "integer", "description": "budget windows whose counters moved"},
+            },
+            ("request_id", "credits", "reason", "total", "windows"),
+        ),
+    }
+)
+PATHS["/admin/v1/ledger/{request_id}/adjust"] = {
+    "post": _admin(
+        "Correct a request's charge: an adjustment appended to its ledger row, applied to its budget windows",
+        _responses({201: _ok("The adjustment", _ref("Adjustment"))}, *ADMIN_ERRORS, 404, 413),
+        operationId="adjustLedger",
+        parameters=[_param("request_id", {"type": "string", "minLength": 1}, "the request's id", "path")],
+        requestBody=_body("AdjustmentPost"),
+    )
+}
 
 
 def _version() -> str:

@@ -9,7 +9,8 @@ no parameters, so it can name no one else. It holds:
   resets_at`). A team budget's `spent` is the whole team's: that is what limits this key;
 - `usage`: for the current UTC `daily`, `weekly` and `monthly` windows, the charged `requests`,
   `messages` and `credits` of this key (`key`) and of its user across all their keys (`user`),
-  counted as the billing report counts them (charged ledger rows, by admission time).
+  counted as the billing report counts them (charged ledger rows, by admission time; `credits`
+  with the adjustments of the window's rows, whatever their outcome).
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ _USAGE = text(
 )
 
 
+# The adjustments of the user's rows admitted in the window: all of them, and the key's.
+_ADJUSTED = text(
+    "SELECT COALESCE(SUM(a.credits_micros), 0), "
+    "COALESCE(SUM(CASE WHEN l.key_id = :key THEN a.credits_micros ELSE 0 END), 0) "
+    "FROM ledger_adjustments a JOIN ledger l ON l.request_id = a.request_id "
+    "WHERE l.user_id = :user AND l.admitted_at >= :start AND l.admitted_at < :end"
+)
+
+
 def _sums(requests: int, messages: int, credits: int) -> dict[str, Any]:
     return {"requests": int(requests), "messages": int(messages), "credits": credits_json(int(credits))}
 
@@ -67,22 +77,21 @@ def key_usage(conn: Connection, caller: Caller, at: int) -> dict[str, Any]:
         start = window_start(period, moment)
         end = window_end(period, start)
         assert end is not None
-        row = conn.execute(
-            _USAGE,
-            {
-                "key": caller.key_id,
-                "user": caller.user_id,
-                "start": int(start.timestamp()) * 1_000_000,
-                "end": int(end.timestamp()) * 1_000_000,
-            },
-        ).one()
+        params = {
+            "key": caller.key_id,
+            "user": caller.user_id,
+            "start": int(start.timestamp()) * 1_000_000,
+            "end": int(end.timestamp()) * 1_000_000,
+        }
+        row = conn.execute(_USAGE, params).one()
+        user_adjusted, key_adjusted = conn.execute(_ADJUSTED, params).one()
         usage.append(
             {
                 "period": period,
                 "window_start": isoformat(start),
                 "resets_at": isoformat(end),
-                "key": _sums(row[3], row[4], row[5]),
-                "user": _sums(row[0], row[1], row[2]),
+                "key": _sums(row[3], row[4], int(row[5]) + int(key_adjusted)),
+                "user": _sums(row[0], row[1], int(row[2]) + int(user_adjusted)),
             }
         )
     return {

@@ -37,7 +37,7 @@ def action(
     query = events.parse_query(
         type=args.type, start=args.start, end=args.end, limit=args.limit, cursor=args.cursor
     )
-    names = {webhooks.endpoint_id(h.url): webhooks.shown(h.url) for h in settings.webhooks}
+    names = webhooks.endpoint_names(settings.webhooks)
     return (lambda c: events.list_events(c, query, names)), _page
 
 

@@ -15,7 +15,6 @@ from sqlalchemy import Connection, bindparam, text
 
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import from_key, iso_us, isoformat, window_end
-from gateway.errors import InvalidRequest
 from gateway.ops import ledger
 from gateway.ops.reports import parse_range, range_clause
 from gateway.ops.services import check_choice
@@ -100,21 +99,11 @@ def parse_query(
 ) -> EventQuery:
     """Validate a listing's filters (as strings from a query string or the command line)."""
     lo, hi = parse_range(start, end)
-    count = ledger.DEFAULT_LIMIT
-    if limit is not None:
-        try:
-            count = int(limit)
-        except ValueError:
-            count = 0
-        if not 1 <= count <= ledger.MAX_LIMIT:
-            raise InvalidRequest(
-                f"`limit` must be a whole number from 1 to {ledger.MAX_LIMIT}.", field="limit"
-            )
     return EventQuery(
         type=None if type is None else check_choice("type", type, TYPES),
         start=lo,
         end=hi,
-        limit=count,
+        limit=ledger.parse_limit(limit),
         after=None if cursor is None else _after(cursor),
     )
 

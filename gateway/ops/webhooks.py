@@ -32,7 +32,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,6 +79,11 @@ def signature(key: bytes, msg_id: str, timestamp: int, payload: bytes) -> str:
 def endpoint_id(url: str) -> str:
     """How the database names an endpoint: a digest of its URL (which may hold a secret)."""
     return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def endpoint_names(hooks: Iterable[Webhook]) -> dict[str, str]:
+    """Each configured endpoint's database name (`endpoint_id`) and how listings show it."""
+    return {endpoint_id(h.url): shown(h.url) for h in hooks}
 
 
 def shown(url: str) -> str:

@@ -397,7 +397,7 @@ async def list_events(request: web.Request) -> web.Response:
         limit=params.get("limit"),
         cursor=params.get("cursor"),
     )
-    names = {webhooks.endpoint_id(h.url): webhooks.shown(h.url) for h in request.app[SETTINGS].webhooks}
+    names = webhooks.endpoint_names(request.app[SETTINGS].webhooks)
     return json_response(await _run(request, events.list_events, query, names))
 
 

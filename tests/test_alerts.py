@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.core import alerts, metering
+from gateway.core import alerts
+from gateway.core.admission import admit
 from gateway.core.metering import Caller, Charge, Settlement, now_us
+from gateway.core.settlement import settle
 from gateway.ops import services, webhooks
 from gateway.ops.settings import ConfigError, Secret, Settings, Webhook
 
@@ -295,8 +297,8 @@ async def test_next_window_fires_again(world: World) -> None:
     tomorrow = today + int(timedelta(days=1).total_seconds() * 1_000_000)
     for n, at in enumerate((today, today, tomorrow, tomorrow)):
         charge = Charge(f"r{n}", caller, "openai/gpt-oss-20b", 5, 100_000, 500_000, False)
-        admission = await w.store.run(metering.admit, charge, "here", at)
-        assert await w.store.run(metering.settle, admission, Settlement("charged", 200), at)
+        admission = await w.store.run(admit, charge, "here", at)
+        assert await w.store.run(settle, admission, Settlement("charged", 200), at)
     windows = sorted({window for window, _, _ in await _thresholds(w)})
     assert len(windows) == 2
     assert sorted((window, t) for window, t, _ in await _thresholds(w)) == [

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.core import metering
+from gateway.core import admission, expiry, metering
 from gateway.web.state import ACCESS_LOG
 
 from .admin_helpers import cli_json, ok
@@ -113,8 +113,8 @@ async def test_an_expired_hold_keeps_its_attribution(admin_world: World) -> None
         "held-one", who, "openai/gpt-oss-20b", 1, 100_000, 100_000, False, "eu", ("x", "y")
     )
     at = metering.now_us()
-    await w.store.run(metering.admit, charge, "dead-instance", at - 10**9)
-    assert await w.store.run(metering.expire_holds, at, at) == 1
+    await w.store.run(admission.admit, charge, "dead-instance", at - 10**9)
+    assert await w.store.run(expiry.expire_holds, at, at) == 1
     assert (await _ledger(w)) == [("held-one", "eu", "x,y")]
     assert sorted(await w.sql("SELECT tag FROM ledger_tags")) == [("x",), ("y",)]
 

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection
 
-from gateway.core.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
+from gateway.core.admission import admit
+from gateway.core.metering import Admission, Caller, Charge, Settlement, new_request_id, now_us
+from gateway.core.settlement import settle
 from gateway.errors import BudgetExceeded, LedgerUnavailable
 from gateway.ops import ledger
 from gateway.store import units

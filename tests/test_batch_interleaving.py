@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
 
-from gateway.core import metering
+from gateway.core import admission, settlement
 from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.windows import window_keys
 from gateway.errors import BudgetExceeded
@@ -124,9 +124,9 @@ def _execute(conn: Connection, world: World, op: tuple[str, Any]) -> Answers:
             (request_id, Settlement("charged" if c else "upstream_error", 200), START)
             for request_id, c in batch
         ]
-        return metering._settle_pg(conn, calls)
+        return settlement.settle_pg(conn, calls)
     answers: list[tuple[Any, ...]] = []
-    for _, result in metering.admit_many(conn, [(charge, "replica", at) for _, charge, at in batch]):
+    for _, result in admission.admit_many(conn, [(charge, "replica", at) for _, charge, at in batch]):
         if isinstance(result, Admission):
             answers.append((True, None, result.remaining, result.allocations))
         else:

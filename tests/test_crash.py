@@ -224,7 +224,7 @@ async def test_sigterm_cuts_streams_past_the_grace_and_settles_them(
 
 async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     """A hold of a process that still beats is kept past the TTL; two sweepers release a dead one once."""
-    from gateway.core import metering
+    from gateway.core import admission, expiry
     from gateway.core.metering import Caller, Charge
 
     at = now_us()
@@ -236,10 +236,10 @@ async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     old = at - 3_600_000_000
     for request_id, instance in (("live-one", "live"), ("dead-one", "dead")):
         charge = Charge(request_id, caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
-        await store.run(metering.admit, charge, instance, old)
-    await store.run(metering.heartbeat, "live", at, 0)
+        await store.run(admission.admit, charge, instance, old)
+    await store.run(expiry.heartbeat, "live", at, 0)
     cutoff = at - 60_000_000
-    results = await asyncio.gather(*(store.run(metering.expire_holds, cutoff, at) for _ in range(4)))
+    results = await asyncio.gather(*(store.run(expiry.expire_holds, cutoff, at) for _ in range(4)))
     assert sum(results) == 1
     assert await _count(store, "SELECT COUNT(*) FROM holds") == 1
     assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE outcome = 'expired'") == 1
@@ -253,7 +253,7 @@ async def test_a_replica_whose_clock_runs_ahead_spares_live_holds(backend: Backe
     judged by the database's clock; a process that really stopped beating is still released."""
     if backend.name != "postgresql":
         pytest.skip("SQLite's processes share one machine, so one clock")
-    from gateway.core import expiry, metering
+    from gateway.core import admission, expiry
     from gateway.core.metering import Caller, Charge
     from gateway.ops.metrics import Metrics
 
@@ -267,7 +267,7 @@ async def test_a_replica_whose_clock_runs_ahead_spares_live_holds(backend: Backe
     for instance in ("live", "dead"):
         await expiry.beat_and_sweep(store, Metrics(), instance, ttl)
         charge = Charge(f"{instance}-one", caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
-        await store.run(metering.admit, charge, instance, now_us())
+        await store.run(admission.admit, charge, instance, now_us())
     # "dead" stopped beating an hour ago by the database's clock; "live" just beat.
     await store.run(
         lambda c: c.execute(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.core import idempotency, metering
+from gateway.core import expiry, idempotency, metering
 
 from .conftest import World, assert_counters_match_ledger
 
@@ -124,7 +124,7 @@ async def test_expired_hold_frees_the_key(world: World) -> None:
     # As if the process had died: its heartbeat is old, the hold expires.
     await world.sql("DELETE FROM instances RETURNING id")
     at = metering.now_us() + 3_600_000_000
-    assert await world.admin(metering.expire_holds, at, at) == 1
+    assert await world.admin(expiry.expire_holds, at, at) == 1
     assert await world.sql("SELECT * FROM idempotency_keys") == []
     await task
     world.upstream.header_delay = 0

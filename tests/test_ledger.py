@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from gateway.core import metering
+from gateway.core import admission
 from gateway.core.metering import Caller, Charge, now_us
 from gateway.ops import ledger
 
@@ -228,7 +228,7 @@ async def _seed_with_budgets(w: World) -> dict[str, dict[str, Any]]:
     user_id, team_id = (await w.sql("SELECT id, team_id FROM users WHERE name = 'alice'"))[0]
     caller = Caller(keys["alice"]["id"], user_id, "alice", team_id, "eng")
     charge = Charge("in-flight", caller, "openai/gpt-oss-20b", 4, 100_000, 400_000, False)
-    await w.store.run(metering.admit, charge, "elsewhere", now_us())
+    await w.store.run(admission.admit, charge, "elsewhere", now_us())
     budgets = await ok(w, "GET", "/admin/v1/budgets?scope=user&subject=alice")
     assert budgets[0]["held"] == 0.4
     return keys

@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from gateway.core import metering
+from gateway.core import expiry
+from gateway.core.admission import admit, admit_many
 from gateway.core.metering import Admission, Caller, Charge, Settlement
+from gateway.core.settlement import settle, settle_many
 from gateway.core.windows import window_key
 from gateway.errors import BudgetExceeded
 from gateway.ops import ledger, services
@@ -153,7 +155,7 @@ class MeteringMachine(RuleBasedStateMachine):
         fits = self._fits(applicable, cost)
         try:
             with self.tx() as conn:
-                admission = metering.admit(conn, charge, instance, self.now)
+                admission = admit(conn, charge, instance, self.now)
         except BudgetExceeded:
             assert not fits, "refused although every budget had room"
             return None
@@ -171,7 +173,7 @@ class MeteringMachine(RuleBasedStateMachine):
         hold, applicable = self.open[request_id]
         settlement = Settlement("charged", 200) if charged else Settlement("upstream_error", 500)
         with self.tx() as conn:
-            assert metering.settle(conn, hold.admission, settlement, self.now)
+            assert settle(conn, hold.admission, settlement, self.now)
         self._settled(request_id, charged)
 
     def _settled(self, request_id: str, charged: bool) -> None:
@@ -211,7 +213,7 @@ class MeteringMachine(RuleBasedStateMachine):
             )
             calls.append((charge, instance, self.now))
         with self.tx() as conn:
-            results = metering.admit_many(conn, calls)
+            results = admit_many(conn, calls)
         assert len(results) == len(calls)
         for (charge, instance, _), (admitted, result) in zip(calls, results, strict=True):
             applicable = self._applicable(charge.caller)
@@ -238,7 +240,7 @@ class MeteringMachine(RuleBasedStateMachine):
         settlement = Settlement("charged", 200) if charged else Settlement("upstream_error", 500)
         calls = [(self.open[request_id][0].admission, settlement, self.now) for request_id in chosen]
         with self.tx() as conn:
-            assert metering.settle_many(conn, calls) == [(True, True)] * len(calls)
+            assert settle_many(conn, calls) == [(True, True)] * len(calls)
         for request_id in chosen:
             self._settled(request_id, charged)
 
@@ -250,8 +252,8 @@ class MeteringMachine(RuleBasedStateMachine):
     def sweep(self) -> None:
         """A live process beats; holds of the dead instance older than the TTL are released."""
         with self.tx() as conn:
-            metering.heartbeat(conn, "live", self.now, 0)
-            released = metering.expire_holds(conn, self.now - TTL, self.now)
+            expiry.heartbeat(conn, "live", self.now, 0)
+            released = expiry.expire_holds(conn, self.now - TTL, self.now)
         expected = [
             rid
             for rid, (hold, _) in self.open.items()

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from gateway.core import metering
+from gateway.core import admission, expiry, metering
 from gateway.core.metering import now_us
 from gateway.core.pricing import PriceTable
 from gateway.ops import ledger, services
@@ -81,7 +81,7 @@ async def test_a_revoked_key_in_a_batch_of_admissions_refuses_only_its_own(world
         metering.Charge(metering.new_request_id(), c, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
         for c in (other, caller, other)
     ]
-    results = await world.admin(metering.admit_many, [(c, "i", at + 1) for c in charges])
+    results = await world.admin(admission.admit_many, [(c, "i", at + 1) for c in charges])
     assert [ok for ok, _ in results] == [True, False, True]
     assert results[1][1].details["reason"] == "revoked"
     assert await world.sql("SELECT COUNT(*) FROM holds") == [(2,)]
@@ -155,7 +155,7 @@ async def _expire_when_held(world: World) -> None:
             break
         await asyncio.sleep(0.01)
     future = now_us() + 10**12  # every process looks dead from there
-    assert await world.admin(metering.expire_holds, future, now_us()) == 1
+    assert await world.admin(expiry.expire_holds, future, now_us()) == 1
 
 
 async def test_a_late_settlement_after_expiry_says_not_charged(world: World) -> None:

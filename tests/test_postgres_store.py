@@ -12,8 +12,10 @@ import pytest
 from sqlalchemy import Connection, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
 
-from gateway.core import metering
-from gateway.core.metering import Admission, Caller, Charge, Settlement, admit, new_request_id, now_us, settle
+from gateway.core import expiry
+from gateway.core.admission import admit
+from gateway.core.metering import Admission, Caller, Charge, Settlement, new_request_id, now_us
+from gateway.core.settlement import settle
 from gateway.errors import BudgetExceeded
 from gateway.ops import services
 from gateway.store import PostgresStore, open_store
@@ -175,7 +177,7 @@ def test_expiring_many_holds_cannot_deadlock_with_admissions(backend: Backend) -
     def sweep() -> None:
         try:
             with engine.begin() as conn:
-                assert metering.expire_holds(conn, now_us(), now_us()) == 2
+                assert expiry.expire_holds(conn, now_us(), now_us()) == 2
         except BaseException as exc:  # reported below
             errors.append(exc)
 

@@ -145,7 +145,7 @@ async def test_only_worker_0_sweeps_and_reads_the_budgets(
 ) -> None:
     """Worker 1 beats and names itself, but leaves a dead process's hold and the budget gauges to
     worker 0, which releases the one and shows the other as soon as it starts."""
-    from gateway.core import metering
+    from gateway.core import admission
     from gateway.core.metering import Caller, Charge
     from gateway.web.app import create_app
 
@@ -157,7 +157,7 @@ async def test_only_worker_0_sweeps_and_reads_the_budgets(
     await store.run(services.set_budget, "user", "alice", "total", "10", at)
     caller = Caller(key["id"], user["id"], "alice", None, None)
     charge = Charge("dead-one", caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
-    await store.run(metering.admit, charge, "dead", at - 3_600_000_000)
+    await store.run(admission.admit, charge, "dead", at - 3_600_000_000)
     settings = settings_for(upstream_url, workers=2)
 
     started: dict[int, Metrics] = {}

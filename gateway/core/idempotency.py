@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
-from gateway.core.metering import Admission, Charge, Settlement, admit, settle
+from gateway.core.admission import admit
+from gateway.core.metering import Admission, Charge, Settlement
+from gateway.core.settlement import settle
 from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
 
 HEADER = "Idempotency-Key"

@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from gateway.core.metering import record_crossings
 from gateway.core.pricing import credits_json, format_credits, parse_credits
+from gateway.core.settlement import record_crossings
 from gateway.errors import InvalidRequest, NotFound
 from gateway.ops import audit
 from gateway.store import sql_of

@@ -1,6 +1,6 @@
 """Alert events an administrative change causes: a budget set lower, or higher, or given new thresholds.
 
-Settlements write the events of spending (gateway/core/metering.py, and gateway_settle_batch on
+Settlements write the events of spending (gateway/core/settlement.py, and gateway_settle_batch on
 PostgreSQL). A change of a budget moves the thresholds instead of the spending, in the transaction
 of the change (`services.set_budget`): a threshold the current window's spending has reached under
 the new limit and had not under the old one is emitted now; a threshold the spending is now below
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, text
 
 from gateway.core import alerts
-from gateway.core.metering import emit_threshold
+from gateway.core.settlement import emit_threshold
 from gateway.core.windows import from_us, window_key
 from gateway.store import sql_of
 

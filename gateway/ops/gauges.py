@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
-from gateway.core import metering
+from gateway.core import admission, metering
 from gateway.core.windows import PERIODS, window_keys
 from gateway.errors import LedgerUnavailable
 from gateway.ops.metrics import Metrics
@@ -35,7 +35,7 @@ _BUDGETS_NOW = text(
     "FROM budgets b "
     "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
     "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
-    + metering.CURRENT_COUNTER
+    + admission.CURRENT_COUNTER
     + " WHERE b.deleted_at IS NULL"
 ).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
 

@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from sqlalchemy import Connection, bindparam, text
 
-from gateway.core.metering import new_event_id, now_us
+from gateway.core.metering import now_us
+from gateway.core.settlement import new_event_id
 from gateway.core.windows import iso_us
 from gateway.errors import LedgerUnavailable
 from gateway.jsonout import dumps

@@ -23,11 +23,12 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.engine import make_url
 
 from gateway.store.postgres import PostgresStore
-from gateway.store.sql import Sql, driver_connection, sql_of
+from gateway.store.sql import Sql, array_args, driver_connection, sql_of
 from gateway.store.sqlite import SqliteStore
 from gateway.store.units import grouped
 
 __all__ = [
+    "array_args",
     "PostgresStore",
     "Sql",
     "SqliteStore",

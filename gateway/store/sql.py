@@ -104,3 +104,8 @@ def driver_connection(conn: Connection) -> sqlite3.Connection:
     raw = conn.connection.driver_connection
     assert isinstance(raw, sqlite3.Connection)
     return raw
+
+
+def array_args(args: tuple[tuple[str, str], ...]) -> str:
+    """A PostgreSQL function's arguments, one array parameter per column: `CAST(:name AS kind[])`."""
+    return ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in args)

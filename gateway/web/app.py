@@ -12,7 +12,7 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.core import expiry, metering
+from gateway.core import expiry
 from gateway.errors import LedgerUnavailable
 from gateway.ops import webhooks, workers
 from gateway.ops.gauges import BudgetGauges
@@ -197,7 +197,7 @@ def _expiry_ctx(sweeper: bool) -> Callable[[web.Application], AsyncIterator[None
             # Retired, its holds could be swept at once: these would be recorded expired.
             return
         with contextlib.suppress(LedgerUnavailable):
-            await store.run(metering.retire, instance)
+            await store.run(expiry.retire, instance)
 
     return ctx
 

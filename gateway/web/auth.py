@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import Connection, text
 
-from gateway.core.metering import Caller, key_refused, key_state
+from gateway.core.admission import key_refused, key_state
+from gateway.core.metering import Caller
 from gateway.errors import GatewayError, ModelNotAllowed, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class KeyCache:
         loaded = await self._load(digest)
         if isinstance(loaded, str):
             self._entries.pop(digest, None)
-            # Refused as admission refuses it (metering.key_refused), in the same words.
+            # Refused as admission refuses it (admission.key_refused), in the same words.
             raise Unauthorized(UNKNOWN, reason=loaded) if loaded == "unknown" else key_refused(loaded)
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries.clear()

@@ -14,9 +14,11 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from gateway.core import idempotency, metering
+from gateway.core.admission import admit
 from gateway.core.idempotency import Answer, Replay, Reservation, replay_headers
 from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.pricing import cost, format_credits
+from gateway.core.settlement import ledger_outcome, settle
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -234,7 +236,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             reservation = _reservation(request, body)
             if reservation is None:
                 admission = await shutdown.admitting(
-                    app, task, app[STORE].run(metering.admit, charge, app[INSTANCE_ID], metering.now_us())
+                    app, task, app[STORE].run(admit, charge, app[INSTANCE_ID], metering.now_us())
                 )
             else:
                 admitted = await shutdown.admitting(
@@ -337,7 +339,7 @@ class _Progress:
     def unit(self, admission: Admission) -> tuple[Callable[..., bool], tuple[Any, ...]]:
         """The unit of work that settles the request, and its arguments (minus the time)."""
         if self.reservation is None:
-            return metering.settle, (admission, self.settlement)
+            return settle, (admission, self.settlement)
         return _settle_once, (admission, self.settlement, self.reservation, self.answer)
 
 
@@ -522,7 +524,7 @@ async def _settle_later(app: web.Application, admission: Admission, progress: _P
                 if not done:
                     # Gone: expired by a sweep, or settled by an earlier try whose commit went
                     # through although its answer was lost with the connection.
-                    ours = await app[STORE].read(metering.ledger_outcome, admission.charge.request_id)
+                    ours = await app[STORE].read(ledger_outcome, admission.charge.request_id)
                     done = ours == settlement.outcome
             except LedgerUnavailable:
                 delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from typing import Any
 
-from gateway.core import metering
+from gateway.core import expiry, metering
 from gateway.errors import LedgerUnavailable
 from gateway.store import Store
 
@@ -48,7 +48,7 @@ async def _write(store: Store, instance_id: str) -> str | None:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             now = metering.now_us()
-            await store.run(metering.heartbeat, instance_id, now, 0)
+            await store.run(expiry.heartbeat, instance_id, now, 0)
     except LedgerUnavailable as exc:
         return why(exc.reason)
     except TimeoutError:

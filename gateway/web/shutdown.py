@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from sqlalchemy import Connection, text
 
-from gateway.core import metering
+from gateway.core import metering, settlement
 from gateway.core.metering import Admission, Settlement
 from gateway.errors import LedgerUnavailable
 from gateway.web.state import BACKGROUND, METRICS, REQUESTS, SETTINGS, SETTLING, STORE
@@ -176,7 +176,7 @@ async def _release_later(app: web.Application, admission: Admission) -> None:
 
 def _release_unit(conn: Connection, admission: Admission, at: int) -> bool:
     """Settle as not forwarded and free an Idempotency-Key the request reserved."""
-    if not metering.settle(conn, admission, Settlement("upstream_unavailable"), at):
+    if not settlement.settle(conn, admission, Settlement("upstream_unavailable"), at):
         return False
     conn.execute(_FREE_IDEMPOTENCY_KEY, {"request_id": admission.charge.request_id})
     return True

@@ -32,8 +32,30 @@ _BUDGETS_AND_COUNTERS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
     "b.enforce AND b.deleted_at IS NULL FROM budgets b "
     f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject = :key) "
-    "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team)"
+    "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team) "
+    "OR (b.scope = 'end_user' AND b.subject = :end_user)"
 )
+# An end user's budgets from their user's defaults (`USER_ID/*`), for each period they have none of
+# their own in: created at the default's limit on first use, or one deleted becomes the default's
+# again (gateway_admit_batch does the same on PostgreSQL).
+ADOPT_DEFAULTS = (
+    "INSERT INTO budgets AS b (scope, subject, period, limit_micros, enforce, alert_at, created_at, "
+    "updated_at, user_id, default_id) "
+    "SELECT 'end_user', :end_user, d.period, d.limit_micros, d.enforce, d.alert_at, :at, :at, "
+    "d.user_id, d.id "
+    "FROM budgets d WHERE d.scope = 'end_user' AND d.subject = :defaults AND d.deleted_at IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM budgets o WHERE o.scope = 'end_user' AND o.subject = :end_user "
+    "AND o.period = d.period AND o.deleted_at IS NULL) "
+    "ON CONFLICT (scope, subject, period) DO UPDATE SET limit_micros = excluded.limit_micros, "
+    "enforce = excluded.enforce, alert_at = excluded.alert_at, default_id = excluded.default_id, "
+    "deleted_at = NULL, updated_at = excluded.updated_at WHERE b.deleted_at IS NOT NULL"
+)
+
+
+def end_user_subject(user_id: int, end_user: str | None) -> str | None:
+    """How an end user's budgets name them: "USER_ID/END_USER" (None: no end user, no such budgets)."""
+    return None if end_user is None else f"{user_id}/{end_user}"
+
 
 # Creates the window's counter with these holds (one request's, or a group's sum), or adds them to
 # it, only if they still fit (or add nothing, or the budget does not refuse): one row changed, or
@@ -194,9 +216,19 @@ def _admit_sqlite(
             state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
             budgets: list[tuple[int, str, str, int, bool]] = []
             known = budgets_of[who] = (state, budgets)
+            end_user = end_user_subject(caller.user_id, charge.end_user)
+            if end_user is not None and state is None:
+                defaults = f"{caller.user_id}/*"
+                db.changed(ADOPT_DEFAULTS, {"end_user": end_user, "defaults": defaults, "at": at})
             read = db.all(
                 _BUDGETS_AND_COUNTERS,
-                {**windows, "key": caller.key_id, "user": str(caller.user_id), "team": str(caller.team_id)},
+                {
+                    **windows,
+                    "key": caller.key_id,
+                    "user": str(caller.user_id),
+                    "team": str(caller.team_id),
+                    "end_user": end_user,
+                },
             )
             for budget_id, scope, period, limit, spent, held, enforce in sorted(read):
                 window = windows[period]
@@ -270,9 +302,9 @@ def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
 
 
 def _caller_and_day(charge: Charge, at: int) -> Hashable:
-    """Requests with the same key and budgets: one caller's, the same UTC day."""
+    """Requests with the same key and budgets: one caller's, for one end user, the same UTC day."""
     caller = charge.caller
-    return (caller.key_id, caller.user_id, caller.team_id, at // DAY_US)
+    return (caller.key_id, caller.user_id, caller.team_id, charge.end_user, at // DAY_US)
 
 
 @grouped(admit_many)
@@ -299,12 +331,18 @@ def _refusal(
     charge: Charge, scope: str, period: str, limit: int, window: int, spent: int, held: int
 ) -> BudgetExceeded:
     caller = charge.caller
-    subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
+    subject: str | None
+    if scope == "end_user":
+        subject = f"{caller.user_name}/{charge.end_user}"
+        whose = f"end-user budget of {charge.end_user!r} (an end user of {caller.user_name!r})"
+    else:
+        subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
+        whose = f"{scope} budget of {subject!r}"
     remaining = max(limit - spent - held, 0)
     start = from_key(window)
     return BudgetExceeded(
-        f"This request costs {format_credits(charge.credits)} credits but the {period} {scope} budget of "
-        f"{subject!r} has {format_credits(remaining)} of {format_credits(limit)} left. "
+        f"This request costs {format_credits(charge.credits)} credits but the {period} {whose} has "
+        f"{format_credits(remaining)} of {format_credits(limit)} left. "
         + (
             "It does not reset; ask an administrator to raise it."
             if period == "total"
@@ -320,4 +358,5 @@ def _refusal(
         remaining=credits_json(remaining),
         cost=credits_json(charge.credits),
         resets_at=isoformat(window_end(period, start)),
+        **({"end_user": charge.end_user} if scope == "end_user" else {}),
     )

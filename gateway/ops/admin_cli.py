@@ -68,7 +68,9 @@ def add_parsers(
     budgets = sub.add_parser("budgets", help="budgets").add_subparsers(dest="action", required=True)
     p = budgets.add_parser("set", parents=both, help="create a budget or change its limit")
     p.add_argument("scope", choices=services.SCOPES)
-    p.add_argument("subject", help="team name, user name or key id")
+    p.add_argument(
+        "subject", help="team name, user name, key id, or USER/END_USER (USER/* for each end user of USER)"
+    )
     p.add_argument("limit", help="credits, e.g. 25 or 0.5")
     p.add_argument("--period", required=True, choices=PERIODS)
     p.add_argument("--soft", action="store_true", help="counted and alerted on, never refusing")
@@ -80,6 +82,7 @@ def add_parsers(
     p = budgets.add_parser("list", parents=both, help="budgets with spent, held, remaining")
     p.add_argument("--scope", choices=services.SCOPES)
     p.add_argument("--subject")
+    p.add_argument("--expand", action="store_true", help="also the end users' budgets made from defaults")
 
     p = sub.add_parser("report", parents=both, help="billing report of charged requests")
     p.set_defaults(action=None)
@@ -222,9 +225,11 @@ def _action(
         ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
         columns = ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
-        return (lambda c: services.list_budgets(c, args.scope, args.subject)), lambda rows: _table(
+        return (
+            lambda c: services.list_budgets(c, args.scope, args.subject, expand=args.expand)
+        ), lambda rows: _table(
             [{**r, "alert_at": ",".join(map(str, r["alert_at"]))} for r in rows],
-            [*columns, "enforce", "alert_at"],
+            [*columns, "enforce", "alert_at", *(["from_default"] if args.expand else [])],
         )
     if command == ("report", None):
         report = reports.parse_query(args.start, args.end, args.group_by)

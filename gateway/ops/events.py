@@ -15,7 +15,7 @@ from sqlalchemy import Connection, bindparam, text
 
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import from_key, iso_us, isoformat, window_end
-from gateway.ops import ledger
+from gateway.ops import ledger, subjects
 from gateway.ops.reports import parse_range, range_clause
 from gateway.ops.services import check_choice
 
@@ -23,13 +23,11 @@ THRESHOLD_CROSSED = "budget.threshold_crossed"
 TEST = "webhook.test"
 TYPES = (THRESHOLD_CROSSED,)
 
-# An event with its budget's scope, subject (team or user name, or key id) and period.
+# An event with its budget's scope, subject (team or user name, key id, USER/END_USER) and period.
 EVENT_COLUMNS = (
     "SELECT e.id, e.type, e.created_at, e.window_start, e.threshold, e.limit_micros, e.spent_micros, "
-    "e.enforce, b.scope, COALESCE(t.name, u.name, b.subject), b.period, e.rearmed_at, e.dispatched "
-    "FROM alert_events e JOIN budgets b ON b.id = e.budget_id "
-    "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
-    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject"
+    f"e.enforce, b.scope, {subjects.SUBJECT_NAME}, b.period, e.rearmed_at, e.dispatched "
+    f"FROM alert_events e JOIN budgets b ON b.id = e.budget_id {subjects.SUBJECT_JOINS}"
 )
 _DELIVERIES = text(
     "SELECT event_id, endpoint, state, attempts, last_error, last_status, next_attempt_at, delivered_at "

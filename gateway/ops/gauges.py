@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, Connection, bindparam, text
 from gateway.core import admission, metering
 from gateway.core.windows import PERIODS, window_keys
 from gateway.errors import LedgerUnavailable
+from gateway.ops import subjects
 from gateway.ops.metrics import Metrics
 from gateway.store import Store
 
@@ -30,13 +31,14 @@ DEBOUNCE_SECONDS = 0.5
 
 # One row per budget, with its counter in the current window of its period (if any).
 _BUDGETS_NOW = text(
-    "SELECT b.scope, COALESCE(t.name, u.name, b.subject), b.period, b.limit_micros, "
+    f"SELECT b.scope, {subjects.SUBJECT_NAME}, b.period, b.limit_micros, "
     "COALESCE(c.spent_micros, 0), COALESCE(c.held_micros, 0) "
-    "FROM budgets b "
-    "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
-    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
+    f"FROM budgets b {subjects.SUBJECT_JOINS} "
     + admission.CURRENT_COUNTER
-    + " WHERE b.deleted_at IS NULL"
+    # Not the end users' budgets made from defaults, one per end user: labels stay bounded. (The
+    # defaults themselves have no counter.)
+    + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL "
+    "AND NOT (b.scope = 'end_user' AND b.subject = CAST(b.user_id AS VARCHAR(32)) || '/*')"
 ).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
 
 Labels = tuple[str, str, str]

@@ -25,7 +25,10 @@ from sqlalchemy import Connection, text
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import from_key, iso_us, isoformat
 from gateway.errors import InvalidRequest, NotFound
-from gateway.ops import services  # the module: services -> audit -> ledger -> services is a cycle
+from gateway.ops import (  # services: the module: services -> audit -> ledger -> services is a cycle
+    services,
+    subjects,
+)
 from gateway.ops.reports import parse_range, range_clause
 from gateway.web.attribution import MAX_END_USER
 
@@ -234,9 +237,7 @@ ORDER BY 1, 2
 """
 
 _BUDGET_NAMES = (
-    "SELECT b.id, b.scope, b.period, COALESCE(t.name, u.name, b.subject) FROM budgets b "
-    "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
-    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject"
+    f"SELECT b.id, b.scope, b.period, {subjects.SUBJECT_NAME} FROM budgets b {subjects.SUBJECT_JOINS}"
 )
 
 

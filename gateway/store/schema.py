@@ -83,7 +83,7 @@ class Budget(Base):
     __tablename__ = "budgets"
     __table_args__ = (
         Index("uq_budgets_scope_subject_period", "scope", "subject", "period", unique=True),
-        CheckConstraint("scope IN ('team', 'user', 'key')", name="scope"),
+        CheckConstraint("scope IN ('team', 'user', 'key', 'end_user')", name="scope"),
         CheckConstraint("period IN ('daily', 'weekly', 'monthly', 'total')", name="period"),
         CheckConstraint("limit_micros >= 0", name="limit_micros"),
         # Budget rows are never deleted (see `deleted_at`); AUTOINCREMENT keeps ids of rows deleted
@@ -93,8 +93,9 @@ class Budget(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     scope: Mapped[str] = mapped_column(String(8))
-    # The id of the team, user or key, as text.
-    subject: Mapped[str] = mapped_column(String(32))
+    # The id of the team, user or key, as text; for an end user's, "USER_ID/END_USER" ("USER_ID/*":
+    # a default, see `default_id`).
+    subject: Mapped[str] = mapped_column(String(160))
     period: Mapped[str] = mapped_column(String(8))
     limit_micros: Mapped[int] = mapped_column(BigInteger)
     # False: counted, reported and alerted on, never refusing (a soft budget).
@@ -106,6 +107,11 @@ class Budget(Base):
     updated_at: Mapped[int] = mapped_column(BigInteger)
     # The budget's alert thresholds, "50,80,100" ("" none); NULL: the defaults (see `AlertDefaults`).
     alert_at: Mapped[str | None] = mapped_column(String(200))
+    # An end-user budget's user (its subject names the same id), for joins by key; NULL otherwise.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    # Set on an end user's budget that admission created from a default (`USER_ID/*`, this id) on
+    # the end user's first request: it follows the default's limit. NULL: set by an administrator.
+    default_id: Mapped[int | None] = mapped_column(ForeignKey("budgets.id"), index=True)
 
 
 class BudgetCounter(Base):

@@ -309,9 +309,13 @@ async def delete_budget(request: web.Request) -> web.Response:
 
 @_admin
 async def list_budgets(request: web.Request) -> web.Response:
-    """GET /admin/v1/budgets[?scope=&subject=] with each budget's current window."""
-    params = query_params(request, ("scope", "subject"))
-    budgets = await _run(request, services.list_budgets, params.get("scope"), params.get("subject"))
+    """GET /admin/v1/budgets[?scope=&subject=&expand=] with each budget's current window."""
+    params = query_params(request, ("scope", "subject", "expand"))
+    expand = params.get("expand", "false")
+    if expand not in ("true", "false"):
+        raise InvalidRequest(f"`expand` must be true or false; got {expand[:100]!r}.", field="expand")
+    list_them = functools.partial(services.list_budgets, expand=expand == "true")
+    budgets = await _run(request, list_them, params.get("scope"), params.get("subject"))
     return json_response(budgets)
 
 

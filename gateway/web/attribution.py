@@ -17,15 +17,16 @@ _TAG = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 def end_user(header: str | None, body_user: Any) -> str | None:
     """The end user: the header's if sent (it wins), else the body's `user` string, else None."""
     if header is not None:
-        return _checked(header, f"The {END_USER_HEADER} header")
+        return checked_end_user(header, f"The {END_USER_HEADER} header")
     if body_user is None:
         return None
     if not isinstance(body_user, str):
         raise InvalidRequest("`user` must be a string naming the end user (at most 128 characters).")
-    return _checked(body_user, "The body's `user`")
+    return checked_end_user(body_user, "The body's `user`")
 
 
-def _checked(value: str, what: str) -> str | None:
+def checked_end_user(value: str, what: str) -> str | None:
+    """An end user as sent (`what` says where, for the error); None for an empty one."""
     if len(value) > MAX_END_USER:
         raise InvalidRequest(
             f"{what} is {len(value)} characters long; an end user is at most {MAX_END_USER} characters."

@@ -1,12 +1,14 @@
 """Self-service usage, `GET /api/v1/usage`: what the caller's own gateway key may still spend.
 
-The answer is about the calling key only, found from its `Authorization: Bearer` header; it takes
-no parameters, so it can name no one else. It holds:
+The answer is about the calling key only, found from its `Authorization: Bearer` header; it can
+name no one else. It may name one of the key's user's end users (the `X-Gateway-End-User` header,
+as on a chat request, or the `end_user` query parameter). It holds:
 
 - `key`: the key's id, its user and the user's team;
-- `budgets`: every budget that applies to the key (the key's, its user's, its team's), in the
-  admin API's shape (`scope, subject, period, limit, spent, held, remaining, window_start,
-  resets_at`). A team budget's `spent` is the whole team's: that is what limits this key;
+- `budgets`: every budget that applies to the key (the key's, its user's, its team's, and with an
+  end user named, that end user's, or the defaults they would get theirs from), in the admin API's
+  shape (`scope, subject, period, limit, spent, held, remaining, window_start, resets_at`). A team
+  budget's `spent` is the whole team's: that is what limits this key;
 - `usage`: for the current UTC `daily`, `weekly` and `monthly` windows, the charged `requests`,
   `messages` and `credits` of this key (`key`) and of its user across all their keys (`user`),
   counted as the billing report counts them (charged ledger rows, by admission time; `credits`
@@ -24,7 +26,8 @@ from gateway.core.metering import Caller, now_us
 from gateway.core.pricing import credits_json
 from gateway.core.windows import from_us, isoformat, window_end, window_start
 from gateway.jsonout import json_response
-from gateway.ops.services import list_budgets
+from gateway.ops.services import end_user_budgets, list_budgets
+from gateway.web import attribution
 from gateway.web.admin import query_params
 from gateway.web.state import KEYS, STORE
 
@@ -39,8 +42,11 @@ def add_routes(router: web.UrlDispatcher) -> None:
 async def my_usage(request: web.Request) -> web.Response:
     """GET /api/v1/usage: the calling key's budgets and usage this window."""
     caller = await request.app[KEYS].caller(request.headers.get("Authorization"))
-    query_params(request, ())
-    return json_response(await request.app[STORE].read(key_usage, caller, now_us()))
+    params = query_params(request, ("end_user",))
+    end_user = attribution.end_user(request.headers.get(attribution.END_USER_HEADER), None)
+    if end_user is None and "end_user" in params:
+        end_user = attribution.checked_end_user(params["end_user"], "The `end_user` query parameter")
+    return json_response(await request.app[STORE].read(key_usage, caller, now_us(), end_user))
 
 
 _USAGE = text(
@@ -66,11 +72,14 @@ def _sums(requests: int, messages: int, credits: int) -> dict[str, Any]:
     return {"requests": int(requests), "messages": int(messages), "credits": credits_json(int(credits))}
 
 
-def key_usage(conn: Connection, caller: Caller, at: int) -> dict[str, Any]:
-    """Unit of work: the budgets that apply to the caller's key, and its usage in the current windows."""
+def key_usage(conn: Connection, caller: Caller, at: int, end_user: str | None = None) -> dict[str, Any]:
+    """Unit of work: the budgets that apply to the caller's key (and to `end_user`, one of its
+    user's end users), and its usage in the current windows."""
     budgets = list_budgets(conn, "key", caller.key_id, at) + list_budgets(conn, "user", caller.user_name, at)
     if caller.team_name is not None:
         budgets += list_budgets(conn, "team", caller.team_name, at)
+    if end_user is not None:
+        budgets += end_user_budgets(conn, caller.user_id, end_user, at)
     moment = from_us(at)
     usage = []
     for period in PERIODS:

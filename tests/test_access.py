@@ -218,6 +218,34 @@ async def test_rotation_moves_the_key_budget_with_what_it_spent(admin_world: Wor
     await assert_counters_match_ledger(w)
 
 
+async def test_during_the_grace_the_old_key_spends_from_the_key_budget_that_moved(admin_world: World) -> None:
+    """Requests through a rotated key in its grace count on its key budget, which moved to the new key;
+    rotated again, the first key follows to the newest."""
+    w = admin_world
+    old = await ok(w, "POST", "/admin/v1/keys", 201, json={"user": "alice", "name": "svc"})
+    await ok(
+        w,
+        "PUT",
+        "/admin/v1/budgets",
+        json={"scope": "key", "subject": old["id"], "period": "daily", "limit": 1},
+    )
+    new = await ok(w, "POST", f"/admin/v1/keys/{old['id']}/rotate", 201, json={"grace_seconds": 3600})
+    assert (await w.chat(old["key"], messages=6)).status == 200
+    assert (await w.chat(new["key"], messages=3)).status == 200
+    (budget,) = await ok(w, "GET", f"/admin/v1/budgets?scope=key&subject={new['id']}")
+    assert (budget["spent"], budget["remaining"]) == (0.9, 0.1)
+    await error(await w.chat(old["key"], messages=2), 402, "budget_exceeded")
+    newest = await ok(w, "POST", f"/admin/v1/keys/{new['id']}/rotate", 201, json={"grace_seconds": 3600})
+    assert (await ok(w, "GET", "/admin/v1/keys?user=alice"))[0]["rotated_to"] == newest["id"]
+    await error(await w.chat(old["key"], messages=2), 402, "budget_exceeded")
+    assert (await w.chat(old["key"], messages=1)).status == 200
+    for key in (old, new, newest):
+        await error(await w.chat(key["key"], messages=1), 402, "budget_exceeded")
+    (budget,) = await ok(w, "GET", f"/admin/v1/budgets?scope=key&subject={newest['id']}")
+    assert (budget["spent"], budget["remaining"]) == (1, 0)
+    await assert_counters_match_ledger(w)
+
+
 async def test_v1_models_with_the_openai_sdk(admin_world: World) -> None:
     w = admin_world
     key = await ok(w, "POST", "/admin/v1/keys", 201, json={"user": "alice", "models": [PRO, SMALL]})

@@ -31,7 +31,7 @@ CURRENT_COUNTER = (
 _BUDGETS_AND_COUNTERS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
     "b.enforce AND b.deleted_at IS NULL FROM budgets b "
-    f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject = :key) "
+    f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject IN (:key, :successor)) "
     "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team) "
     "OR (b.scope = 'end_user' AND b.subject = :end_user)"
 )
@@ -71,7 +71,9 @@ _PLACE_HOLD = (
     "+ excluded.held_micros <= b.limit_micros OR NOT b.enforce OR b.deleted_at IS NOT NULL "
     "FROM budgets b WHERE b.id = excluded.budget_id)"
 )
-_KEY_STATE = "SELECT revoked_at, blocked_at, expires_at FROM api_keys WHERE id = :key"
+# A key's state, and the key that replaced it (`keys rotate`): during the grace, its key budgets,
+# which moved to that key, still hold requests through this one.
+_KEY_STATE = "SELECT revoked_at, blocked_at, expires_at, rotated_to FROM api_keys WHERE id = :key"
 
 _INSERT_HOLD = (
     "INSERT INTO holds (request_id, instance_id, key_id, user_id, team_id, model, message_count, "
@@ -225,6 +227,7 @@ def _admit_sqlite(
                 {
                     **windows,
                     "key": caller.key_id,
+                    "successor": None if key is None else key[3],
                     "user": str(caller.user_id),
                     "team": str(caller.team_id),
                     "end_user": end_user,

@@ -185,9 +185,14 @@ def rotate_key(
     )
     # The key's own budgets move to the new key with their counters (deleted ones too, which still
     # count): what was spent in the window stays spent, so a rotation is never a fresh allowance.
-    # During the grace, requests through the old key count on its user's and team's budgets only.
+    # During the grace, admission holds requests through the old key on them too (by `rotated_to`),
+    # so keys it replaced that are still in their grace now point at the new key.
     conn.execute(
         text("UPDATE budgets SET subject = :new, updated_at = :at WHERE scope = 'key' AND subject = :old"),
+        {"new": new["id"], "old": key_id, "at": at},
+    )
+    conn.execute(
+        text("UPDATE api_keys SET rotated_to = :new WHERE rotated_to = :old AND revoked_at > :at"),
         {"new": new["id"], "old": key_id, "at": at},
     )
     conn.execute(

@@ -1,9 +1,13 @@
-"""End-user budgets: scope `end_user`, subject `USER_ID/END_USER`, and defaults `USER_ID/*`
+"""End-user budgets (scope `end_user`, subject `USER_ID/END_USER`, defaults `USER_ID/*`); rotated keys
 
 `budgets` gets `user_id` (the user whose end users an `end_user` budget is for: its subject names
 it, this column lets listings join its name by key) and `default_id` (set on a budget created from a
 default for one end user, NULL on one set by an administrator). The scope check admits `end_user`;
 `subject` widens to hold a user id, a slash and a 128-character end user.
+
+A request through a rotated key in its grace is also held on the key budgets that moved to the key
+that replaced it (`api_keys.rotated_to`): before this, it counted on its user's and team's budgets
+only.
 
 A default (`USER_ID/*`) has no counter of its own: admission creates, on an end user's first request
 in a period with no budget of their own, that end user's budget at the default's limit
@@ -119,6 +123,11 @@ BEGIN
              WITH ORDINALITY AS q(key_id, user_id, team_id, end_user, daily, weekly, monthly, total, i)
         CROSS JOIN LATERAL (
             SELECT b.* FROM budgets b WHERE b.scope = 'key' AND b.subject = q.key_id
+            UNION ALL
+            -- A rotated key in its grace: its key budgets moved to the key that replaced it.
+            SELECT b.* FROM api_keys ak
+            JOIN budgets b ON b.scope = 'key' AND b.subject = ak.rotated_to
+            WHERE ak.id = q.key_id AND ak.rotated_to IS NOT NULL
             UNION ALL
             SELECT b.* FROM budgets b WHERE b.scope = 'user' AND b.subject = q.user_id::text
             UNION ALL
@@ -259,9 +268,8 @@ def downgrade() -> None:
         op.execute(_migration("0009").ADMIT.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
     # What counted on end-user budgets goes with them (0009 has no such scope); the ledger stays.
     ids = "SELECT id FROM budgets WHERE scope = 'end_user'"
-    op.execute(
-        f"DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM alert_events WHERE budget_id IN ({ids}))"
-    )
+    events = f"SELECT id FROM alert_events WHERE budget_id IN ({ids})"
+    op.execute(f"DELETE FROM webhook_deliveries WHERE event_id IN ({events})")
     for table in ("alert_events", "allocations", "budget_counters"):
         op.execute(f"DELETE FROM {table} WHERE budget_id IN ({ids})")
     op.execute("DELETE FROM budgets WHERE scope = 'end_user'")

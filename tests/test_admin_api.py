@@ -204,6 +204,8 @@ async def test_budgets(admin_world: World) -> None:
         "resets_at": None,
         "enforce": True,
         "alert_at": [80, 100],
+        "default": False,
+        "from_default": None,
     }
     assert budget["resets_at"].endswith("T00:00:00Z")
     assert (await w.chat(key["key"], messages=2)).status == 200

@@ -58,6 +58,8 @@ def test_admin_commands(
         "resets_at": None,
         "enforce": True,
         "alert_at": [80, 100],
+        "default": False,
+        "from_default": None,
     }
     assert _run(capsys, "budgets", "set", "key", key["id"], "1", "--period", "total")[0] == 0
     code, out, _ = _run(capsys, "budgets", "list")

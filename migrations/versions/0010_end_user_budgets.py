@@ -91,17 +91,17 @@ BEGIN
     IF EXISTS (SELECT 1 FROM unnest(p_end_user) AS e(end_user) WHERE e.end_user IS NOT NULL) THEN
         INSERT INTO budgets AS b (scope, subject, period, limit_micros, enforce, alert_at, created_at,
                                   updated_at, user_id, default_id)
-        SELECT 'end_user', n.subject, d.period, d.limit_micros, d.enforce, d.alert_at, n.at, n.at,
-               n.user_id, d.id
+        SELECT 'end_user', fresh.subject, d.period, d.limit_micros, d.enforce, d.alert_at, fresh.at, fresh.at,
+               fresh.user_id, d.id
         FROM (SELECT q.user_id, q.user_id::text || '/' || q.end_user AS subject, max(q.at) AS at
               FROM unnest(p_user_id, p_end_user, p_admitted_at) WITH ORDINALITY AS q(user_id, end_user, at, i)
               WHERE q.end_user IS NOT NULL AND live[q.i]
-              GROUP BY q.user_id, q.end_user) n
-        JOIN budgets d ON d.scope = 'end_user' AND d.subject = n.user_id::text || '/*'
+              GROUP BY q.user_id, q.end_user) fresh
+        JOIN budgets d ON d.scope = 'end_user' AND d.subject = fresh.user_id::text || '/*'
                       AND d.deleted_at IS NULL
-        WHERE NOT EXISTS (SELECT 1 FROM budgets o WHERE o.scope = 'end_user' AND o.subject = n.subject
+        WHERE NOT EXISTS (SELECT 1 FROM budgets o WHERE o.scope = 'end_user' AND o.subject = fresh.subject
                           AND o.period = d.period AND o.deleted_at IS NULL)
-        ORDER BY n.subject, d.period
+        ORDER BY fresh.subject, d.period
         ON CONFLICT (scope, subject, period) DO UPDATE
         SET limit_micros = excluded.limit_micros, enforce = excluded.enforce,
             alert_at = excluded.alert_at, default_id = excluded.default_id, deleted_at = NULL,

@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+from sqlalchemy import text
 
 from gateway.core.metering import now_us
 from gateway.core.pricing import DEFAULT_PRICES
@@ -155,14 +156,18 @@ async def test_block_and_unblock(admin_world: World) -> None:
     assert (await w.chat(key["key"])).status == 200
 
 
-async def test_admission_refuses_a_key_blocked_after_its_cache_entry(world: World) -> None:
-    """SQLite: the admission's own key check sees a block the cache has not seen yet."""
-    if world.store.__class__.__name__ != "SqliteStore":
-        pytest.skip("on PostgreSQL admission checks revocation only; the 2 s cache refuses a block")
+async def test_admission_refuses_a_key_blocked_or_expired_after_its_cache_entry(world: World) -> None:
+    """The admission's own key check (both backends) sees a block the cache has not seen yet, and
+    an expiry set meanwhile."""
     key = await world.key("alice")
     assert (await world.chat(key["key"])).status == 200  # cached
     await world.admin(access.block_key, key["id"], now_us())
     await _refused(world, key["key"], SMALL, "blocked")
+    other = await world.key("alice")
+    assert (await world.chat(other["key"])).status == 200  # cached, with no expiry
+    expire = text("UPDATE api_keys SET expires_at = 1 WHERE id = :id")  # behind the cache's back
+    await world.store.run(lambda conn: conn.execute(expire, {"id": other["id"]}))
+    await _refused(world, other["key"], SMALL, "expired")
     assert await world.sql("SELECT 1 FROM holds") == []
 
 

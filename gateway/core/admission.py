@@ -116,9 +116,8 @@ def admit_many(
     """Admit `calls` (`admit`'s arguments each, from any callers) together, as if one after the other.
 
     A refusal takes nothing from the others: results are (True, Admission) or (False, a refusal:
-    BudgetExceeded, or Unauthorized for a key revoked by now; on SQLite also one blocked or expired
-    by now, which on PostgreSQL the key caches refuse), in the order of `calls`, exactly
-    what admitting them one after the other would give. A request that costs 0 is always admitted.
+    BudgetExceeded, or Unauthorized for a key revoked, blocked or expired by now), in the order of
+    `calls`, exactly what admitting them one after the other would give. A request that costs 0 is always admitted.
     PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
     """
     if conn.dialect.name == "postgresql":
@@ -142,8 +141,8 @@ def _admit_pg(
     for (charge, _, at), rows in zip(calls, rows_of, strict=True):
         # Each row: request, budget, scope, period, limit, window, spent, held, enforce, refusal.
         refused = rows[0][9]
-        if refused == "revoked":
-            results.append((False, revoked()))
+        if refused in KEY_STATES:
+            results.append((False, key_refused(refused)))
         elif refused is not None:
             _, _, scope, period, limit, window, spent, held, _, _ = rows[0]
             results.append((False, _refusal(charge, scope, period, limit, window, spent, held)))
@@ -162,6 +161,8 @@ def revoked() -> Unauthorized:
     )
 
 
+# Why a key is refused, as admission says it on either backend (`key_state`).
+KEY_STATES = ("revoked", "blocked", "expired")
 KEY_REFUSALS = {
     "blocked": "This gateway key is blocked. Ask an administrator to unblock it ('gateway keys unblock ID').",
     "expired": "This gateway key has expired. Ask an administrator for a new key, or to extend it "

@@ -5,7 +5,8 @@ it, this column lets listings join its name by key) and `default_id` (set on a b
 default for one end user, NULL on one set by an administrator). The scope check admits `end_user`;
 `subject` widens to hold a user id, a slash and a 128-character end user.
 
-A request through a rotated key in its grace is also held on the key budgets that moved to the key
+Admission refuses a key blocked or expired by then, as on SQLite (before, revocation only; the
+key caches refused the others within their 2 s). A request through a rotated key in its grace is also held on the key budgets that moved to the key
 that replaced it (`api_keys.rotated_to`): before this, it counted on its user's and team's budgets
 only.
 
@@ -53,6 +54,7 @@ AS $$
 DECLARE
     n integer := coalesce(array_length(p_request_id, 1), 0);
     live boolean[];
+    key_refusal varchar[];
     -- The budgets of each live request, in (request, budget id) order.
     m_req integer[];
     m_budget integer[];
@@ -77,11 +79,15 @@ DECLARE
     refused_at integer;
     pos integer;
 BEGIN
-    -- A key revoked by the time of admission is refused.
-    SELECT array_agg(ak.id IS NOT NULL AND (ak.revoked_at IS NULL OR ak.revoked_at > q.at) ORDER BY q.i)
-    INTO live
-    FROM unnest(p_key_id, p_admitted_at) WITH ORDINALITY AS q(key_id, at, i)
-    LEFT JOIN api_keys ak ON ak.id = q.key_id AND ak.id = ANY(p_key_id);
+    -- A key revoked, blocked or expired by the time of admission is refused (as
+    -- gateway/core/admission.py's key_state says, in that order).
+    SELECT array_agg(k.refusal ORDER BY k.i), array_agg(k.refusal IS NULL ORDER BY k.i)
+    INTO key_refusal, live
+    FROM (SELECT q.i, CASE WHEN ak.id IS NULL OR ak.revoked_at <= q.at THEN 'revoked'
+                           WHEN ak.blocked_at IS NOT NULL THEN 'blocked'
+                           WHEN ak.expires_at <= q.at THEN 'expired' END AS refusal
+          FROM unnest(p_key_id, p_admitted_at) WITH ORDINALITY AS q(key_id, at, i)
+          LEFT JOIN api_keys ak ON ak.id = q.key_id AND ak.id = ANY(p_key_id)) k;
 
     -- End users of a user with a default end-user budget (`USER/*`) and none of their own in that
     -- period get their own, created here on first use at the default's limit (or one deleted
@@ -184,7 +190,7 @@ BEGIN
         o_req := r;
         IF NOT live[r] THEN
             o_budget := NULL; o_scope := NULL; o_period := NULL; o_limit := NULL; o_window := NULL;
-            o_spent := NULL; o_held := NULL; o_enforce := NULL; o_refusal := 'revoked';
+            o_spent := NULL; o_held := NULL; o_enforce := NULL; o_refusal := key_refusal[r];
             RETURN NEXT;
             CONTINUE;
         END IF;

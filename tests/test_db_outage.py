@@ -1,77 +1,27 @@
 """Database outages: fail closed fast, forward nothing, recover alone, leak no hold.
 
-PostgreSQL is reached through a small TCP proxy that the test can cut (every proxied socket
-closed, new ones refused) and restore. SQLite is made unusable the way it really happens: another
-connection holds the write lock (`BEGIN EXCLUSIVE`), so every transaction of the gateway waits out
-its busy timeout and fails.
+How the database is taken away (a TCP proxy cut on PostgreSQL, SQLite's write lock held by another
+connection): tests/outage_helpers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from gateway.ops.fake_upstream import FakeUpstream
-from gateway.ops.metrics import Metrics
-from gateway.ops.settings import Secret, Settings
-from gateway.store import open_store, sqlite_path
-from gateway.web.app import create_app
 
 from .conftest import Backend, World, assert_counters_match_ledger
+from .outage_helpers import OSS20, Call, Setup, answered_during_an_outage, chat, eventually, outage_gateway
 from .tcp_proxy import TcpProxy
 
-OSS20 = "openai/gpt-oss-20b"
 ANSWER_WITHIN = 2.0  # seconds: a chat request or /readyz during an outage
 RECOVER_WITHIN = 5.0  # seconds after the database is back
 TTL = 3.0  # the gateway's hold TTL: short, so that lost holds are released within the test
-
-
-class Outage(Protocol):
-    """A way to take the database away from the gateway, and give it back."""
-
-    async def cut(self) -> None: ...
-
-    async def restore(self) -> None: ...
-
-
-class SqliteLock:
-    """Another connection holding SQLite's write lock: the gateway's transactions cannot begin."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.conn: sqlite3.Connection | None = None
-
-    async def cut(self) -> None:
-        def lock() -> sqlite3.Connection:
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            conn.execute("BEGIN EXCLUSIVE")
-            return conn
-
-        self.conn = await asyncio.to_thread(lock)
-
-    async def restore(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await asyncio.to_thread(_rollback_and_close, conn)
-
-
-def _rollback_and_close(conn: sqlite3.Connection) -> None:
-    conn.execute("ROLLBACK")
-    conn.close()
-
-
-@dataclass
-class Setup:
-    world: World
-    outage: Outage
-    key: str
 
 
 @pytest.fixture
@@ -79,72 +29,8 @@ async def setup(
     backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any
 ) -> AsyncIterator[Setup]:
     """A gateway whose database can be cut: alice's key, with a daily budget of 1000 credits."""
-    upstream, upstream_url = fake
-    proxy: TcpProxy | None = None
-    url = backend.url
-    outage: Outage
-    if backend.name == "postgresql":
-        real = make_url(backend.url)
-        proxy = TcpProxy((real.host or "127.0.0.1", real.port or 5432))
-        await proxy.start()
-        # Uncached statements, so the proxy sees each one's SQL (its trap looks for it).
-        proxied = real.set(host="127.0.0.1", port=proxy.port, query={"prepared_statement_cache_size": "0"})
-        url = proxied.render_as_string(hide_password=False)
-        outage = proxy
-    else:
-        outage = SqliteLock(sqlite_path(url))
-    store = open_store(url, pool_size=10)
-    settings = Settings(
-        database_url=url,
-        upstream_url=upstream_url,
-        upstream_api_key=Secret("upstream-secret"),
-        upstream_timeout_seconds=2,
-        hold_ttl_seconds=TTL,
-    )
-    metrics = Metrics()
-    client = await aiohttp_client(create_app(settings, store=store, metrics=metrics))
-    world = World(client, store, upstream, settings, metrics, aiohttp_client)
-    try:
-        await world.team("eng")
-        await world.user("alice", "eng")
-        await world.budget("user", "alice", "1000")
-        key = (await world.key("alice"))["key"]
-        yield Setup(world, outage, key)
-    finally:
-        await outage.restore()
-        await client.close()
-        await store.close()
-        if proxy is not None:
-            await proxy.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Call:
-    tag: str
-    started: float
-    ended: float
-    status: int
-    error_type: str | None
-    request_id: str | None
-
-
-async def _chat(w: World, key: str, tag: str, **extra: Any) -> Call:
-    body = {"model": OSS20, "messages": [{"role": "user", "content": tag}], **extra}
-    started = time.monotonic()
-    resp = await w.client.post("/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key}"})
-    payload = await resp.read()
-    error_type = None
-    if resp.status >= 400 and resp.content_type == "application/json":
-        error_type = (await resp.json()).get("error", {}).get("type")
-    assert payload is not None
-    return Call(tag, started, time.monotonic(), resp.status, error_type, resp.headers.get("X-Request-Id"))
+    async with outage_gateway(backend, fake, aiohttp_client, hold_ttl_seconds=TTL) as s:
+        yield s
 
 
 def _tags_upstream_saw(upstream: FakeUpstream) -> set[str]:
@@ -167,7 +53,7 @@ async def test_outage_under_load(setup: Setup) -> None:
         i = 0
         while not stop.is_set():
             i += 1
-            calls.append(await _chat(w, key, f"w{n}-{i}", stream=i % 3 == 0))
+            calls.append(await chat(w, key, f"w{n}-{i}", stream=i % 3 == 0))
             await asyncio.sleep(0.01)
 
     workers = [asyncio.ensure_future(worker(n)) for n in range(8)]
@@ -224,16 +110,8 @@ async def test_settlement_during_an_outage_is_written_when_the_database_is_back(
     setup: Setup, stream: bool
 ) -> None:
     """Admitted before the outage, answered by upstream during it: the hold becomes a charge later."""
-    w, key = setup.world, setup.key
-    w.upstream.header_delay = 1.0
-    call = asyncio.ensure_future(_chat(w, key, "during", stream=stream))
-
-    async def held() -> bool:
-        return bool(await w.sql("SELECT 1 FROM holds"))
-
-    await eventually(held, 5, "the request to be admitted")
-    await setup.outage.cut()
-    result = await asyncio.wait_for(call, 10)
+    w = setup.world
+    result = await answered_during_an_outage(setup, stream)
     assert result.status == 200  # upstream answered 2xx; the charge waits for the database
     await asyncio.sleep(1.0)
     await setup.outage.restore()
@@ -252,10 +130,10 @@ async def test_settlement_during_an_outage_is_written_when_the_database_is_back(
 async def test_nothing_is_forwarded_while_the_database_is_down(setup: Setup) -> None:
     """With a key already cached, the gateway still refuses: admission needs the database."""
     w, key = setup.world, setup.key
-    assert (await _chat(w, key, "warm")).status == 200  # the key is cached now
+    assert (await chat(w, key, "warm")).status == 200  # the key is cached now
     await setup.outage.cut()
     try:
-        results = await asyncio.gather(*(_chat(w, key, f"down-{i}") for i in range(20)))
+        results = await asyncio.gather(*(chat(w, key, f"down-{i}") for i in range(20)))
     finally:
         await setup.outage.restore()
     assert {(c.status, c.error_type) for c in results} == {(503, "ledger_unavailable")}
@@ -279,10 +157,10 @@ async def test_admission_whose_commit_answer_is_lost_is_released_after_the_ttl(
         pytest.skip("SQLite runs in the gateway's process: no answer to a commit gets lost")
     w, key = setup.world, setup.key
     assert isinstance(setup.outage, TcpProxy)
-    warm = await _chat(w, key, "warm")
+    warm = await chat(w, key, "warm")
     assert warm.status == 200
     setup.outage.trap = b"gateway_admit_batch("  # admission: one statement, committed by itself
-    lost = await _chat(w, key, "lost")
+    lost = await chat(w, key, "lost")
     assert (lost.status, lost.error_type) == (503, "ledger_unavailable")
     assert setup.outage.trap is None, "the trap never sprang"
     assert _tags_upstream_saw(w.upstream) == {"warm"}
@@ -304,9 +182,9 @@ async def test_settlement_whose_commit_answer_is_lost_is_counted_once(setup: Set
         pytest.skip("SQLite runs in the gateway's process: no answer to a commit gets lost")
     w, key = setup.world, setup.key
     assert isinstance(setup.outage, TcpProxy)
-    assert (await _chat(w, key, "warm")).status == 200
+    assert (await chat(w, key, "warm")).status == 200
     setup.outage.trap = b"gateway_settle_batch("
-    lost = await _chat(w, key, "lost")
+    lost = await chat(w, key, "lost")
     assert lost.status == 200
     assert setup.outage.trap is None, "the trap never sprang"
 
@@ -325,7 +203,7 @@ async def test_a_stream_longer_than_the_ttl_keeps_its_hold(setup: Setup) -> None
     w, key = setup.world, setup.key
     w.upstream.chunk_delay = TTL / 4  # six chunks: the stream outlives the TTL by half
     started = time.monotonic()
-    call = await _chat(w, key, "long", stream=True)
+    call = await chat(w, key, "long", stream=True)
     assert call.status == 200 and time.monotonic() - started > TTL * 1.3
     rows = await w.sql("SELECT outcome, credits_micros FROM ledger")
     assert [tuple(r) for r in rows] == [("charged", 100_000)]

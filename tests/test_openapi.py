@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from gateway.errors import InvalidRequest
 from gateway.ops.settings import Settings
+from gateway.web import attribution
 from gateway.web.app import create_app
 from gateway.web.openapi import SPEC
 
@@ -81,6 +83,49 @@ def test_chat_body_schema(body: dict[str, Any], valid: bool) -> None:
     )
     validators = pytest.importorskip("openapi_schema_validator")
     assert validators.OAS30Validator(schema).is_valid(body) is valid
+
+
+def _chat_header(name: str) -> Any:
+    return next(p["schema"] for p in SPEC["paths"]["/api/v1/chat"]["post"]["parameters"] if p["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a",
+        "team:search, env/prod",
+        "a," * 9 + "a",
+        "a," * 10 + "a",
+        "a,,b",
+        "",
+        "a b",
+        "x" * 64,
+        "x" * 65,
+        "a!",
+    ],
+)
+def test_tags_header_schema_is_what_the_gateway_accepts(value: str) -> None:
+    """The documented X-Gateway-Tags pattern accepts exactly the values attribution.tags accepts."""
+    try:
+        attribution.tags(value)
+        accepted = True
+    except InvalidRequest:
+        accepted = False
+    validators = pytest.importorskip("openapi_schema_validator")
+    assert validators.OAS30Validator(_chat_header(attribution.TAGS_HEADER)).is_valid(value) is accepted
+
+
+@pytest.mark.parametrize(("value", "valid"), [("", True), ("u" * 128, True), ("u" * 129, False)])
+def test_end_user_header_schema(value: str, valid: bool) -> None:
+    """The documented X-Gateway-End-User limit is the one attribution.end_user applies."""
+    validators = pytest.importorskip("openapi_schema_validator")
+    assert validators.OAS30Validator(_chat_header(attribution.END_USER_HEADER)).is_valid(value) is valid
+    try:
+        attribution.end_user(value, None)
+        accepted = True
+    except InvalidRequest:
+        accepted = False
+    assert accepted is valid
 
 
 async def test_served(world: World) -> None:

@@ -9,82 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.ops.fake_upstream import FakeUpstream
-from gateway.ops.metrics import Metrics
-from gateway.ops.settings import Secret, Settings
+from gateway.ops.settings import Settings
 from gateway.store import open_store, sqlite_path
-from gateway.web.app import create_app
 
-from .conftest import Backend, World, assert_counters_match_ledger
-from .tcp_proxy import TcpProxy
-from .test_db_outage import Outage, SqliteLock, _chat, eventually
+from .conftest import Backend, assert_counters_match_ledger
+from .outage_helpers import Setup, SqliteLock, answered_during_an_outage, chat, outage_gateway
 
 
-@asynccontextmanager
-async def _gateway(
+def _gateway(
     backend: Backend, fake: tuple[FakeUpstream, str], aiohttp_client: Any, grace: float
-) -> AsyncIterator[tuple[World, Outage, str]]:
-    """A gateway whose database can be cut, with alice's key (a daily budget of 1000 credits)."""
-    upstream, upstream_url = fake
-    proxy: TcpProxy | None = None
-    url = backend.url
-    outage: Outage
-    if backend.name == "postgresql":
-        real = make_url(backend.url)
-        proxy = TcpProxy((real.host or "127.0.0.1", real.port or 5432))
-        await proxy.start()
-        url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        outage = proxy
-    else:
-        outage = SqliteLock(sqlite_path(url))
-    store = open_store(url, pool_size=10)
-    settings = Settings(
-        database_url=url,
-        upstream_url=upstream_url,
-        upstream_api_key=Secret("upstream-secret"),
-        upstream_timeout_seconds=2,
-        hold_ttl_seconds=60,
-        shutdown_grace_seconds=grace,
-    )
-    metrics = Metrics()
-    client = await aiohttp_client(create_app(settings, store=store, metrics=metrics))
-    world = World(client, store, upstream, settings, metrics, aiohttp_client)
-    try:
-        await world.team("eng")
-        await world.user("alice", "eng")
-        await world.budget("user", "alice", "1000")
-        key = (await world.key("alice"))["key"]
-        yield world, outage, key
-    finally:
-        await outage.restore()
-        await client.close()
-        await store.close()
-        if proxy is not None:
-            await proxy.close()
-
-
-async def _answered_during_an_outage(w: World, outage: Outage, key: str) -> str:
-    """A request admitted, then answered 2xx by upstream while the database is down: its request id."""
-    w.upstream.header_delay = 1.0
-    call = asyncio.ensure_future(_chat(w, key, "during"))
-
-    async def held() -> bool:
-        return bool(await w.sql("SELECT 1 FROM holds"))
-
-    await eventually(held, 5, "the request to be admitted")
-    await outage.cut()
-    result = await asyncio.wait_for(call, 10)
-    assert result.status == 200 and result.request_id is not None
-    return result.request_id
+) -> AbstractAsyncContextManager[Setup]:
+    """A gateway whose database can be cut (tests/outage_helpers.py), with a shutdown grace of `grace` s."""
+    return outage_gateway(backend, fake, aiohttp_client, hold_ttl_seconds=60, shutdown_grace_seconds=grace)
 
 
 async def test_a_settlement_pending_at_shutdown_is_retried_for_the_grace(
@@ -93,8 +37,10 @@ async def test_a_settlement_pending_at_shutdown_is_retried_for_the_grace(
     """Issue 15 item 7: the database is down when the process is told to stop, and back 6 s later,
     within the 10 s grace. The request upstream answered 2xx is charged by this process before it
     exits; only then does it retire its heartbeat row (so no sweep could record it `expired`)."""
-    async with _gateway(backend, fake, aiohttp_client, grace=10) as (w, outage, key):
-        request_id = await _answered_during_an_outage(w, outage, key)
+    async with _gateway(backend, fake, aiohttp_client, grace=10) as s:
+        w, outage = s.world, s.outage
+        request_id = (await answered_during_an_outage(s)).request_id
+        assert request_id is not None
         closing = asyncio.ensure_future(w.client.close())
         await asyncio.sleep(6)
         assert not closing.done(), "the process stopped before its settlement was written"
@@ -112,8 +58,9 @@ async def test_a_settlement_still_unwritten_after_the_grace_keeps_its_instance_r
 ) -> None:
     """The database stays down past the grace: the process exits saying how many requests it left
     unsettled, and leaves its heartbeat row and their holds, so the TTL rules apply to them."""
-    async with _gateway(backend, fake, aiohttp_client, grace=2) as (w, outage, key):
-        await _answered_during_an_outage(w, outage, key)
+    async with _gateway(backend, fake, aiohttp_client, grace=2) as s:
+        w = s.world
+        assert (await answered_during_an_outage(s)).status == 200
         with caplog.at_level(logging.ERROR, logger="gateway.web.shutdown"):
             await asyncio.wait_for(w.client.close(), 15)
         assert [r.getMessage() for r in caplog.records if "unsettled" in r.getMessage()] == [
@@ -142,7 +89,8 @@ async def test_a_stream_cut_while_the_database_is_down_is_charged_when_it_is_bac
     """A stream outlives the 1 s grace while the database is down: it is cut, its settlement fails
     and is retried after the cut; the database is back 3 s later, the charge is written (its 2xx
     headers went out), and only then does the process retire."""
-    async with _gateway(backend, fake, aiohttp_client, grace=1) as (w, outage, key):
+    async with _gateway(backend, fake, aiohttp_client, grace=1) as s:
+        w, outage, key = s.world, s.outage, s.key
         w.upstream.chunk_delay = 2.0  # 12 s a stream
         resp = await w.client.post(
             "/api/v1/chat",
@@ -201,12 +149,13 @@ async def test_an_admission_that_commits_after_its_request_was_cut_is_released(
     """Issue 15 item 8: the request is cut at shutdown while its admission waits for the database;
     the admission commits afterwards. The process releases that hold itself before it exits (one
     ledger row, `upstream_unavailable`, not charged): nothing is left for a sweep, nothing forwarded."""
-    async with _gateway(backend, fake, aiohttp_client, grace=0.3) as (w, _, key):
-        assert (await _chat(w, key, "warm")).status == 200  # the key is cached, the counter exists
+    async with _gateway(backend, fake, aiohttp_client, grace=0.3) as s:
+        w, key = s.world, s.key
+        assert (await chat(w, key, "warm")).status == 200  # the key is cached, the counter exists
         lock = _CounterLock(backend)
         holding = asyncio.ensure_future(lock.hold())
         await asyncio.wait_for(lock.locked.wait(), 5)
-        call = asyncio.ensure_future(_chat(w, key, "cut"))
+        call = asyncio.ensure_future(chat(w, key, "cut"))
         await asyncio.sleep(0.2)  # the request waits for its admission
         closing = asyncio.ensure_future(w.client.close())
         await asyncio.sleep(0.6)  # past the grace: the request has been cut

@@ -117,8 +117,8 @@ def admit_many(
 
     A refusal takes nothing from the others: results are (True, Admission) or (False, a refusal:
     BudgetExceeded, or Unauthorized for a key revoked, blocked or expired by now), in the order of
-    `calls`, exactly what admitting them one after the other would give. A request that costs 0 is always admitted.
-    PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
+    `calls`, exactly what admitting them one after the other would give. A request that costs 0 is
+    always admitted. PostgreSQL: one statement. SQLite: see `_admit_sqlite`.
     """
     if conn.dialect.name == "postgresql":
         return _admit_pg(conn, calls)

@@ -24,7 +24,7 @@ from gateway.errors import AdminDisabled, InvalidRequest, Unauthorized
 from gateway.jsonout import json_response
 from gateway.ops import access, adjustments, audit, events, ledger, reports, services, webhooks
 from gateway.web.auth import bearer_token
-from gateway.web.chat import read_body
+from gateway.web.body import read_body
 from gateway.web.state import GAUGES, KEYS, SETTINGS, STORE
 
 PREFIX = "/admin/v1"

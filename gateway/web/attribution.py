@@ -11,7 +11,9 @@ END_USER_HEADER = "X-Gateway-End-User"
 TAGS_HEADER = "X-Gateway-Tags"
 MAX_END_USER = 128
 MAX_TAGS = 10
-_TAG = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+# One tag (a regular expression, also in the OpenAPI document).
+TAG = r"[A-Za-z0-9_.:/-]{1,64}"
+_TAG = re.compile(TAG)
 
 
 def end_user(header: str | None, body_user: Any) -> str | None:

@@ -22,6 +22,7 @@ from gateway.ops.events import TYPES as EVENT_TYPES
 from gateway.ops.ledger import MAX_LIMIT, OUTCOMES
 from gateway.ops.reports import CREDIT_SUMS, GROUPS, SUMS
 from gateway.ops.services import MAX_NAME, SCOPES
+from gateway.web.attribution import END_USER_HEADER, MAX_END_USER, MAX_TAGS, TAG, TAGS_HEADER
 
 JSON = "application/json"
 STRING = {"type": "string"}
@@ -38,6 +39,11 @@ MODELS = {
     "description": "an allow-list of priced models; null: every priced model",
 }
 EXPIRES = {**TIME, "nullable": True, "description": "when the key stops working (in the future); null: never"}
+# A budget's scope (`end_user`: contract section 11).
+SCOPE = {"type": "string", "enum": list(SCOPES)}
+# A budget's subject: a team or user name, a key id, or `USER/END_USER` or `USER/*` for an end user's.
+SUBJECT = {**NAME, "maxLength": MAX_NAME + 1 + MAX_END_USER}
+END_USER = {"type": "string", "maxLength": MAX_END_USER}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -137,10 +143,27 @@ SSE_EVENT = {
     "description": "One server-sent event relayed from upstream: `data` is a JSON chunk, the last `[DONE]`",
 }
 
+_END_USER_HEADER = _param(
+    END_USER_HEADER,
+    END_USER,
+    f"The end user the request is for (at most {MAX_END_USER} characters, else 400 invalid_request "
+    "naming the header); wins over the body's `user`",
+    "header",
+)
 _CHAT = {
     "summary": "Chat completion, metered and forwarded upstream",
     "tags": ["chat"],
     "security": [{"gatewayKey": []}],
+    "parameters": [
+        _END_USER_HEADER,
+        _param(
+            TAGS_HEADER,
+            {"type": "string", "pattern": rf"^[ \t]*{TAG}[ \t]*(,[ \t]*{TAG}[ \t]*){{0,{MAX_TAGS - 1}}}$"},
+            f"Tags of the request, comma-separated: at most {MAX_TAGS}, each 1-64 characters of "
+            "A-Z a-z 0-9 _ . : / - (a bad one: 400 invalid_request naming the header)",
+            "header",
+        ),
+    ],
     "requestBody": _body("ChatRequest"),
     "responses": _responses(
         {
@@ -190,7 +213,7 @@ SCHEMAS: dict[str, Any] = {
                 {
                     "type": {"type": "string", "enum": ["budget_exceeded"]},
                     "message": STRING,
-                    "scope": {"type": "string", "enum": list(SCOPES)},
+                    "scope": SCOPE,
                     "subject": STRING,
                     "period": {"type": "string", "enum": list(PERIODS)},
                     "limit": NUMBER,
@@ -238,8 +261,12 @@ SCHEMAS: dict[str, Any] = {
     "ModelsPatch": _object({"models": MODELS}, ("models",)),
     "BudgetPut": _object(
         {
-            "scope": {"type": "string", "enum": list(SCOPES)},
-            "subject": {**NAME, "description": "team name, user name or key id"},
+            "scope": SCOPE,
+            "subject": {
+                **SUBJECT,
+                "description": "team name, user name, key id; for end_user USER/END_USER, or USER/* for a "
+                "default: each end user of USER without a budget of their own gets a counter at its limit",
+            },
             "period": {"type": "string", "enum": list(PERIODS)},
             "limit": {
                 "oneOf": [
@@ -253,8 +280,8 @@ SCHEMAS: dict[str, Any] = {
     ),
     "BudgetDelete": _object(
         {
-            "scope": {"type": "string", "enum": list(SCOPES)},
-            "subject": NAME,
+            "scope": SCOPE,
+            "subject": SUBJECT,
             "period": {"type": "string", "enum": list(PERIODS)},
         },
         ("scope", "subject", "period"),
@@ -311,7 +338,7 @@ SCHEMAS: dict[str, Any] = {
     ),
     "Budget": _object(
         {
-            "scope": {"type": "string", "enum": list(SCOPES)},
+            "scope": SCOPE,
             "subject": STRING,
             "period": {"type": "string", "enum": list(PERIODS)},
             "limit": NUMBER,
@@ -320,6 +347,13 @@ SCHEMAS: dict[str, Any] = {
             "remaining": NUMBER,
             "window_start": TIME,
             "resets_at": _nullable(TIME),
+            "default": {"type": "boolean", "description": "true for a `USER/*` default (scope end_user)"},
+            "from_default": _nullable(
+                {
+                    "type": "string",
+                    "description": "the `USER/*` default this per-end-user budget was created from",
+                }
+            ),
         },
         ("scope", "subject", "period", "limit", "spent", "held", "remaining", "window_start", "resets_at"),
     ),
@@ -456,6 +490,14 @@ PATHS: dict[str, Any] = {
             "operationId": "selfUsage",
             "tags": ["chat"],
             "security": [{"gatewayKey": []}],
+            "parameters": [
+                {
+                    **_END_USER_HEADER,
+                    "description": f"An end user of the key's user (at most {MAX_END_USER} characters): "
+                    "their budgets are listed too; wins over the `end_user` parameter",
+                },
+                _param("end_user", END_USER, "an end user of the key's user: their budgets are listed too"),
+            ],
             "responses": _responses(
                 {200: _ok("Budgets and usage of this key", _ref("SelfUsage"))}, 400, 401, 503
             ),
@@ -601,8 +643,13 @@ PATHS: dict[str, Any] = {
             _responses({200: _ok("Budgets", _array(_ref("Budget")))}, *ADMIN_ERRORS, 404),
             operationId="listBudgets",
             parameters=[
-                _param("scope", {"type": "string", "enum": list(SCOPES)}, "only budgets of this scope"),
-                _param("subject", NAME, "only this team, user or key (needs scope)"),
+                _param("scope", SCOPE, "only budgets of this scope"),
+                _param("subject", SUBJECT, "only this team, user, key or end user (needs scope)"),
+                _param(
+                    "expand",
+                    {"type": "boolean"},
+                    "also list the per-end-user budgets created from `USER/*` defaults (default false)",
+                ),
             ],
         ),
     },
@@ -694,7 +741,7 @@ SCHEMAS.update(
                 "created_at": TIME,
                 "data": _object(
                     {
-                        "scope": {"type": "string", "enum": list(SCOPES)},
+                        "scope": SCOPE,
                         "subject": STRING,
                         "period": {"type": "string", "enum": list(PERIODS)},
                         "window_start": TIME,

@@ -43,9 +43,10 @@ async def my_usage(request: web.Request) -> web.Response:
     """GET /api/v1/usage: the calling key's budgets and usage this window."""
     caller = await request.app[KEYS].caller(request.headers.get("Authorization"))
     params = query_params(request, ("end_user",))
-    end_user = attribution.end_user(request.headers.get(attribution.END_USER_HEADER), None)
-    if end_user is None and "end_user" in params:
+    end_user = None
+    if "end_user" in params:
         end_user = attribution.checked_end_user(params["end_user"], "The `end_user` query parameter")
+    end_user = attribution.end_user(request.headers.get(attribution.END_USER_HEADER), end_user)
     return json_response(await request.app[STORE].read(key_usage, caller, now_us(), end_user))
 
 

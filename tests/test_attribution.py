@@ -72,6 +72,16 @@ async def test_tags_are_stored_on_the_row_and_in_ledger_tags(admin_world: World)
     assert (await ok(w, "GET", "/admin/v1/ledger", params={"end_user": "nobody"}))["entries"] == []
 
 
+def test_only_spaces_and_tabs_around_a_tag_are_trimmed() -> None:
+    from gateway.errors import InvalidRequest
+    from gateway.web.attribution import tags
+
+    assert tags(" a ,\tb\t") == ("a", "b")
+    for bad in ("a,\u00a0b", "a\u2003", "\u00a0"):
+        with pytest.raises(InvalidRequest, match="characters other than"):
+            tags(bad)
+
+
 @pytest.mark.parametrize(
     ("headers", "extra", "named"),
     [

@@ -40,7 +40,8 @@ def tags(header: str | None) -> tuple[str, ...]:
     """The tags of the `X-Gateway-Tags` header, in the order sent, each once; () without one."""
     if header is None:
         return ()
-    found = [tag.strip() for tag in header.split(",")]
+    # Spaces and tabs around a tag are allowed (HTTP list style); nothing else is trimmed.
+    found = [tag.strip(" \t") for tag in header.split(",")]
     if len(found) > MAX_TAGS:
         raise InvalidRequest(
             f"The {TAGS_HEADER} header has {len(found)} tags; send at most {MAX_TAGS}, separated by commas."

@@ -59,7 +59,8 @@ async def test_a_default_gives_each_end_user_exactly_its_limit_under_concurrency
     w = admin_world
     monkeypatch.setenv("GATEWAY_DATABASE_URL", backend.url)
     key = (await w.key("alice"))["key"]
-    await _budget(w, "alice/*", "0.5")
+    default = await cli_json(capsys, "budgets", "set", "end_user", "alice/*", "0.5", "--period", "daily")
+    assert (default["scope"], default["subject"], default["default"]) == ("end_user", "alice/*", True)
     w.upstream.chunk_delay = 0.001
     calls: list[str | None] = [END_USERS[i % 3] for i in range(300)] + [None] * 12
     random.Random(19).shuffle(calls)

@@ -6,9 +6,9 @@ default for one end user, NULL on one set by an administrator). The scope check 
 `subject` widens to hold a user id, a slash and a 128-character end user.
 
 Admission refuses a key blocked or expired by then, as on SQLite (before, revocation only; the
-key caches refused the others within their 2 s). A request through a rotated key in its grace is also held on the key budgets that moved to the key
-that replaced it (`api_keys.rotated_to`): before this, it counted on its user's and team's budgets
-only.
+key caches refused the others within their 2 s). A request through a rotated key in its grace is
+also held on the key budgets that moved to the key that replaced it (`api_keys.rotated_to`):
+before this, it counted on its user's and team's budgets only.
 
 A default (`USER_ID/*`) has no counter of its own: admission creates, on an end user's first request
 in a period with no budget of their own, that end user's budget at the default's limit

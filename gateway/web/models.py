@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.core.pricing import credits_json
 from gateway.jsonout import json_response
-from gateway.web.admin import query_params
+from gateway.web.admin_request import query_params
 from gateway.web.state import KEYS, SETTINGS
 
 

@@ -28,7 +28,7 @@ from gateway.core.windows import from_us, isoformat, window_end, window_start
 from gateway.jsonout import json_response
 from gateway.ops.services import end_user_budgets, list_budgets
 from gateway.web import attribution
-from gateway.web.admin import query_params
+from gateway.web.admin_request import query_params
 from gateway.web.state import KEYS, STORE
 
 PERIODS = ("daily", "weekly", "monthly")

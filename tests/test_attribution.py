@@ -94,6 +94,8 @@ def test_only_spaces_and_tabs_around_a_tag_are_trimmed() -> None:
         ({"X-Gateway-End-User": "u" * 129}, {}, "X-Gateway-End-User header is 129"),
         ({}, {"user": "u" * 129}, "`user` is 129"),
         ({}, {"user": 42}, "`user` must be a string"),
+        ({"X-Gateway-End-User": "*"}, {}, "names every end user"),
+        ({}, {"user": "*"}, "names every end user"),
     ],
 )
 async def test_bad_attribution_is_400_and_nothing_is_forwarded(

@@ -115,7 +115,9 @@ def test_tags_header_schema_is_what_the_gateway_accepts(value: str) -> None:
     assert validators.OAS30Validator(_chat_header(attribution.TAGS_HEADER)).is_valid(value) is accepted
 
 
-@pytest.mark.parametrize(("value", "valid"), [("", True), ("u" * 128, True), ("u" * 129, False)])
+@pytest.mark.parametrize(
+    ("value", "valid"), [("", True), ("u" * 128, True), ("u" * 129, False), ("*", False), ("**", True)]
+)
 def test_end_user_header_schema(value: str, valid: bool) -> None:
     """The documented X-Gateway-End-User limit is the one attribution.end_user applies."""
     validators = pytest.importorskip("openapi_schema_validator")

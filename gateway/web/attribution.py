@@ -10,6 +10,7 @@ from gateway.errors import InvalidRequest
 END_USER_HEADER = "X-Gateway-End-User"
 TAGS_HEADER = "X-Gateway-Tags"
 MAX_END_USER = 128
+ANY_END_USER = "*"  # a default end-user budget's end user (USER/*): no end user is named so
 MAX_TAGS = 10
 # One tag (a regular expression, also in the OpenAPI document).
 TAG = r"[A-Za-z0-9_.:/-]{1,64}"
@@ -32,6 +33,11 @@ def checked_end_user(value: str, what: str) -> str | None:
     if len(value) > MAX_END_USER:
         raise InvalidRequest(
             f"{what} is {len(value)} characters long; an end user is at most {MAX_END_USER} characters."
+        )
+    if value == ANY_END_USER:
+        # Budgets name every end user of a user so ("USER/*"): one named so could have none of their own.
+        raise InvalidRequest(
+            f"{what} is '*', which names every end user in budgets; name the end user otherwise."
         )
     return value or None
 

@@ -17,7 +17,8 @@ NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "description": 
 SCOPE = {"type": "string", "enum": list(SCOPES)}
 # A budget's subject: a team or user name, a key id, or `USER/END_USER` or `USER/*` for an end user's.
 SUBJECT = {**NAME, "maxLength": MAX_NAME + 1 + MAX_END_USER}
-END_USER = {"type": "string", "maxLength": MAX_END_USER}
+# ("*" is refused: it is the end user of a default budget, USER/*.)
+END_USER = {"type": "string", "maxLength": MAX_END_USER, "not": {"enum": ["*"]}}
 
 
 def ref(name: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from gateway.core.metering import Admission, Charge, Refusal, joined
+from gateway.core.metering import Admission, Caller, Charge, Refusal, joined
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
 from gateway.errors import BudgetExceeded, Unauthorized
@@ -28,13 +28,18 @@ CURRENT_COUNTER = (
     + " END"
 )
 # `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts).
-_BUDGETS_AND_COUNTERS = (
+_BUDGET_COLUMNS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
-    "b.enforce AND b.deleted_at IS NULL FROM budgets b "
-    f"{CURRENT_COUNTER} WHERE (b.scope = 'key' AND b.subject IN (:key, :successor)) "
-    "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team) "
-    "OR (b.scope = 'end_user' AND b.subject = :end_user)"
+    f"b.enforce AND b.deleted_at IS NULL FROM budgets b {CURRENT_COUNTER} "
 )
+# A caller's key, user and team budgets, and their user's end-user defaults (`USER_ID/*`: no
+# counter of their own; read to know whether end users need `ADOPT_DEFAULTS`).
+_BUDGETS_AND_COUNTERS = (
+    _BUDGET_COLUMNS + "WHERE (b.scope = 'key' AND b.subject IN (:key, :successor)) "
+    "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team) "
+    "OR (b.scope = 'end_user' AND b.subject = :defaults)"
+)
+_END_USER_BUDGETS = _BUDGET_COLUMNS + "WHERE b.scope = 'end_user' AND b.subject = :end_user"
 # An end user's budgets from their user's defaults (`USER_ID/*`), for each period they have none of
 # their own in: created at the default's limit on first use, or one deleted becomes the default's
 # again (gateway_admit_batch does the same on PostgreSQL).
@@ -50,11 +55,6 @@ ADOPT_DEFAULTS = (
     "enforce = excluded.enforce, alert_at = excluded.alert_at, default_id = excluded.default_id, "
     "deleted_at = NULL, updated_at = excluded.updated_at WHERE b.deleted_at IS NOT NULL"
 )
-
-
-def end_user_subject(user_id: int, end_user: str | None) -> str | None:
-    """How an end user's budgets name them: "USER_ID/END_USER" (None: no end user, no such budgets)."""
-    return None if end_user is None else f"{user_id}/{end_user}"
 
 
 # Creates the window's counter with these holds (one request's, or a group's sum), or adds them to
@@ -203,9 +203,11 @@ def _admit_sqlite(
     # The counters this group's admissions hold on: each gets its update, even adding 0 credits (a
     # free model's), so that every window with allocations has its counter, as one by one it would.
     placed: set[tuple[int, int]] = set()
-    # Per caller and day: why the key is refused (None: live), and its budgets (id, scope, period,
-    # window, enforce).
-    budgets_of: dict[Hashable, tuple[str | None, list[tuple[int, str, str, int, bool]]]] = {}
+    # Per caller and day: why the key is refused (None: live), its budgets (id, scope, period,
+    # window, enforce), and whether its user has end-user defaults; per user, end user and day,
+    # the end user's budgets. (One key serving many end users reads its own budgets once.)
+    budgets_of: dict[Hashable, tuple[str | None, list[Budget], bool]] = {}
+    end_user_budgets_of: dict[Hashable, list[Budget]] = {}
     results: list[tuple[bool, Admission | Refusal]] = []
     holds: list[tuple[Any, ...]] = []
     allocation_rows: list[tuple[Any, ...]] = []
@@ -214,35 +216,20 @@ def _admit_sqlite(
         who = _caller_and_day(charge, at)
         known = budgets_of.get(who)
         if known is None:
-            caller = charge.caller
-            key = db.first(_KEY_STATE, {"key": caller.key_id})
-            state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
-            budgets: list[tuple[int, str, str, int, bool]] = []
-            known = budgets_of[who] = (state, budgets)
-            end_user = end_user_subject(caller.user_id, charge.end_user)
-            if end_user is not None and state is None:
-                defaults = f"{caller.user_id}/*"
-                db.changed(ADOPT_DEFAULTS, {"end_user": end_user, "defaults": defaults, "at": at})
-            read = db.all(
-                _BUDGETS_AND_COUNTERS,
-                {
-                    **windows,
-                    "key": caller.key_id,
-                    "successor": None if key is None else key[3],
-                    "user": str(caller.user_id),
-                    "team": str(caller.team_id),
-                    "end_user": end_user,
-                },
-            )
-            for budget_id, scope, period, limit, spent, held, enforce in sorted(read):
-                window = windows[period]
-                # A counter another caller of this group shares (their team's) is as that left it.
-                counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
-                budgets.append((budget_id, scope, period, window, bool(enforce)))
-        state, budgets = known
+            known = budgets_of[who] = _read_caller(db, charge.caller, windows, at, counters)
+        state, budgets, defaults = known
         if state is not None:
             results.append((False, key_refused(state)))
             continue
+        if charge.end_user is not None:
+            whom = (charge.caller.user_id, charge.end_user, at // DAY_US)
+            theirs = end_user_budgets_of.get(whom)
+            if theirs is None:
+                theirs = end_user_budgets_of[whom] = _read_end_user(
+                    db, charge, defaults, windows, at, counters
+                )
+            if theirs:
+                budgets = sorted(budgets + theirs)
         credits = charge.credits
         # Refused at the first budget (in id order) it does not fit; a free request always fits.
         refusal: BudgetExceeded | None = None
@@ -285,6 +272,61 @@ def _admit_sqlite(
     return results
 
 
+# A budget as admission holds on it: (id, scope, period, window, enforce).
+Budget = tuple[int, str, str, int, bool]
+
+
+def _read_caller(
+    db: Sql, caller: Caller, windows: dict[str, int], at: int, counters: dict[tuple[int, int], list[int]]
+) -> tuple[str | None, list[Budget], bool]:
+    """A caller's key state, its key, user and team budgets (their counters added to `counters`),
+    and whether its user has end-user defaults."""
+    key = db.first(_KEY_STATE, {"key": caller.key_id})
+    state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
+    read = db.all(
+        _BUDGETS_AND_COUNTERS,
+        {
+            **windows,
+            "key": caller.key_id,
+            "successor": None if key is None else key[3],
+            "user": str(caller.user_id),
+            "team": str(caller.team_id),
+            "defaults": f"{caller.user_id}/*",
+        },
+    )
+    budgets = [budget for budget in _counted(read, windows, counters) if budget[1] != "end_user"]
+    return state, budgets, len(budgets) < len(read)
+
+
+def _read_end_user(
+    db: Sql,
+    charge: Charge,
+    defaults: bool,
+    windows: dict[str, int],
+    at: int,
+    counters: dict[tuple[int, int], list[int]],
+) -> list[Budget]:
+    """The budgets of the charge's end user (made from their user's defaults first, if any),
+    their counters added to `counters`."""
+    subject = f"{charge.caller.user_id}/{charge.end_user}"
+    if defaults:
+        db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": f"{charge.caller.user_id}/*", "at": at})
+    return _counted(db.all(_END_USER_BUDGETS, {**windows, "end_user": subject}), windows, counters)
+
+
+def _counted(
+    read: Sequence[Any], windows: dict[str, int], counters: dict[tuple[int, int], list[int]]
+) -> list[Budget]:
+    """Budgets as read (with their counter in the current window), in id order; each counter goes
+    into `counters` unless this group has it already: then it is as the group's holds left it."""
+    budgets = []
+    for budget_id, scope, period, limit, spent, held, enforce in sorted(read):
+        window = windows[period]
+        counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
+        budgets.append((budget_id, scope, period, window, bool(enforce)))
+    return budgets
+
+
 def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
     """The holds row of an admitted charge, as `_INSERT_HOLD` takes it."""
     caller = charge.caller
@@ -306,9 +348,9 @@ def _hold(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
 
 
 def _caller_and_day(charge: Charge, at: int) -> Hashable:
-    """Requests with the same key and budgets: one caller's, for one end user, the same UTC day."""
+    """Requests with the same key and budgets: one caller's, the same UTC day."""
     caller = charge.caller
-    return (caller.key_id, caller.user_id, caller.team_id, charge.end_user, at // DAY_US)
+    return (caller.key_id, caller.user_id, caller.team_id, at // DAY_US)
 
 
 @grouped(admit_many)

@@ -12,6 +12,16 @@ a process runs about 50 times slower, so at 32 connections the SQLite batches ar
 
     python bench/instructions.py              # this tree's gateway and the bare proxy, ~2 minutes
     python bench/instructions.py --rev HEAD~3 # the gateway of an earlier revision beside them
+    python bench/instructions.py --end-users 1000  # and this tree's gateway with end-user budgets
+
+With --end-users N, this tree's gateway is also counted twice more, each on a fresh file of its
+own, with each request naming one of N end users in `X-Gateway-End-User`, rotating (bench/team.py's
+wrk script): once without end-user budgets, and once with a default end-user budget `USER/*` for the
+account's user (daily, never reached), where the warm-up makes each end user's budget on their
+first request (N below the warm-up's requests, about 200) and every measured request is held on a
+third counter, its end user's. (The plain gateway's requests are all one caller's, which a batch
+reads once; requests of different end users are different callers: the second row shows what
+that costs, the third what the end-user budgets add.)
 
 Needs valgrind (callgrind_control) and wrk.
 """
@@ -28,6 +38,7 @@ from pathlib import Path
 
 import loadgen
 import proxy
+import team
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -49,13 +60,18 @@ def count(
     ready: str,
     headers: dict[str, str],
     seconds: float,
+    lua: str = "",
 ) -> tuple[int, int]:
-    """Start `argv` under callgrind, load it, and return (2xx answers, instructions) of the measured run."""
+    """Start `argv` under callgrind, load it, and return (2xx answers, instructions) of the measured run.
+
+    `lua` is appended to the wrk script (a `request` function of its own, say)."""
     out = servers.workdir / f"{name}.callgrind"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     pid = servers.start(name, [*valgrind, *argv], env)
     servers.wait_ready(name, ready)
     script = loadgen.write_wrk_script(servers.workdir / f"{name}.lua", proxy.chat_body(False), headers)
+    with script.open("a") as extra:
+        extra.write(lua)
     callgrind(pid, "-i", "on")
     loadgen.run_wrk(script, url, WARMUP_SECONDS, CONNECTIONS, 1)
     callgrind(pid, "-z")
@@ -79,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rev", help="also count the gateway of this git revision")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (<= 60)")
+    parser.add_argument(
+        "--end-users", type=int, default=0, help="also the gateway with N end users and a default budget"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.duration <= 60:
         parser.error("--duration must be between 1 and 60 seconds")
+    if not 0 <= args.end_users <= 100_000:
+        parser.error("--end-users must be between 0 and 100000")
     for tool in ("valgrind", "callgrind_control", "wrk"):
         if shutil.which(tool) is None:
             raise SystemExit(
@@ -122,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 headers={"Content-Type": "application/json"},
                 seconds=args.duration,
             )
-            for name, tree in trees.items():
+            # (name, tree, end users, with a default end-user budget)
+            gateways = [(name, tree, 0, False) for name, tree in trees.items()]
+            if args.end_users:
+                named = f"gateway, {args.end_users} end users"
+                n = args.end_users
+                gateways += [(named, ROOT, n, False), (f"{named} + default", ROOT, n, True)]
+            for name, tree, end_users, default in gateways:
                 gw_port = proxy.free_port()
                 label = re.sub(r"\W+", "-", name)
                 env = proxy.gateway_env(
@@ -130,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 proxy.gateway_cli(env, "db", "upgrade")
                 account = proxy.make_account(env)
+                lua = ""
+                if default:
+                    budget = (f"{account.user}/*", proxy.BUDGET_CREDITS, "--period", "daily")
+                    proxy.gateway_cli(env, "budgets", "set", "end_user", *budget, "--json")
+                if end_users:
+                    keys = f'"{account.secret}"'
+                    lua = team.WRK_KEYS.format(
+                        ports=gw_port, keys=keys, end_users=end_users, end_user_base=0, stride=0
+                    )
                 url = f"http://127.0.0.1:{gw_port}"
                 results[name] = count(
                     servers,
@@ -140,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{url}/readyz",
                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {account.secret}"},
                     seconds=args.duration,
+                    lua=lua,
                 )
         finally:
             servers.stop_all()
@@ -153,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         f"callgrind, wrk at {CONNECTIONS} connections, {args.duration:g} s measured "
         f"after {WARMUP_SECONDS:g} s of warm-up"
     )
-    print(f"{'target':<24} {'2xx':>7} {'instructions a request':>24} {'bare / target':>14}")
+    width = max(24, *map(len, results))
+    print(f"{'target':<{width}} {'2xx':>7} {'instructions a request':>24} {'bare / target':>14}")
     for name, (answers, instructions) in results.items():
         per = instructions / answers
-        print(f"{name:<24} {answers:>7,} {per:>24,.0f} {bare_per / per:>14.3f}")
+        print(f"{name:<{width}} {answers:>7,} {per:>24,.0f} {bare_per / per:>14.3f}")
     return 0
 
 

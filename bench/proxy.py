@@ -324,6 +324,7 @@ class Account:
     user_ids: tuple[int, int]
     key_id: str
     secret: str
+    user: str = ""  # the name of the key's user
 
 
 def gateway_cli(env: dict[str, str], *args: str) -> Any:
@@ -346,7 +347,7 @@ def make_account(env: dict[str, str]) -> Account:
     for user in users:
         gateway_cli(env, "budgets", "set", "user", user, BUDGET_CREDITS, "--period", "daily", "--json")
     gateway_cli(env, "budgets", "set", "team", team, BUDGET_CREDITS, "--period", "daily", "--json")
-    return Account(team_id, (user_ids[0], user_ids[1]), key["id"], key["key"])
+    return Account(team_id, (user_ids[0], user_ids[1]), key["id"], key["key"], users[0])
 
 
 class Books:

@@ -113,11 +113,16 @@ asyncio.run(main())
 """
 
 # Appended to loadgen's wrk script (whose local `threads` its `done` reads; this `setup` replaces
-# its own). Thread i is pointed at process i mod n and starts at key i * stride; each request
-# takes the thread's next key, round-robin. The requests are formatted once per thread.
+# its own). Thread i is pointed at process i mod n and its count of requests starts at i * stride;
+# request number r takes key r mod #keys, round-robin, and with end users (bench_end_users > 0)
+# names end user "eu-" .. ((bench_end_base + r) mod bench_end_users) in the X-Gateway-End-User
+# header (numbers below 10^14, which LuaJIT prints in full). The requests are formatted once per
+# thread; the end user's header is spliced in after the request line.
 WRK_KEYS = """
 local bench_ports = {{{ports}}}
 local bench_keys = {{{keys}}}
+local bench_end_users = {end_users}
+local bench_end_base = {end_user_base}
 local bench_addrs = nil
 function setup(thread)
   if bench_addrs == nil then
@@ -131,6 +136,8 @@ function setup(thread)
   thread:set("bench_first", (#threads - 1) * {stride})
 end
 local bench_requests = nil
+local bench_lines = {{}}
+local bench_rest = {{}}
 local bench_next = 0
 function request()
   if bench_requests == nil then
@@ -139,14 +146,30 @@ function request()
       local headers = {{}}
       for name, value in pairs(wrk.headers) do headers[name] = value end
       headers["Authorization"] = "Bearer " .. key
-      bench_requests[i] = wrk.format(nil, nil, headers, nil)
+      local formatted = wrk.format(nil, nil, headers, nil)
+      local eol = string.find(formatted, "\\r\\n", 1, true)
+      bench_requests[i] = formatted
+      bench_lines[i] = string.sub(formatted, 1, eol + 1)
+      bench_rest[i] = string.sub(formatted, eol + 2)
     end
-    bench_next = (bench_first or 0) % #bench_requests
+    bench_next = bench_first or 0
   end
-  bench_next = bench_next % #bench_requests + 1
-  return bench_requests[bench_next]
+  local r = bench_next
+  bench_next = r + 1
+  local i = r % #bench_requests + 1
+  if bench_end_users == 0 then return bench_requests[i] end
+  local end_user = (bench_end_base + r) % bench_end_users
+  return bench_lines[i] .. "X-Gateway-End-User: eu-" .. end_user .. "\\r\\n" .. bench_rest[i]
 end
 """
+
+
+def stride(users: int, end_users: int) -> int:
+    """How far apart wrk's threads start in the rotation: half of it apart (for two threads), and
+    the keys half their list apart too, so that the threads send different users' requests (and,
+    with many end users, different end users') at any time."""
+    span = max(users, end_users) // WRK_THREADS
+    return max(span - span % users + users // WRK_THREADS, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +273,7 @@ class Setup:
     database_url: str
     processes: int = 1
     workers: int = 1  # `gateway serve --workers N` when more than 1
+    end_users: int = 0  # requests name one of this many end users, rotating (0: none)
     ports: list[int] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -377,32 +401,23 @@ class Bench:
 
     def start(self) -> None:
         """The upstream; each setup's database migrated and filled, its processes ready."""
-        py, workdir, args = sys.executable, self.servers.workdir, self.args
+        py, args = sys.executable, self.args
         upstream_port = proxy.free_port()
         self.upstream_url = f"http://127.0.0.1:{upstream_port}/api/v1/chat"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.servers.start("upstream", [py, str(BENCH / "upstream.py"), "--port", str(upstream_port)], env)
-        if not self.serve_has_workers():
-            self.setups[1].skipped = "skipped: no --workers"
-            print(
-                f"{self.setups[1].label}: skipped: no --workers (not in `gateway serve --help`)", flush=True
-            )
+        if any(s.workers > 1 for s in self.setups) and not self.serve_has_workers():
+            for setup in self.setups:
+                if setup.workers > 1:
+                    setup.skipped = "skipped: no --workers"
+                    print(f"{setup.label}: skipped: no --workers (not in `gateway serve --help`)", flush=True)
 
         began = time.monotonic()
         for setup in self.live:
             proxy.gateway_cli(self.env(setup.database_url), "db", "upgrade")
         migrated = time.monotonic()
-        made = subprocess.run(
-            [py, "-c", SETUP_SCRIPT, str(args.users), BUDGET_CREDITS, *(s.database_url for s in self.live)],
-            env=self.env(self.live[0].database_url),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if made.returncode != 0:
-            raise SystemExit(f"making the accounts failed:\n{made.stderr.strip()}")
-        keys = json.loads(made.stdout.strip().splitlines()[-1])
+        keys = self.make_accounts()
         print(
             f"databases migrated in {migrated - began:.1f} s; in each, 1 team, {args.users} users, "
             f"{args.users} keys and {args.users + 1} budgets made in one unit of work "
@@ -411,7 +426,6 @@ class Bench:
         )
 
         serve = [py, "-m", "gateway", "serve", "--no-migrate"]
-        stride = max(args.users // WRK_THREADS, 1)
         for setup in self.live:
             setup.keys = keys[setup.database_url]
             argv = serve + (["--workers", str(setup.workers)] if setup.workers > 1 else [])
@@ -420,21 +434,43 @@ class Bench:
                 name = f"{setup.label} #{i + 1}"
                 setup.pids.append(self.servers.start(name, argv, self.env(setup.database_url, port)))
                 setup.ports.append(port)
-            script = workdir / f"wrk-{''.join(c if c.isalnum() else '-' for c in setup.label)}.lua"
-            loadgen.write_wrk_script(script, proxy.chat_body(False), {"Content-Type": "application/json"})
-            with script.open("a") as lua:
-                lua.write(
-                    WRK_KEYS.format(
-                        ports=", ".join(map(str, setup.ports)),
-                        keys=", ".join(f'"{k}"' for k in setup.keys),
-                        stride=stride,
-                    )
-                )
-            setup.script = script
+            self.write_script(setup)
         self.servers.wait_ready("upstream", f"http://127.0.0.1:{upstream_port}")
         for setup in self.live:
             for i, port in enumerate(setup.ports):
                 self.servers.wait_ready(f"{setup.label} #{i + 1}", f"http://127.0.0.1:{port}/readyz")
+
+    def write_script(self, setup: Setup, end_user_base: int = 0) -> None:
+        """The setup's wrk script; its end users are numbered from `end_user_base` on."""
+        name = "".join(c if c.isalnum() else "-" for c in setup.label)
+        script = self.servers.workdir / f"wrk-{name}.lua"
+        loadgen.write_wrk_script(script, proxy.chat_body(False), {"Content-Type": "application/json"})
+        with script.open("a") as lua:
+            lua.write(
+                WRK_KEYS.format(
+                    ports=", ".join(map(str, setup.ports)),
+                    keys=", ".join(f'"{k}"' for k in setup.keys),
+                    end_users=setup.end_users,
+                    end_user_base=end_user_base,
+                    stride=stride(self.args.users, setup.end_users),
+                )
+            )
+        setup.script = script
+
+    def make_accounts(self) -> dict[str, list[str]]:
+        """The organisation in each live setup's database (SETUP_SCRIPT): its keys' secrets by URL."""
+        made = subprocess.run(
+            [sys.executable, "-c", SETUP_SCRIPT, str(self.args.users), BUDGET_CREDITS]
+            + [s.database_url for s in self.live],
+            env=self.env(self.live[0].database_url),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if made.returncode != 0:
+            raise SystemExit(f"making the accounts failed:\n{made.stderr.strip()}")
+        keys: dict[str, list[str]] = json.loads(made.stdout.strip().splitlines()[-1])
+        return keys
 
     def run_once(self, setup: Setup, seconds: float) -> Sample:
         """One wrk run across the setup's processes."""
@@ -459,10 +495,14 @@ class Bench:
         """A warm-up per setup (pools, key caches), then interleaved rounds."""
         for setup in self.live:
             self.run_once(setup, 1.0)
+        self.warmed_up()
         for round_no in range(1, self.args.rounds + 1):
             for setup in self.live:
                 setup.samples.append(self.run_once(setup, self.args.duration))
             print(f"round {round_no}/{self.args.rounds}: done", flush=True)
+
+    def warmed_up(self) -> None:
+        """Between the warm-up and the rounds (nothing here)."""
 
     def check(self, setup: Setup) -> None:
         """After the gateways stopped: the books of the setup's database, and `gateway ledger verify`."""
@@ -691,8 +731,8 @@ def run(args: argparse.Namespace, servers: proxy.Servers, databases: list[str]) 
             print(f"  {'PASS' if ok else 'FAIL'} {text}")
     print("\nissue 14's goals:")
     targets = goals({s.label: s for s in bench.setups})
-    for ok, text in targets:
-        print(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'} {text}")
+    for met, text in targets:
+        print(f"{'SKIP' if met is None else 'PASS' if met else 'FAIL'} {text}")
     print(
         f"\ntotal {time.monotonic() - started:.0f} s; load average {load:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at end"

@@ -30,7 +30,7 @@ CURRENT_COUNTER = (
 # `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts).
 _BUDGET_COLUMNS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
-    f"b.enforce AND b.deleted_at IS NULL FROM budgets b {CURRENT_COUNTER} "
+    f"b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL FROM budgets b {CURRENT_COUNTER} "
 )
 # A caller's key, user and team budgets, and their user's end-user defaults (`USER_ID/*`: no
 # counter of their own; read to know whether end users need `ADOPT_DEFAULTS`).
@@ -204,9 +204,9 @@ def _admit_sqlite(
     # free model's), so that every window with allocations has its counter, as one by one it would.
     placed: set[tuple[int, int]] = set()
     # Per caller and day: why the key is refused (None: live), its budgets (id, scope, period,
-    # window, enforce), and whether its user has end-user defaults; per user, end user and day,
+    # window, enforce), and the periods of its user's end-user defaults; per user, end user and day,
     # the end user's budgets. (One key serving many end users reads its own budgets once.)
-    budgets_of: dict[Hashable, tuple[str | None, list[Budget], bool]] = {}
+    budgets_of: dict[Hashable, tuple[str | None, list[Budget], frozenset[str]]] = {}
     end_user_budgets_of: dict[Hashable, list[Budget]] = {}
     results: list[tuple[bool, Admission | Refusal]] = []
     holds: list[tuple[Any, ...]] = []
@@ -278,9 +278,9 @@ Budget = tuple[int, str, str, int, bool]
 
 def _read_caller(
     db: Sql, caller: Caller, windows: dict[str, int], at: int, counters: dict[tuple[int, int], list[int]]
-) -> tuple[str | None, list[Budget], bool]:
+) -> tuple[str | None, list[Budget], frozenset[str]]:
     """A caller's key state, its key, user and team budgets (their counters added to `counters`),
-    and whether its user has end-user defaults."""
+    and the periods of its user's end-user defaults."""
     key = db.first(_KEY_STATE, {"key": caller.key_id})
     state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
     read = db.all(
@@ -294,24 +294,28 @@ def _read_caller(
             "defaults": f"{caller.user_id}/*",
         },
     )
+    defaults = frozenset(row[2] for row in read if row[1] == "end_user" and row[7])
     budgets = [budget for budget in _counted(read, windows, counters) if budget[1] != "end_user"]
-    return state, budgets, len(budgets) < len(read)
+    return state, budgets, defaults
 
 
 def _read_end_user(
     db: Sql,
     charge: Charge,
-    defaults: bool,
+    defaults: frozenset[str],
     windows: dict[str, int],
     at: int,
     counters: dict[tuple[int, int], list[int]],
 ) -> list[Budget]:
-    """The budgets of the charge's end user (made from their user's defaults first, if any),
-    their counters added to `counters`."""
+    """The budgets of the charge's end user, their counters added to `counters`; first those their
+    user's `defaults` (periods) give them, where they have no live one of their own yet."""
     subject = f"{charge.caller.user_id}/{charge.end_user}"
-    if defaults:
+    params = {**windows, "end_user": subject}
+    read = db.all(_END_USER_BUDGETS, params)
+    if defaults - {row[2] for row in read if row[7]}:
         db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": f"{charge.caller.user_id}/*", "at": at})
-    return _counted(db.all(_END_USER_BUDGETS, {**windows, "end_user": subject}), windows, counters)
+        read = db.all(_END_USER_BUDGETS, params)
+    return _counted(read, windows, counters)
 
 
 def _counted(
@@ -320,7 +324,7 @@ def _counted(
     """Budgets as read (with their counter in the current window), in id order; each counter goes
     into `counters` unless this group has it already: then it is as the group's holds left it."""
     budgets = []
-    for budget_id, scope, period, limit, spent, held, enforce in sorted(read):
+    for budget_id, scope, period, limit, spent, held, enforce, _ in sorted(read):
         window = windows[period]
         counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
         budgets.append((budget_id, scope, period, window, bool(enforce)))

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from gateway.core.metering import Admission, Caller, Charge, Refusal, joined
+from gateway.core.metering import Admission, Charge, Refusal, joined
 from gateway.core.pricing import credits_json, format_credits
 from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_end, window_keys
 from gateway.errors import BudgetExceeded, Unauthorized
@@ -30,14 +30,16 @@ CURRENT_COUNTER = (
 # `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts).
 _BUDGET_COLUMNS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
-    f"b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL FROM budgets b {CURRENT_COUNTER} "
+    "b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL, b.subject "
+    f"FROM budgets b {CURRENT_COUNTER} "
 )
-# A caller's key, user and team budgets, and their user's end-user defaults (`USER_ID/*`: no
-# counter of their own; read to know whether end users need `ADOPT_DEFAULTS`).
+# A caller's key, user and team budgets, their user's end-user defaults (`USER_ID/*`: no counter
+# of their own; read to know whether end users need `ADOPT_DEFAULTS`), and the budgets of the end
+# user the request names (NULL: none).
 _BUDGETS_AND_COUNTERS = (
     _BUDGET_COLUMNS + "WHERE (b.scope = 'key' AND b.subject IN (:key, :successor)) "
     "OR (b.scope = 'user' AND b.subject = :user) OR (b.scope = 'team' AND b.subject = :team) "
-    "OR (b.scope = 'end_user' AND b.subject = :defaults)"
+    "OR (b.scope = 'end_user' AND b.subject IN (:defaults, :end_user))"
 )
 _END_USER_BUDGETS = _BUDGET_COLUMNS + "WHERE b.scope = 'end_user' AND b.subject = :end_user"
 # An end user's budgets from their user's defaults (`USER_ID/*`), for each period they have none of
@@ -214,15 +216,18 @@ def _admit_sqlite(
     for charge, instance_id, at in calls:
         windows = window_keys(at)
         who = _caller_and_day(charge, at)
+        whom = (charge.caller.user_id, charge.end_user, at // DAY_US)
         known = budgets_of.get(who)
         if known is None:
-            known = budgets_of[who] = _read_caller(db, charge.caller, windows, at, counters)
+            known, theirs = _read_caller(db, charge, windows, at, counters)
+            budgets_of[who] = known
+            if theirs is not None:
+                end_user_budgets_of[whom] = theirs
         state, budgets, defaults = known
         if state is not None:
             results.append((False, key_refused(state)))
             continue
         if charge.end_user is not None:
-            whom = (charge.caller.user_id, charge.end_user, at // DAY_US)
             theirs = end_user_budgets_of.get(whom)
             if theirs is None:
                 theirs = end_user_budgets_of[whom] = _read_end_user(
@@ -277,12 +282,17 @@ Budget = tuple[int, str, str, int, bool]
 
 
 def _read_caller(
-    db: Sql, caller: Caller, windows: dict[str, int], at: int, counters: dict[tuple[int, int], list[int]]
-) -> tuple[str | None, list[Budget], frozenset[str]]:
-    """A caller's key state, its key, user and team budgets (their counters added to `counters`),
-    and the periods of its user's end-user defaults."""
+    db: Sql, charge: Charge, windows: dict[str, int], at: int, counters: dict[tuple[int, int], list[int]]
+) -> tuple[tuple[str | None, list[Budget], frozenset[str]], list[Budget] | None]:
+    """The charge's caller: its key state, its key, user and team budgets, the periods of its
+    user's end-user defaults; and the budgets of the end user the charge names (None when it names
+    none, or the key is refused). Their counters go into `counters`. One query, so a request of a
+    new caller naming an end user costs no more reads than one naming none."""
+    caller = charge.caller
     key = db.first(_KEY_STATE, {"key": caller.key_id})
     state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
+    defaults_subject = f"{caller.user_id}/*"
+    subject = None if charge.end_user is None else f"{caller.user_id}/{charge.end_user}"
     read = db.all(
         _BUDGETS_AND_COUNTERS,
         {
@@ -291,12 +301,19 @@ def _read_caller(
             "successor": None if key is None else key[3],
             "user": str(caller.user_id),
             "team": str(caller.team_id),
-            "defaults": f"{caller.user_id}/*",
+            "defaults": defaults_subject,
+            "end_user": subject,
         },
     )
-    defaults = frozenset(row[2] for row in read if row[1] == "end_user" and row[7])
-    budgets = [budget for budget in _counted(read, windows, counters) if budget[1] != "end_user"]
-    return state, budgets, defaults
+    defaults = frozenset(
+        row[2] for row in read if row[1] == "end_user" and row[8] == defaults_subject and row[7]
+    )
+    budgets = _counted([row for row in read if row[1] != "end_user"], windows, counters)
+    theirs = None
+    if subject is not None and state is None:
+        mine = [row for row in read if row[1] == "end_user" and row[8] == subject]
+        theirs = _read_end_user(db, charge, defaults, windows, at, counters, mine)
+    return (state, budgets, defaults), theirs
 
 
 def _read_end_user(
@@ -306,12 +323,15 @@ def _read_end_user(
     windows: dict[str, int],
     at: int,
     counters: dict[tuple[int, int], list[int]],
+    read: list[Any] | None = None,
 ) -> list[Budget]:
-    """The budgets of the charge's end user, their counters added to `counters`; first those their
-    user's `defaults` (periods) give them, where they have no live one of their own yet."""
+    """The budgets of the charge's end user (`read` already, or read here), their counters added
+    to `counters`; first those their user's `defaults` (periods) give them, where they have no live
+    one of their own yet."""
     subject = f"{charge.caller.user_id}/{charge.end_user}"
     params = {**windows, "end_user": subject}
-    read = db.all(_END_USER_BUDGETS, params)
+    if read is None:
+        read = db.all(_END_USER_BUDGETS, params)
     if defaults - {row[2] for row in read if row[7]}:
         db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": f"{charge.caller.user_id}/*", "at": at})
         read = db.all(_END_USER_BUDGETS, params)
@@ -324,7 +344,7 @@ def _counted(
     """Budgets as read (with their counter in the current window), in id order; each counter goes
     into `counters` unless this group has it already: then it is as the group's holds left it."""
     budgets = []
-    for budget_id, scope, period, limit, spent, held, enforce, _ in sorted(read):
+    for budget_id, scope, period, limit, spent, held, enforce, *_ in sorted(read):
         window = windows[period]
         counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
         budgets.append((budget_id, scope, period, window, bool(enforce)))

@@ -63,7 +63,7 @@ import asyncio, sys
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 limit, urls = sys.argv[1], sys.argv[2:]
@@ -72,7 +72,7 @@ limit, urls = sys.argv[1], sys.argv[2:]
 def defaults(conn):
     at = now_us()
     for (name,) in conn.execute(text("SELECT name FROM users ORDER BY id")).all():
-        services.set_budget(conn, "end_user", f"{name}/*", "daily", limit, at)
+        budgeting.set_budget(conn, "end_user", f"{name}/*", "daily", limit, at)
 
 
 async def main():

@@ -4,8 +4,8 @@ One team of --users users (200), each with a key of their own and a daily user b
 monthly team budget, all far too large to block: every request is fully metered (key auth, holds
 on the user's and the team's budgets, settlement, a ledger row), and the team's counter row is
 shared by every request while the users' rows are not. The accounts are made in one unit of work
-per database by the gateway's own admin functions (gateway/ops/services.py through the store), not by
-hundreds of CLI runs.
+per database by the gateway's own admin functions (gateway/ops/services.py and budgeting.py, through
+the store), not by hundreds of CLI runs.
 
 Setups, each on a database of its own so that its books and its PostgreSQL commits are its own:
 
@@ -77,7 +77,7 @@ GOAL_SQLITE_WORKERS = 1.3
 SETUP_SCRIPT = r"""
 import asyncio, json, secrets, sys
 
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.core.metering import now_us
 from gateway.store import open_store
 
@@ -88,12 +88,12 @@ def organisation(conn):
     at, suffix = now_us(), secrets.token_hex(3)
     team = f"org-{suffix}"
     services.create_team(conn, team, at)
-    services.set_budget(conn, "team", team, "monthly", limit, at)
+    budgeting.set_budget(conn, "team", team, "monthly", limit, at)
     keys = []
     for i in range(users):
         user = f"org-{suffix}-user-{i:04d}"
         services.create_user(conn, user, team, at)
-        services.set_budget(conn, "user", user, "daily", limit, at)
+        budgeting.set_budget(conn, "user", user, "daily", limit, at)
         keys.append(services.create_key(conn, user, "bench", at)["key"])
     return keys
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import create_engine, text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.metrics import Metrics
 from gateway.ops.settings import Settings
@@ -157,7 +157,7 @@ class World:
         return dict(await self.admin(services.create_key, user, None, now_us()))
 
     async def budget(self, scope: str, subject: str, limit: str, period: str = "daily") -> None:
-        await self.admin(services.set_budget, scope, subject, period, limit, now_us())
+        await self.admin(budgeting.set_budget, scope, subject, period, limit, now_us())
 
     async def chat(
         self, key: str | None, messages: int = 1, model: str = "openai/gpt-oss-20b", **extra: Any

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 
 from .admin_helpers import call, error, ok
 from .conftest import ADMIN_TOKEN, World
@@ -37,7 +37,7 @@ async def _nothing_changed(w: World, key_id: str) -> None:
     assert [u["name"] for u in await w.admin(services.list_users)] == ["alice", "bob", "carol"]
     keys = await w.admin(services.list_keys, None)
     assert [(k["id"], k["revoked_at"]) for k in keys] == [(key_id, None)]
-    budgets = await w.admin(services.list_budgets)
+    budgets = await w.admin(budgeting.list_budgets)
     assert [(b["scope"], b["subject"], b["limit"]) for b in budgets] == [("user", "alice", 5)]
 
 
@@ -348,6 +348,6 @@ async def test_http_and_service_share_answers(admin_world: World) -> None:
     w = admin_world
     await w.budget("team", "eng", "3")
     assert await ok(w, "GET", "/admin/v1/budgets") == await w.admin(
-        services.list_budgets, None, None, now_us()
+        budgeting.list_budgets, None, None, now_us()
     )
     assert await ok(w, "GET", "/admin/v1/users") == await w.admin(services.list_users)

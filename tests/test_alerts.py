@@ -16,7 +16,7 @@ from gateway.core import alerts
 from gateway.core.admission import admit
 from gateway.core.metering import Caller, Charge, Settlement, now_us
 from gateway.core.settlement import settle
-from gateway.ops import services, webhooks
+from gateway.ops import budgeting, webhooks
 from gateway.ops.settings import ConfigError, Secret, Settings, Webhook
 
 from .alert_helpers import SECRET, Receiver, serve, until, verify
@@ -158,7 +158,7 @@ async def test_each_threshold_once_under_concurrency(world: World) -> None:
     try:
         key = await w.key("alice")
         await w.admin(
-            lambda c: services.set_budget(c, "team", "eng", "daily", "4", now_us(), alert_at=[50, 80, 100])
+            lambda c: budgeting.set_budget(c, "team", "eng", "daily", "4", now_us(), alert_at=[50, 80, 100])
         )
         # 60 requests of 0.1 at once on a 4-credit budget: 40 pass, crossing 50, 80 and 100 %.
         statuses = await asyncio.gather(*(w.chat(key["key"]) for _ in range(60)))
@@ -214,7 +214,7 @@ async def test_failing_receiver_gets_the_same_event_until_it_answers(world: Worl
     try:
         key = await w.key("alice")
         await w.admin(
-            lambda c: services.set_budget(c, "user", "alice", "daily", "0.1", now_us(), alert_at=[100])
+            lambda c: budgeting.set_budget(c, "user", "alice", "daily", "0.1", now_us(), alert_at=[100])
         )
         assert (await w.chat(key["key"])).status == 200  # 100 % at once
         await until(lambda: len(receiver.received) >= 4, what="4 attempts")
@@ -350,7 +350,7 @@ async def test_events_are_listed_a_page_at_a_time(world: World) -> None:
     w = world
     key = await w.key("alice")
     await w.admin(
-        lambda c: services.set_budget(
+        lambda c: budgeting.set_budget(
             c, "user", "alice", "daily", "1", now_us(), alert_at=[10, 20, 30, 40, 50]
         )
     )

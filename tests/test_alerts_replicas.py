@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .alert_helpers import SECRET, Receiver, serve, until
@@ -35,7 +35,7 @@ async def _seed(url: str, limit: str, **budget: Any) -> str:
         await store.run(services.create_team, "eng", at)
         await store.run(services.create_user, "alice", "eng", at)
         key = await store.run(services.create_key, "alice", None, at)
-        await store.run(lambda c: services.set_budget(c, "team", "eng", "daily", limit, at, **budget))
+        await store.run(lambda c: budgeting.set_budget(c, "team", "eng", "daily", limit, at, **budget))
         return str(key["key"])
     finally:
         await store.close()

@@ -28,7 +28,7 @@ from gateway.core import admission, settlement
 from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.windows import window_keys
 from gateway.errors import BudgetExceeded
-from gateway.ops import ledger, services
+from gateway.ops import budgeting, ledger, services
 
 from .conftest import Backend, counters_equal_ledger_sql
 from .test_model import HOUR, PRICE, START
@@ -152,7 +152,9 @@ def _world(conn: Connection, draw: Any | None) -> World:
         )
         for period in periods:
             limit = (10_000 if draw is None else draw(st.integers(0, 12))) * PRICE
-            services.set_budget(conn, name.rstrip("0123456789"), subject, period, f"{limit / 1e6:.6f}", START)
+            budgeting.set_budget(
+                conn, name.rstrip("0123456789"), subject, period, f"{limit / 1e6:.6f}", START
+            )
     rows = conn.execute(
         text("SELECT id, scope, subject, period, limit_micros FROM budgets ORDER BY id")
     ).all()

@@ -14,7 +14,7 @@ from gateway.core import admission
 from gateway.core.metering import now_us
 from gateway.core.pricing import format_credits
 from gateway.errors import BudgetExceeded
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import sql as store_module
 
 from .conftest import World, assert_counters_match_ledger
@@ -323,7 +323,7 @@ async def test_upstream_error_is_relayed_and_not_charged(
     assert rows == [("upstream_error", status, 0)]
     assert await world.sql("SELECT * FROM holds") == []
     await assert_counters_match_ledger(world)
-    budget = (await world.admin(services.list_budgets, "user", "alice"))[0]
+    budget = (await world.admin(budgeting.list_budgets, "user", "alice"))[0]
     assert (budget["spent"], budget["held"]) == (0, 0)
 
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .conftest import Backend, counters_equal_ledger_sql
@@ -36,7 +36,7 @@ async def _alice_of_eng(store: Any) -> str:
     await store.run(services.create_team, "eng", at)
     await store.run(services.create_user, "alice", "eng", at)
     key = (await store.run(services.create_key, "alice", None, at))["key"]
-    await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+    await store.run(budgeting.set_budget, "team", "eng", "daily", "100", at)
     return str(key)
 
 
@@ -47,7 +47,7 @@ async def test_holds_of_a_killed_process_expire(backend: Backend, fake: Any, tmp
     store = open_store(backend.url)
     try:
         key = await _alice_of_eng(store)
-        await store.run(services.set_budget, "user", "alice", "daily", "100", now_us())
+        await store.run(budgeting.set_budget, "user", "alice", "daily", "100", now_us())
 
         doomed = start_gateway(backend.url, upstream_url, tmp_path, **ENV)
         survivor = None
@@ -231,7 +231,7 @@ async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     await store.run(services.create_team, "eng", at)
     user = await store.run(services.create_user, "alice", "eng", at)
     key = await store.run(services.create_key, "alice", None, at)
-    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    await store.run(budgeting.set_budget, "user", "alice", "total", "10", at)
     caller = Caller(key["id"], user["id"], "alice", None, None)
     old = at - 3_600_000_000
     for request_id, instance in (("live-one", "live"), ("dead-one", "dead")):
@@ -243,7 +243,7 @@ async def test_expiry_spares_live_processes_and_runs_once(store: Any) -> None:
     assert sum(results) == 1
     assert await _count(store, "SELECT COUNT(*) FROM holds") == 1
     assert await _count(store, "SELECT COUNT(*) FROM ledger WHERE outcome = 'expired'") == 1
-    budget = (await store.run(services.list_budgets, "user", "alice"))[0]
+    budget = (await store.run(budgeting.list_budgets, "user", "alice"))[0]
     assert budget["held"] == 0.1 and budget["spent"] == 0
 
 
@@ -261,7 +261,7 @@ async def test_a_replica_whose_clock_runs_ahead_spares_live_holds(backend: Backe
     await store.run(services.create_team, "eng", at)
     user = await store.run(services.create_user, "alice", "eng", at)
     key = await store.run(services.create_key, "alice", None, at)
-    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    await store.run(budgeting.set_budget, "user", "alice", "total", "10", at)
     caller = Caller(key["id"], user["id"], "alice", None, None)
     ttl = 4.0
     for instance in ("live", "dead"):

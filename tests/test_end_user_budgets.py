@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .admin_helpers import cli, cli_json, error, ok
@@ -37,7 +37,7 @@ async def _chat(w: World, key: str, end_user: str | None, *, in_body: bool = Fal
 
 
 async def _budget(w: World, subject: str, limit: str, period: str = "daily") -> dict[str, Any]:
-    return dict(await w.admin(services.set_budget, "end_user", subject, period, limit, now_us()))
+    return dict(await w.admin(budgeting.set_budget, "end_user", subject, period, limit, now_us()))
 
 
 async def _admitted(w: World, key: str, calls: list[str | None]) -> Counter[tuple[str | None, int]]:
@@ -277,7 +277,7 @@ async def test_a_default_crossing_alert_thresholds_fires_per_end_user(admin_worl
     key = (await w.key("alice"))["key"]
     at = now_us()
     await w.admin(
-        functools.partial(services.set_budget, alert_at=[50]), "end_user", "alice/*", "daily", "0.2", at
+        functools.partial(budgeting.set_budget, alert_at=[50]), "end_user", "alice/*", "daily", "0.2", at
     )
     for end_user in ("cust-a", "cust-a", "cust-b"):
         assert (await _chat(w, key, end_user)).status == 200
@@ -297,8 +297,8 @@ async def test_default_end_user_budgets_across_replicas(backend: Backend, fake: 
         await store.run(services.create_team, "eng", at)
         await store.run(services.create_user, "alice", "eng", at)
         keys = [(await store.run(services.create_key, "alice", None, at))["key"] for _ in range(2)]
-        await store.run(services.set_budget, "end_user", "alice/*", "daily", "0.7", at)  # 7 each
-        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+        await store.run(budgeting.set_budget, "end_user", "alice/*", "daily", "0.7", at)  # 7 each
+        await store.run(budgeting.set_budget, "team", "eng", "daily", "100", at)
         with gateways(2, backend.url, upstream_url, tmp_path) as started:
             await asyncio.gather(*(wait_ready(g) for g in started))
             statuses = await _drive([g.url for g in started], keys, 300)

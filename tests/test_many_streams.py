@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.core.metering import now_us
-from gateway.ops import ledger, services
+from gateway.ops import budgeting, ledger, services
 from gateway.store import migrate, open_store
 
 from .procs import gateways, wait_ready
@@ -75,7 +75,7 @@ async def test_hundreds_of_slow_streams_arrive_whole_and_are_charged_once(tmp_pa
         await store.run(services.create_team, "eng", at)
         await store.run(services.create_user, "alice", "eng", at)
         key = (await store.run(services.create_key, "alice", None, at))["key"]
-        await store.run(services.set_budget, "team", "eng", "daily", "1000", at)
+        await store.run(budgeting.set_budget, "team", "eng", "daily", "1000", at)
         upstream_url = str(upstream.make_url("/api/v1/chat"))
         with gateways(1, database_url, upstream_url, tmp_path, GATEWAY_ACCESS_LOG="off") as (gateway,):
             await wait_ready(gateway)

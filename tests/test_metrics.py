@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ops import gauges, services
+from gateway.ops import budgeting, gauges
 from gateway.ops.metrics import OVERHEAD_BUCKETS, FastCounter, FastGauge, FastHistogram, Metrics
 from gateway.store import Store
 from gateway.web.app import create_app
@@ -224,7 +224,7 @@ async def test_counters_equal_the_ledger(world: World) -> None:
     assert m.registry.get_sample_value("gateway_inflight_requests") == 0
 
     await world.client.app[GAUGES].refresh(world.store)
-    assert budget_gauges(m) == approx(from_database(await world.admin(services.list_budgets)))
+    assert budget_gauges(m) == approx(from_database(await world.admin(budgeting.list_budgets)))
 
 
 # ------------------------------------------------------------------ budget gauges
@@ -241,16 +241,16 @@ async def test_budget_gauges_equal_the_database(world: World) -> None:
     gauge_set = world.client.app[GAUGES]
     await gauge_set.refresh(world.store)
 
-    budgets = await world.admin(services.list_budgets)
+    budgets = await world.admin(budgeting.list_budgets)
     assert len(budgets) == 4
     assert budget_gauges(world.metrics) == approx(from_database(budgets))
     assert gauged(world.metrics.budget_spent)[("key", key["id"], "total")] == pytest.approx(0.9)
     assert gauged(world.metrics.budget_remaining)[("user", "alice", "weekly")] == pytest.approx(2.1)
 
-    await world.admin(services.delete_budget, "user", "alice", "weekly")
+    await world.admin(budgeting.delete_budget, "user", "alice", "weekly")
     await world.budget("team", "eng", "12")
     await gauge_set.refresh(world.store)
-    budgets = await world.admin(services.list_budgets)
+    budgets = await world.admin(budgeting.list_budgets)
     assert len(budgets) == 3
     shown = budget_gauges(world.metrics)
     assert shown == approx(from_database(budgets))
@@ -271,7 +271,7 @@ async def test_budget_gauges_are_filled_at_start_up(world: World) -> None:
         return len(gauged(metrics.budget_limit)) == 2
 
     await eventually(shown, 2.0, "budget gauges after start-up")
-    assert budget_gauges(metrics) == approx(from_database(await world.admin(services.list_budgets)))
+    assert budget_gauges(metrics) == approx(from_database(await world.admin(budgeting.list_budgets)))
 
 
 class CountingStore:
@@ -343,8 +343,8 @@ async def test_changes_made_elsewhere_show_within_the_interval(world: World) -> 
     # An admin's changes, straight on the database.
     await world.budget("user", "alice", "12")
     await world.budget("team", "eng", "40", period="monthly")
-    await world.admin(services.delete_budget, "user", "bob", "weekly")
-    expected = approx(from_database(await world.admin(services.list_budgets)))
+    await world.admin(budgeting.delete_budget, "user", "bob", "weekly")
+    expected = approx(from_database(await world.admin(budgeting.list_budgets)))
     assert expected["spent"] == {("user", "alice", "daily"): 6, ("team", "eng", "monthly"): 0}
     assert expected["remaining"] == {("user", "alice", "daily"): 6, ("team", "eng", "monthly"): 40}
 

@@ -35,7 +35,7 @@ from gateway.core.metering import Admission, Caller, Charge, Settlement
 from gateway.core.settlement import settle, settle_many
 from gateway.core.windows import PERIODS, window_key
 from gateway.errors import BudgetExceeded, NotFound
-from gateway.ops import ledger, services
+from gateway.ops import budgeting, ledger, services
 from gateway.store import migrate
 
 from .conftest import PG_HINT, _pg_exec, _pg_template, _pg_url, counters_equal_ledger_sql, pg_admin_url
@@ -202,7 +202,7 @@ class MeteringMachine(RuleBasedStateMachine):
         """Set a budget, in the database and the model: an end user's becomes their own; a default's
         limit goes to the budgets made from it, which live again if it had been deleted."""
         with self.tx() as conn:
-            services.set_budget(
+            budgeting.set_budget(
                 conn, scope, self._real(scope, subject), period, f"{limit / 1_000_000:.6f}", self.now
             )
         budget = (scope, subject, period)
@@ -255,10 +255,10 @@ class MeteringMachine(RuleBasedStateMachine):
         scope, subject, period = budget
         if budget in self.from_default:
             with pytest.raises(NotFound, match="follows the default"), self.tx() as conn:
-                services.delete_budget(conn, scope, subject, period, self.now)
+                budgeting.delete_budget(conn, scope, subject, period, self.now)
             return
         with self.tx() as conn:
-            services.delete_budget(conn, scope, self._real(scope, subject), period, self.now)
+            budgeting.delete_budget(conn, scope, self._real(scope, subject), period, self.now)
         del self.limits[budget]  # set again, it starts from what it counted
         if self._is_default(budget):
             for made in self._made_from(budget):

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from gateway.core import admission, expiry, metering
 from gateway.core.metering import now_us
 from gateway.core.pricing import PriceTable
-from gateway.ops import ledger, services
+from gateway.ops import budgeting, ledger, services
 
 from .conftest import World, assert_counters_match_ledger
 
@@ -103,11 +103,11 @@ async def test_deleting_a_budget_and_setting_it_again_gives_no_fresh_allowance(w
     alice = await world.key("alice")
     await world.budget("user", "alice", "0.2")
     assert [(await world.chat(alice["key"])).status for _ in range(3)] == [200, 200, 402]
-    await world.admin(services.delete_budget, "user", "alice", "daily")
+    await world.admin(budgeting.delete_budget, "user", "alice", "daily")
     assert (await world.chat(alice["key"])).status == 200  # no limit while deleted, but counted
-    assert await world.admin(services.list_budgets, "user", "alice") == []
+    assert await world.admin(budgeting.list_budgets, "user", "alice") == []
     await world.budget("user", "alice", "0.2")
-    budget = (await world.admin(services.list_budgets, "user", "alice"))[0]
+    budget = (await world.admin(budgeting.list_budgets, "user", "alice"))[0]
     assert (budget["spent"], budget["remaining"]) == (0.3, 0)
     assert (await world.chat(alice["key"])).status == 402
     await world.budget("user", "alice", "0.4")
@@ -128,7 +128,7 @@ async def test_a_request_in_flight_across_a_budget_delete_is_counted(world: Worl
         if await world.sql("SELECT COUNT(*) FROM holds") == [(1,)]:
             break
         await asyncio.sleep(0.01)
-    await world.admin(services.delete_budget, "user", "alice", "daily")
+    await world.admin(budgeting.delete_budget, "user", "alice", "daily")
     assert (await request).status == 200
     world.upstream.header_delay = 0
     await world.budget("user", "alice", "0.1")
@@ -141,7 +141,7 @@ async def test_a_soft_deleted_budget_is_still_verified(world: World) -> None:
     alice = await world.key("alice")
     await world.budget("user", "alice", "1")
     assert (await world.chat(alice["key"])).status == 200
-    await world.admin(services.delete_budget, "user", "alice", "daily")
+    await world.admin(budgeting.delete_budget, "user", "alice", "daily")
     await world.admin(lambda conn: conn.execute(text("UPDATE budget_counters SET spent_micros = 0")))
     result = await world.admin(ledger.verify)
     assert not result["ok"]

@@ -17,7 +17,7 @@ from gateway.core.admission import admit
 from gateway.core.metering import Admission, Caller, Charge, Settlement, new_request_id, now_us
 from gateway.core.settlement import settle
 from gateway.errors import BudgetExceeded
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import PostgresStore, open_store
 
 from .conftest import Backend
@@ -62,7 +62,7 @@ async def _alice(url: str, user_budget: str) -> Caller:
         ("team", "eng", "monthly", "1"),
         ("user", "alice", "daily", user_budget),
     ):
-        await admin.run(services.set_budget, scope, subject, period, limit, at)
+        await admin.run(budgeting.set_budget, scope, subject, period, limit, at)
     await admin.close()
     return Caller(key["id"], 1, "alice", 1, "eng")
 
@@ -164,8 +164,8 @@ def test_expiring_many_holds_cannot_deadlock_with_admissions(backend: Backend) -
             services.create_user(conn, name, "eng", at)
         alice_key = services.create_key(conn, "alice", None, at)
         bob_key = services.create_key(conn, "bob", None, at)
-        services.set_budget(conn, "key", alice_key["id"], "total", "5", at)
-        services.set_budget(conn, "team", "eng", "total", "5", at)
+        budgeting.set_budget(conn, "key", alice_key["id"], "total", "5", at)
+        budgeting.set_budget(conn, "team", "eng", "total", "5", at)
         for i, (key, user) in enumerate(((bob_key, 2), (alice_key, 1))):
             caller = Caller(key["id"], user, "x", 1, "eng")
             admit(conn, _charge(caller), "a dead instance", at + i)

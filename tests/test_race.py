@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .conftest import Backend, World, assert_counters_match_ledger, counters_equal_ledger_sql
@@ -43,7 +43,7 @@ async def test_concurrent_requests_admit_exactly_the_budget(world: World, scope:
     charged = await world.sql("SELECT COUNT(*), SUM(credits_micros) FROM ledger WHERE outcome = 'charged'")
     assert charged == [(17, 1_700_000)]
     await assert_counters_match_ledger(world)
-    budget = (await world.admin(services.list_budgets, scope, subject))[0]
+    budget = (await world.admin(budgeting.list_budgets, scope, subject))[0]
     assert (budget["spent"], budget["held"], budget["remaining"]) == (1.7, 0, 0)
 
 
@@ -106,9 +106,9 @@ async def test_race_across_processes(backend: Backend, fake: Any, tmp_path: Any)
             (await store.run(services.create_key, "alice", None, at))["key"],
             (await store.run(services.create_key, "bob", None, at))["key"],
         ]
-        await store.run(services.set_budget, "team", "eng", "daily", "4.5", at)  # binding: 45 requests
-        await store.run(services.set_budget, "user", "alice", "daily", "4", at)
-        await store.run(services.set_budget, "user", "bob", "daily", "3", at)
+        await store.run(budgeting.set_budget, "team", "eng", "daily", "4.5", at)  # binding: 45 requests
+        await store.run(budgeting.set_budget, "user", "alice", "daily", "4", at)
+        await store.run(budgeting.set_budget, "user", "bob", "daily", "3", at)
         with gateways(processes, backend.url, upstream_url, tmp_path) as started:
             await asyncio.gather(*(wait_ready(g) for g in started))
             statuses = await _drive([g.url for g in started], keys, total)

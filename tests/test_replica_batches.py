@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .conftest import Backend, counters_equal_ledger_sql
@@ -96,8 +96,8 @@ async def test_two_replicas_batching_one_teams_counters_admit_exactly_the_team_b
             users[str(user["id"])] = i
             keys.append((await store.run(services.create_key, f"u{i:02}", None, at))["key"])
             limit = "0.1" if i < SMALL_USERS else "0.5"  # 1 request, or 5
-            await store.run(services.set_budget, "user", f"u{i:02}", "daily", limit, at)
-        await store.run(services.set_budget, "team", "org", "monthly", f"{TEAM_REQUESTS / 10:.1f}", at)
+            await store.run(budgeting.set_budget, "user", f"u{i:02}", "daily", limit, at)
+        await store.run(budgeting.set_budget, "team", "org", "monthly", f"{TEAM_REQUESTS / 10:.1f}", at)
         deadlocks_before = await store.run(_deadlocks)
 
         with gateways(2, backend.url, upstream_url, tmp_path) as replicas:

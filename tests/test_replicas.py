@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.store import open_store
 
 from .conftest import Backend
@@ -46,7 +46,7 @@ async def test_revocation_and_lowered_budget_reach_other_replicas(
         await store.run(services.create_user, "alice", "eng", at)
         key = await store.run(services.create_key, "alice", None, at)
         other = await store.run(services.create_key, "alice", None, at)
-        await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+        await store.run(budgeting.set_budget, "team", "eng", "daily", "100", at)
         with gateways(2, backend.url, upstream_url, tmp_path) as replicas:
             await asyncio.gather(*(wait_ready(r) for r in replicas))
             async with aiohttp.ClientSession() as session:
@@ -62,7 +62,7 @@ async def test_revocation_and_lowered_budget_reach_other_replicas(
                 assert max(waits) < 5, waits
 
                 # A budget lowered below what is spent blocks at once on every replica.
-                await store.run(services.set_budget, "team", "eng", "daily", "0.1", now_us())
+                await store.run(budgeting.set_budget, "team", "eng", "daily", "0.1", now_us())
                 waits = await asyncio.gather(
                     *(_seconds_until(session, r.url, other["key"], 402) for r in replicas)
                 )

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting
 
 from .admin_helpers import call, error, ok, traffic
 from .conftest import ADMIN_TOKEN, World
@@ -53,7 +53,7 @@ async def test_own_budgets_and_usage(world: World) -> None:
     # The team budget limits alice too, so its spend (bob's included) is hers to see.
     assert budgets[("team", "eng", "monthly")]["spent"] == 2.2
     assert budgets[("team", "eng", "monthly")]["remaining"] == 47.8
-    everything = await world.admin(services.list_budgets, None, None, now_us())
+    everything = await world.admin(budgeting.list_budgets, None, None, now_us())
     for budget in body["budgets"]:
         assert budget in everything
     for period in ("daily", "weekly", "monthly"):

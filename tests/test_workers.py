@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import services
+from gateway.ops import budgeting, services
 from gateway.ops.cli import main
 from gateway.ops.metrics import Metrics, exposition, merge, snapshot, totals
 from gateway.ops.settings import ConfigError, Settings
@@ -154,7 +154,7 @@ async def test_only_worker_0_sweeps_and_reads_the_budgets(
     await store.run(services.create_team, "eng", at)
     user = await store.run(services.create_user, "alice", "eng", at)
     key = await store.run(services.create_key, "alice", None, at)
-    await store.run(services.set_budget, "user", "alice", "total", "10", at)
+    await store.run(budgeting.set_budget, "user", "alice", "total", "10", at)
     caller = Caller(key["id"], user["id"], "alice", None, None)
     charge = Charge("dead-one", caller, "openai/gpt-oss-20b", 1, 100_000, 100_000, False)
     await store.run(admission.admit, charge, "dead", at - 3_600_000_000)
@@ -189,7 +189,7 @@ async def _alice_of_eng(store: Any) -> str:
     await store.run(services.create_team, "eng", at)
     await store.run(services.create_user, "alice", "eng", at)
     key = (await store.run(services.create_key, "alice", None, at))["key"]
-    await store.run(services.set_budget, "team", "eng", "daily", "100", at)
+    await store.run(budgeting.set_budget, "team", "eng", "daily", "100", at)
     return str(key)
 
 

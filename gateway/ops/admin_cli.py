@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import access, adjustments, audit, cli_alerts, ledger, reports, services
+from gateway.ops import access, adjustments, audit, budgeting, cli_alerts, ledger, reports, services
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
@@ -67,7 +67,7 @@ def add_parsers(
 
     budgets = sub.add_parser("budgets", help="budgets").add_subparsers(dest="action", required=True)
     p = budgets.add_parser("set", parents=both, help="create a budget or change its limit")
-    p.add_argument("scope", choices=services.SCOPES)
+    p.add_argument("scope", choices=budgeting.SCOPES)
     p.add_argument(
         "subject", help="team name, user name, key id, or USER/END_USER (USER/* for each end user of USER)"
     )
@@ -76,11 +76,11 @@ def add_parsers(
     p.add_argument("--soft", action="store_true", help="counted and alerted on, never refusing")
     p.add_argument("--alert-at", help="alert thresholds, percent of the limit, e.g. 50,90,100")
     p = budgets.add_parser("delete", parents=both, help="delete a budget")
-    p.add_argument("scope", choices=services.SCOPES)
+    p.add_argument("scope", choices=budgeting.SCOPES)
     p.add_argument("subject")
     p.add_argument("--period", required=True, choices=PERIODS)
     p = budgets.add_parser("list", parents=both, help="budgets with spent, held, remaining")
-    p.add_argument("--scope", choices=services.SCOPES)
+    p.add_argument("--scope", choices=budgeting.SCOPES)
     p.add_argument("--subject")
     p.add_argument("--expand", action="store_true", help="also the end users' budgets made from defaults")
 
@@ -202,7 +202,7 @@ def _action(
     if command == ("budgets", "set"):
         return (
             (
-                lambda c: services.set_budget(
+                lambda c: budgeting.set_budget(
                     c,
                     args.scope,
                     args.subject,
@@ -221,12 +221,12 @@ def _action(
         )
     if command == ("budgets", "delete"):
         return (
-            lambda c: services.delete_budget(c, args.scope, args.subject, args.period, at, actor=who)
+            lambda c: budgeting.delete_budget(c, args.scope, args.subject, args.period, at, actor=who)
         ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
         columns = ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
         return (
-            lambda c: services.list_budgets(c, args.scope, args.subject, expand=args.expand)
+            lambda c: budgeting.list_budgets(c, args.scope, args.subject, expand=args.expand)
         ), lambda rows: _table(
             [{**r, "alert_at": ",".join(map(str, r["alert_at"]))} for r in rows],
             [*columns, "enforce", "alert_at", *(["from_default"] if args.expand else [])],

@@ -2,7 +2,7 @@
 
 Settlements write the events of spending (gateway/core/settlement.py, and gateway_settle_batch on
 PostgreSQL). A change of a budget moves the thresholds instead of the spending, in the transaction
-of the change (`services.set_budget`): a threshold the current window's spending has reached under
+of the change (`budgeting.set_budget`): a threshold the current window's spending has reached under
 the new limit and had not under the old one is emitted now; a threshold the spending is now below
 is re-armed (its event of this window, if any, gets `rearmed_at`, so the next crossing is a new
 event). The window's counter is locked first on PostgreSQL, as settlements lock it, so a change and

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.ops import admin_cli, cli_alerts, services, workers
+from gateway.ops import admin_cli, budgeting, cli_alerts, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -252,8 +252,8 @@ async def _demo_data(settings: Settings) -> str:
             services.create_team(conn, DEMO_TEAM, at)
         if not any(u["name"] == DEMO_USER for u in services.list_users(conn)):
             services.create_user(conn, DEMO_USER, DEMO_TEAM, at)
-        if not services.list_budgets(conn, "team", DEMO_TEAM, at):
-            services.set_budget(conn, "team", DEMO_TEAM, "daily", DEMO_BUDGET, at)
+        if not budgeting.list_budgets(conn, "team", DEMO_TEAM, at):
+            budgeting.set_budget(conn, "team", DEMO_TEAM, "daily", DEMO_BUDGET, at)
         return str(services.create_key(conn, DEMO_USER, "demo", at)["key"])
 
     try:

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import InvalidRequest
 from gateway.jsonout import json_response
-from gateway.ops import access, adjustments, audit, events, ledger, reports, services, webhooks
+from gateway.ops import access, adjustments, audit, budgeting, events, ledger, reports, services, webhooks
 from gateway.web.admin_request import (
     admin_only,
     budgets_changed,
@@ -216,7 +216,7 @@ async def set_budget(request: web.Request) -> web.Response:
     body = await json_body(request, (*BUDGET_FIELDS, "enforce", "alert_at"))
     args = [body.get(name) for name in BUDGET_FIELDS]
     options = {"enforce": body.get("enforce", True), "alert_at": body.get("alert_at")}
-    budget = await change(request, services.set_budget, *args, now_us(), **options)
+    budget = await change(request, budgeting.set_budget, *args, now_us(), **options)
     budgets_changed(request)
     return json_response(budget)
 
@@ -225,7 +225,7 @@ async def set_budget(request: web.Request) -> web.Response:
 async def delete_budget(request: web.Request) -> web.Response:
     """DELETE /admin/v1/budgets {"scope", "subject", "period"} -> 204."""
     body = await json_body(request, BUDGET_FIELDS[:3])
-    await change(request, services.delete_budget, *(body.get(name) for name in BUDGET_FIELDS[:3]))
+    await change(request, budgeting.delete_budget, *(body.get(name) for name in BUDGET_FIELDS[:3]))
     budgets_changed(request)
     return web.Response(status=204)
 
@@ -237,7 +237,7 @@ async def list_budgets(request: web.Request) -> web.Response:
     expand = params.get("expand", "false")
     if expand not in ("true", "false"):
         raise InvalidRequest(f"`expand` must be true or false; got {expand[:100]!r}.", field="expand")
-    list_them = functools.partial(services.list_budgets, expand=expand == "true")
+    list_them = functools.partial(budgeting.list_budgets, expand=expand == "true")
     budgets = await run(request, list_them, params.get("scope"), params.get("subject"))
     return json_response(budgets)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.ops.services import MAX_NAME, SCOPES
+from gateway.ops.budgeting import SCOPES
+from gateway.ops.services import MAX_NAME
 from gateway.web.attribution import MAX_END_USER
 
 JSON = "application/json"

@@ -26,7 +26,7 @@ from gateway.core.metering import Caller, now_us
 from gateway.core.pricing import credits_json
 from gateway.core.windows import from_us, isoformat, window_end, window_start
 from gateway.jsonout import json_response
-from gateway.ops.services import end_user_budgets, list_budgets
+from gateway.ops.budgeting import end_user_budgets, list_budgets
 from gateway.web import attribution
 from gateway.web.admin_request import query_params
 from gateway.web.state import KEYS, STORE

@@ -1,0 +1,290 @@
+"""Budgets: set, changed, deleted and listed, with end users' defaults; for the CLI and the admin API.
+
+Each function is a unit of work for the store (`fn(conn, ...)`) returning the HTTP API's JSON, and
+appends its audit row in the same transaction (see `services`). A budget's subject is stored as an
+id (see `subjects`); admission (gateway/core/admission.py) reads the budgets, and makes the end
+users' budgets of a default on their first request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Connection, bindparam, text
+
+from gateway.core import alerts
+from gateway.core.admission import CURRENT_COUNTER
+from gateway.core.metering import now_us
+from gateway.core.pricing import MICROS, credits_json, parse_credits
+from gateway.core.windows import PERIODS, from_key, isoformat, window_end, window_keys
+from gateway.errors import InvalidRequest, NotFound
+from gateway.ops import alert_events, audit, services, subjects
+from gateway.ops.services import INTERNAL, check_choice, check_name
+
+SCOPES = ("team", "user", "key", "end_user")
+MAX_LIMIT_MICROS = 10**18
+
+
+def _subject_id(conn: Connection, scope: str, subject: object) -> tuple[str, int | None]:
+    """The stored subject of a team or user name, a key id, or "USER/END_USER" (see `subjects`),
+    and for an end-user budget its user's id."""
+    subject = check_name("subject", subject)
+    if scope == "team":
+        return str(services.team_id_of(conn, subject)), None
+    if scope == "user":
+        return str(services.user_id_of(conn, subject)), None
+    if scope == "end_user":
+        user_id, _, end_user = subjects.end_user_of(conn, subject)
+        return f"{user_id}/{end_user}", user_id
+    if conn.execute(text("SELECT 1 FROM api_keys WHERE id = :id"), {"id": subject}).first() is None:
+        raise NotFound(f"No key with id {subject!r}.", field="subject")
+    return subject, None
+
+
+def _is_default(scope: str, stored: str) -> bool:
+    return scope == "end_user" and stored.endswith("/" + subjects.DEFAULT)
+
+
+def set_budget(
+    conn: Connection,
+    scope: object,
+    subject: object,
+    period: object,
+    limit: object,
+    at: int,
+    *,
+    actor: str = INTERNAL,
+    enforce: object = True,
+    alert_at: object = None,
+) -> dict[str, Any]:
+    """Create a budget or change its limit; a lower limit blocks requests once spending reaches it.
+
+    `enforce` False makes it soft (counted and alerted on, never refusing); `alert_at` its alert
+    thresholds (None: the defaults). Alert thresholds the change reaches are emitted, and those it
+    takes spending back below are re-armed (see `alert_events.budget_changed`).
+    """
+    if not isinstance(enforce, bool):
+        raise InvalidRequest(f"`enforce` must be true or false; got {enforce!r}.", field="enforce")
+    stored_alert_at = None
+    if alert_at is not None:
+        try:
+            stored_alert_at = alerts.render(alerts.check(alert_at, "`alert_at`"))
+        except ValueError as exc:
+            raise InvalidRequest(f"{exc}.", field="alert_at") from None
+    scope = check_choice("scope", scope, SCOPES)
+    period = check_choice("period", period, PERIODS)
+    try:
+        limit_micros = parse_credits(limit)
+    except ValueError as exc:
+        raise InvalidRequest(f"`limit`: {exc}", field="limit") from None
+    if limit_micros > MAX_LIMIT_MICROS:
+        # Beyond a 64-bit column: the database would refuse it with an error that is no 400.
+        raise InvalidRequest(f"`limit` must be at most {MAX_LIMIT_MICROS // MICROS} credits.", field="limit")
+    subject_id, user_id = _subject_id(conn, scope, subject)
+    before = list_budgets(conn, scope, str(subject), at, period=period)
+    alerts_before = alert_events.budget_before(conn, scope, subject_id, period)
+    budget_id = conn.execute(
+        text(
+            "INSERT INTO budgets (scope, subject, period, limit_micros, enforce, alert_at, created_at, "
+            "updated_at, user_id) VALUES (:scope, :subject, :period, :limit, :enforce, :alert_at, :at, "
+            ":at, :user_id) ON CONFLICT (scope, subject, period) "
+            # A deleted budget set again is the same budget: its counters, and what they say was
+            # spent in the current window, still count. So is an end user's budget that came from
+            # a default: from now on it is their own, no longer following the default.
+            "DO UPDATE SET limit_micros = excluded.limit_micros, updated_at = excluded.updated_at, "
+            "deleted_at = NULL, enforce = excluded.enforce, alert_at = excluded.alert_at, "
+            "default_id = NULL RETURNING id"
+        ),
+        {
+            "scope": scope,
+            "subject": subject_id,
+            "period": period,
+            "limit": limit_micros,
+            "enforce": enforce,
+            "alert_at": stored_alert_at,
+            "at": at,
+            "user_id": user_id,
+        },
+    ).scalar_one()
+    alert_events.budget_changed(conn, scope, subject_id, period, alerts_before, at)
+    if _is_default(scope, subject_id):
+        _follow_default(conn, budget_id, period, (limit_micros, enforce, stored_alert_at), at)
+    budget = list_budgets(conn, scope, str(subject), at, period=period)[0]
+    target = f"{scope}:{subject}:{period}"
+    audit.record(conn, at, actor, "budget.set", target, before[0] if before else None, budget)
+    return budget
+
+
+def _follow_default(
+    conn: Connection, default_id: int, period: str, values: tuple[int, bool, str | None], at: int
+) -> None:
+    """The end users' budgets created from a default take its new limit, softness and thresholds
+    (and live again if the default had been deleted), with their alerts as any budget's change.
+
+    Their rows are locked first, all in id order, before any counter: an admission that is
+    creating one of them meanwhile holds its row and then counters, never the other way round.
+    """
+    children = conn.execute(
+        text(
+            "SELECT subject, limit_micros, alert_at, deleted_at FROM budgets WHERE default_id = :id "
+            "ORDER BY id" + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
+        ),
+        {"id": default_id},
+    ).all()
+    defaults = alert_events.default_thresholds(conn)
+    limit, enforce, alert_at = values
+    conn.execute(
+        text(
+            "UPDATE budgets SET limit_micros = :limit, enforce = :enforce, alert_at = :alert_at, "
+            "deleted_at = NULL, updated_at = :at WHERE default_id = :id"
+        ),
+        {"limit": limit, "enforce": enforce, "alert_at": alert_at, "at": at, "id": default_id},
+    )
+    for subject, old_limit, old_alert_at, deleted_at in children:
+        before = None if deleted_at is not None else (int(old_limit), alerts.parse(old_alert_at, defaults))
+        alert_events.budget_changed(conn, "end_user", subject, period, before, at)
+
+
+def delete_budget(
+    conn: Connection,
+    scope: object,
+    subject: object,
+    period: object,
+    at: int | None = None,
+    *,
+    actor: str = INTERNAL,
+) -> None:
+    """Remove a budget: no limit applies to that subject and period afterwards.
+
+    The row and its counters stay, counting spend but refusing nothing, so that a budget set again
+    in the same window is held to what was spent in it (requests in flight meanwhile included),
+    and `ledger verify` still checks them.
+    """
+    scope = check_choice("scope", scope, SCOPES)
+    period = check_choice("period", period, PERIODS)
+    subject_id, _ = _subject_id(conn, scope, subject)
+    at = now_us() if at is None else at
+    before = list_budgets(conn, scope, str(subject), at, period=period)
+    deleted = conn.execute(
+        text(
+            "UPDATE budgets SET deleted_at = :at, updated_at = :at WHERE scope = :scope "
+            "AND subject = :subject AND period = :period AND deleted_at IS NULL AND default_id IS NULL "
+            "RETURNING id"
+        ),
+        {"scope": scope, "subject": subject_id, "period": period, "at": at},
+    ).first()
+    if deleted is None:
+        if before:
+            raise NotFound(
+                f"{subject!r} has no {period} budget of their own: theirs follows the default "
+                f"{before[0]['from_default']!r}. Change or delete that, or set one of their own.",
+                field="subject",
+            )
+        raise NotFound(f"No {period} {scope} budget for {subject!r}.", field="subject")
+    if _is_default(scope, subject_id):
+        # Its end users' budgets go with it: counted still, as any deleted budget, refusing nothing.
+        conn.execute(
+            text("UPDATE budgets SET deleted_at = :at, updated_at = :at WHERE default_id = :id"),
+            {"at": at, "id": deleted[0]},
+        )
+    audit.record(conn, at, actor, "budget.delete", f"{scope}:{subject}:{period}", before[0], None)
+
+
+_BUDGET_ROWS = (
+    "SELECT b.id, b.scope, b.period, b.limit_micros, " + subjects.SUBJECT_NAME + ", b.enforce, "
+    "COALESCE(b.alert_at, (SELECT ad.thresholds FROM alert_defaults ad WHERE ad.id = 1)), "
+    "c.spent_micros, c.held_micros, b.subject, b.default_id, eu.name "
+    "FROM budgets b " + subjects.SUBJECT_JOINS + " " + CURRENT_COUNTER
+)
+
+
+def list_budgets(
+    conn: Connection,
+    scope: str | None = None,
+    subject: str | None = None,
+    at: int | None = None,
+    *,
+    period: str | None = None,
+    expand: bool = False,
+) -> list[dict[str, Any]]:
+    """Budgets with their current window's spent, held and remaining.
+
+    End users' budgets created from a default are listed with `expand`, or when `subject` names
+    the end user; each shows the default it follows (`from_default`).
+    """
+    at = now_us() if at is None else at
+    clauses: list[str] = []
+    params: dict[str, Any] = dict(window_keys(at))
+    if scope is not None:
+        clauses.append("b.scope = :scope")
+        params["scope"] = check_choice("scope", scope, SCOPES)
+        if subject is not None:
+            clauses.append("b.subject = :subject")
+            params["subject"] = _subject_id(conn, scope, subject)[0]
+    elif subject is not None:
+        raise InvalidRequest("`subject` needs `scope` beside it.", field="subject")
+    if period is not None:
+        clauses.append("b.period = :period")
+        params["period"] = period
+    if not expand and subject is None:
+        clauses.append("b.default_id IS NULL")
+    return _budget_rows(conn, clauses, params)
+
+
+def end_user_budgets(conn: Connection, user_id: int, end_user: str, at: int) -> list[dict[str, Any]]:
+    """The budgets an end user of a user is held to: their own, and for each other period the
+    default they will get their own from on first use (shown as theirs, nothing spent yet)."""
+    params: dict[str, Any] = {**window_keys(at), "own": f"{user_id}/{end_user}", "default": f"{user_id}/*"}
+    own = _budget_rows(conn, ["b.scope = 'end_user'", "b.subject = :own"], params)
+    defaults = _budget_rows(conn, ["b.scope = 'end_user'", "b.subject = :default"], params)
+    theirs = {budget["period"] for budget in own}
+    for budget in defaults:
+        if budget["period"] not in theirs:
+            subject = budget["subject"]
+            budget.update(
+                subject=subject[: -len(subjects.DEFAULT)] + end_user,
+                spent=0,
+                held=0,
+                remaining=budget["limit"],
+                default=False,
+                from_default=subject,
+            )
+            own.append(budget)
+    return sorted(own, key=lambda budget: PERIODS.index(budget["period"]))
+
+
+def _budget_rows(conn: Connection, clauses: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The budgets `clauses` select (not deleted), in `list_budgets`' shape; `params` hold the
+    windows' keys (`window_keys`)."""
+    clauses = [*clauses, "b.deleted_at IS NULL"]
+    query = _BUDGET_ROWS + " WHERE " + " AND ".join(clauses)
+    # (The windows typed: PostgreSQL cannot tell a CASE's parameters are numbers.)
+    windows = (bindparam(period, type_=BigInteger) for period in PERIODS)
+    rows = conn.execute(
+        text(query + " ORDER BY b.scope, b.subject, b.period").bindparams(*windows), params
+    ).all()
+    out = []
+    for row in rows:
+        _, scope_, period_, limit, subject_name, enforce, alert_at, spent, held, stored, default_id, user = (
+            row
+        )
+        spent, held = int(spent or 0), int(held or 0)
+        start = from_key(params[period_])
+        out.append(
+            {
+                "scope": scope_,
+                "subject": subject_name,
+                "period": period_,
+                "limit": credits_json(limit),
+                "spent": credits_json(spent),
+                "held": credits_json(held),
+                "remaining": credits_json(max(limit - spent - held, 0)),
+                "window_start": isoformat(start),
+                "resets_at": isoformat(window_end(period_, start)),
+                "enforce": bool(enforce),
+                "alert_at": list(alerts.parse(alert_at)),
+                "default": _is_default(scope_, stored),
+                "from_default": None if default_id is None else f"{user}/{subjects.DEFAULT}",
+            }
+        )
+    return out

@@ -342,3 +342,32 @@ async def _drive(urls: list[str], keys: list[str], total: int) -> Counter[tuple[
 
         await asyncio.gather(*(one(i) for i in range(total)))
     return statuses
+
+
+async def test_changing_a_default_while_its_end_users_arrive(
+    admin_world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Admissions that make end users' budgets from a default, racing changes of that default
+    (which lock the budgets it made and their counters): every request is answered 200 or 402,
+    never an error, no deadlock (which the store would retry unseen but for its warning), and every
+    counter equals the ledger."""
+    w = admin_world
+    key = (await w.key("alice"))["key"]
+    await _budget(w, "alice/*", "0.3")
+    calls: list[str | None] = [f"cust-{i % 50}" for i in range(250)]
+    random.Random(5).shuffle(calls)
+
+    async def changes() -> None:
+        for i in range(12):
+            await _budget(w, "alice/*", "0.5" if i % 2 else "0.3")
+            await asyncio.sleep(0.005)
+
+    counts, _ = await asyncio.gather(_admitted(w, key, calls), changes())
+    assert {status for _, status in counts} <= {200, 402}
+    assert sum(counts.values()) == 250
+    made = await w.sql(
+        "SELECT COUNT(*), MIN(limit_micros), MAX(limit_micros) FROM budgets WHERE default_id IS NOT NULL"
+    )
+    assert made == [(50, 500_000, 500_000)]  # the last change (i = 11) set 0.5 on every budget made
+    assert "deadlock" not in caplog.text
+    await assert_counters_match_ledger(w)

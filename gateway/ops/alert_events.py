@@ -58,14 +58,22 @@ def store_defaults(conn: Connection, thresholds: Sequence[int], at: int) -> None
     )
 
 
-def _for_update(conn: Connection) -> str:
-    return " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+def _for_update(conn: Connection, lock: str = "UPDATE") -> str:
+    return f" FOR {lock}" if conn.dialect.name == "postgresql" else ""
+
+
+# A budget row is locked FOR NO KEY UPDATE, as its UPDATE would: that lets admissions and
+# settlements, which hold counter locks, still take the KEY SHARE locks their foreign keys to it
+# need (allocations, alert events). FOR UPDATE made them wait for a change that then waited for
+# their counters: a deadlock (tests/test_end_user_budgets.py, a default changed while its end users
+# arrive).
+BUDGET_LOCK = "NO KEY UPDATE"
 
 
 def budget_before(conn: Connection, scope: str, subject: str, period: str) -> Before:
     """The budget's limit and thresholds before a change (locked on PostgreSQL)."""
     row = conn.execute(
-        text(_BUDGET + _for_update(conn)), {"scope": scope, "subject": subject, "period": period}
+        text(_BUDGET + _for_update(conn, BUDGET_LOCK)), {"scope": scope, "subject": subject, "period": period}
     ).first()
     if row is None or row[3] is not None:
         return None

@@ -115,22 +115,23 @@ def set_budget(
     return budget
 
 
+_LOCK_COUNTERS_MADE_FROM = text(
+    "SELECT 1 FROM budget_counters c JOIN budgets b ON b.id = c.budget_id "
+    "WHERE b.default_id = :id AND c.window_start = :window ORDER BY c.budget_id FOR UPDATE OF c"
+).bindparams(bindparam("window", type_=BigInteger))
+
+
 def _follow_default(
     conn: Connection, default_id: int, period: str, values: tuple[int, bool, str | None], at: int
 ) -> None:
     """The end users' budgets created from a default take its new limit, softness and thresholds
-    (and live again if the default had been deleted), with their alerts as any budget's change.
-
-    Their rows are locked first, all in id order, before any counter: an admission that is
-    creating one of them meanwhile holds its row and then counters, never the other way round.
-    """
-    children = conn.execute(
-        text(
-            "SELECT subject, limit_micros, alert_at, deleted_at FROM budgets WHERE default_id = :id "
-            "ORDER BY id" + (" FOR UPDATE" if conn.dialect.name == "postgresql" else "")
-        ),
-        {"id": default_id},
-    ).all()
+    (and live again if the default had been deleted), with their alerts as any budget's change."""
+    children = _lock_made_from(conn, default_id, "subject, limit_micros, alert_at, deleted_at")
+    if conn.dialect.name == "postgresql":
+        # Their counters of this window, which each one's alert check below locks, all locked now
+        # in the order admissions and settlements lock counters (by budget id: all of one rank):
+        # one by one in subject order, a settlement holding one and waiting for another deadlocked.
+        conn.execute(_LOCK_COUNTERS_MADE_FROM, {"id": default_id, "window": window_keys(at)[period]})
     defaults = alert_events.default_thresholds(conn)
     limit, enforce, alert_at = values
     conn.execute(
@@ -143,6 +144,19 @@ def _follow_default(
     for subject, old_limit, old_alert_at, deleted_at in children:
         before = None if deleted_at is not None else (int(old_limit), alerts.parse(old_alert_at, defaults))
         alert_events.budget_changed(conn, "end_user", subject, period, before, at)
+
+
+def _lock_made_from(conn: Connection, default_id: int, columns: str) -> list[Any]:
+    """The budgets made from a default (`columns` of each), locked on PostgreSQL before any counter,
+    in the order admission makes and revives them, (subject, period): an admission reviving some
+    of them takes their rows in that order too, and holds no counter until it has."""
+    lock = " FOR " + alert_events.BUDGET_LOCK if conn.dialect.name == "postgresql" else ""
+    return list(
+        conn.execute(
+            text(f"SELECT {columns} FROM budgets WHERE default_id = :id ORDER BY subject, period{lock}"),
+            {"id": default_id},
+        ).all()
+    )
 
 
 def delete_budget(
@@ -183,6 +197,7 @@ def delete_budget(
         raise NotFound(f"No {period} {scope} budget for {subject!r}.", field="subject")
     if _is_default(scope, subject_id):
         # Its end users' budgets go with it: counted still, as any deleted budget, refusing nothing.
+        _lock_made_from(conn, deleted[0], "id")
         conn.execute(
             text("UPDATE budgets SET deleted_at = :at, updated_at = :at WHERE default_id = :id"),
             {"at": at, "id": deleted[0]},

@@ -156,6 +156,15 @@ class PostgresStore:
                     getattr(exc.orig, "__cause__", None), "sqlstate", None
                 )
                 if sqlstate in PG_RETRY_SQLSTATES and attempt < PG_MAX_ATTEMPTS:
+                    # Retried unseen by the caller, but said: the lock order should make these
+                    # never happen, so one is a bug worth seeing (tests look for this line).
+                    log.warning(
+                        "PostgreSQL %s in %s; retrying (attempt %d of %d)",
+                        "deadlock detected" if sqlstate == "40P01" else "serialization failure",
+                        getattr(fn, "__name__", fn),
+                        attempt + 1,
+                        PG_MAX_ATTEMPTS,
+                    )
                     await asyncio.sleep(0.005 * attempt)
                     continue
                 if exc.connection_invalidated or sqlstate is None or sqlstate.startswith(PG_OUTAGE_SQLSTATES):

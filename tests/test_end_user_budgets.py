@@ -302,6 +302,8 @@ async def test_default_end_user_budgets_across_replicas(backend: Backend, fake: 
         with gateways(2, backend.url, upstream_url, tmp_path) as started:
             await asyncio.gather(*(wait_ready(g) for g in started))
             statuses = await _drive([g.url for g in started], keys, 300)
+            logs = "\n".join(g.log.read_text() for g in started)
+        assert "deadlock" not in logs and "Traceback" not in logs, logs
         assert {e: statuses[(e, 200)] for e in END_USERS} == dict.fromkeys(END_USERS, 7)
         assert sum(statuses.values()) == 300 and set(s for _, s in statuses) == {200, 402}
         assert len(upstream.received) == 21

@@ -59,6 +59,18 @@ ADOPT_DEFAULTS = (
 )
 
 
+# The end user of a user's default end-user budgets (stored subject "USER_ID/*"): every end user
+# of theirs without a budget of their own. No request may name an end user so (web/attribution.py).
+ANY_END_USER = "*"
+
+
+def end_user_subject(user_id: int, end_user: str) -> str:
+    """How an end-user budget stores its subject: "USER_ID/END_USER" (`ANY_END_USER`: the defaults).
+
+    The same text as gateway_admit_batch builds on PostgreSQL (migration 0010)."""
+    return f"{user_id}/{end_user}"
+
+
 # Creates the window's counter with these holds (one request's, or a group's sum), or adds them to
 # it, only if they still fit (or add nothing, or the budget does not refuse): one row changed, or
 # none. The limit is read inside the statement so a budget change is never missed.
@@ -143,7 +155,7 @@ def _admit_pg(
     for (charge, _, at), rows in zip(calls, rows_of, strict=True):
         # Each row: request, budget, scope, period, limit, window, spent, held, enforce, refusal.
         refused = rows[0][9]
-        if refused in KEY_STATES:
+        if refused in KEY_REFUSALS:
             results.append((False, key_refused(refused)))
         elif refused is not None:
             _, _, scope, period, limit, window, spent, held, _, _ = rows[0]
@@ -156,16 +168,9 @@ def _admit_pg(
     return results
 
 
-def revoked() -> Unauthorized:
-    """The refusal of a key revoked by the time its request is admitted."""
-    return Unauthorized(
-        "This gateway key has been revoked. Ask an administrator for a new key.", reason="revoked"
-    )
-
-
-# Why a key is refused, as admission says it on either backend (`key_state`).
-KEY_STATES = ("revoked", "blocked", "expired")
+# Why a key is refused, as admission says it on either backend (`key_state`), and in what words.
 KEY_REFUSALS = {
+    "revoked": "This gateway key has been revoked. Ask an administrator for a new key.",
     "blocked": "This gateway key is blocked. Ask an administrator to unblock it ('gateway keys unblock ID').",
     "expired": "This gateway key has expired. Ask an administrator for a new key, or to extend it "
     "('gateway keys set ID --expires ...').",
@@ -174,8 +179,6 @@ KEY_REFUSALS = {
 
 def key_refused(reason: str) -> Unauthorized:
     """The refusal of a key that is `revoked`, `blocked` or `expired`."""
-    if reason == "revoked":
-        return revoked()
     return Unauthorized(KEY_REFUSALS[reason], reason=reason)
 
 
@@ -291,8 +294,8 @@ def _read_caller(
     caller = charge.caller
     key = db.first(_KEY_STATE, {"key": caller.key_id})
     state = "revoked" if key is None else key_state(key[0], key[1], key[2], at)
-    defaults_subject = f"{caller.user_id}/*"
-    subject = None if charge.end_user is None else f"{caller.user_id}/{charge.end_user}"
+    defaults_subject = end_user_subject(caller.user_id, ANY_END_USER)
+    subject = None if charge.end_user is None else end_user_subject(caller.user_id, charge.end_user)
     read = db.all(
         _BUDGETS_AND_COUNTERS,
         {
@@ -328,12 +331,14 @@ def _read_end_user(
     """The budgets of the charge's end user (`read` already, or read here), their counters added
     to `counters`; first those their user's `defaults` (periods) give them, where they have no live
     one of their own yet."""
-    subject = f"{charge.caller.user_id}/{charge.end_user}"
+    assert charge.end_user is not None
+    subject = end_user_subject(charge.caller.user_id, charge.end_user)
     params = {**windows, "end_user": subject}
     if read is None:
         read = db.all(_END_USER_BUDGETS, params)
     if defaults - {row[2] for row in read if row[7]}:
-        db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": f"{charge.caller.user_id}/*", "at": at})
+        defaults_subject = end_user_subject(charge.caller.user_id, ANY_END_USER)
+        db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": defaults_subject, "at": at})
         read = db.all(_END_USER_BUDGETS, params)
     return _counted(read, windows, counters)
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
 from gateway.core import alerts
-from gateway.core.admission import CURRENT_COUNTER
+from gateway.core.admission import ANY_END_USER, CURRENT_COUNTER, end_user_subject
 from gateway.core.metering import now_us
 from gateway.core.pricing import MICROS, credits_json, parse_credits
 from gateway.core.windows import PERIODS, from_key, isoformat, window_end, window_keys
@@ -35,14 +35,14 @@ def _subject_id(conn: Connection, scope: str, subject: object) -> tuple[str, int
         return str(services.user_id_of(conn, subject)), None
     if scope == "end_user":
         user_id, _, end_user = subjects.end_user_of(conn, subject)
-        return f"{user_id}/{end_user}", user_id
+        return end_user_subject(user_id, end_user), user_id
     if conn.execute(text("SELECT 1 FROM api_keys WHERE id = :id"), {"id": subject}).first() is None:
         raise NotFound(f"No key with id {subject!r}.", field="subject")
     return subject, None
 
 
 def _is_default(scope: str, stored: str) -> bool:
-    return scope == "end_user" and stored.endswith("/" + subjects.DEFAULT)
+    return scope == "end_user" and stored.endswith("/" + ANY_END_USER)
 
 
 def set_budget(
@@ -249,7 +249,11 @@ def list_budgets(
 def end_user_budgets(conn: Connection, user_id: int, end_user: str, at: int) -> list[dict[str, Any]]:
     """The budgets an end user of a user is held to: their own, and for each other period the
     default they will get their own from on first use (shown as theirs, nothing spent yet)."""
-    params: dict[str, Any] = {**window_keys(at), "own": f"{user_id}/{end_user}", "default": f"{user_id}/*"}
+    params: dict[str, Any] = {
+        **window_keys(at),
+        "own": end_user_subject(user_id, end_user),
+        "default": end_user_subject(user_id, ANY_END_USER),
+    }
     own = _budget_rows(conn, ["b.scope = 'end_user'", "b.subject = :own"], params)
     defaults = _budget_rows(conn, ["b.scope = 'end_user'", "b.subject = :default"], params)
     theirs = {budget["period"] for budget in own}
@@ -257,7 +261,7 @@ def end_user_budgets(conn: Connection, user_id: int, end_user: str, at: int) -> 
         if budget["period"] not in theirs:
             subject = budget["subject"]
             budget.update(
-                subject=subject[: -len(subjects.DEFAULT)] + end_user,
+                subject=subject[: -len(ANY_END_USER)] + end_user,
                 spent=0,
                 held=0,
                 remaining=budget["limit"],
@@ -299,7 +303,7 @@ def _budget_rows(conn: Connection, clauses: list[str], params: dict[str, Any]) -
                 "enforce": bool(enforce),
                 "alert_at": list(alerts.parse(alert_at)),
                 "default": _is_default(scope_, stored),
-                "from_default": None if default_id is None else f"{user}/{subjects.DEFAULT}",
+                "from_default": None if default_id is None else f"{user}/{ANY_END_USER}",
             }
         )
     return out

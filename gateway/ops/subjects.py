@@ -10,9 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.web.attribution import ANY_END_USER, MAX_END_USER
-
-DEFAULT = ANY_END_USER  # the end user of a default budget: every end user without one of their own
+from gateway.web.attribution import MAX_END_USER
 
 # The joins that name a budget `b`'s subject, and the name (`SUBJECT_NAME`): a team's or user's
 # name, a key's id, or "USER/END_USER" for an end-user budget.

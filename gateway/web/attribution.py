@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from gateway.core.admission import ANY_END_USER
 from gateway.errors import InvalidRequest
 
 END_USER_HEADER = "X-Gateway-End-User"
 TAGS_HEADER = "X-Gateway-Tags"
 MAX_END_USER = 128
-ANY_END_USER = "*"  # a default end-user budget's end user (USER/*): no end user is named so
 MAX_TAGS = 10
 # One tag (a regular expression, also in the OpenAPI document).
 TAG = r"[A-Za-z0-9_.:/-]{1,64}"

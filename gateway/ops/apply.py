@@ -343,11 +343,11 @@ def result(
 
 
 def apply(
-    conn: Connection, org: Org, priced: Collection[str], at: int, *, prune: bool = False, via: str
+    conn: Connection, org: Org, priced: Collection[str], at: int, *, prune: bool = False, actor: str
 ) -> dict[str, Any]:
-    """Unit of work: plan, then make every change, audited as made by `apply` (and `via` who)."""
+    """Unit of work: plan, then make every change, audited as made by `apply sha256:... (actor)`."""
     changes = plan(conn, org, priced, at, prune=prune)
-    actor = audit.apply_actor(org.sha256, via)
+    actor = audit.apply_actor(org.sha256, actor)
     state_ids = {ident: live[0]["id"] for ident, live in read_state(conn, at).keys.items() if len(live) == 1}
     context = Context(actor, at, state_ids)
     for change in changes:

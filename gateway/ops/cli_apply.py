@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import Any
@@ -56,12 +57,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             changes = await store.read(apply.plan, org, settings.pricing.models(), at, args.prune)
             outcome = apply.result(org, changes, applied=False, prune=args.prune)
         else:
-            work = apply.apply
-            outcome = await store.run(
-                lambda conn: work(
-                    conn, org, settings.pricing.models(), at, prune=args.prune, via=audit.cli_actor()
-                )
-            )
+            work = functools.partial(apply.apply, prune=args.prune, actor=audit.cli_actor())
+            outcome = await store.run(work, org, settings.pricing.models(), at)
     finally:
         await store.close()
     if args.command == "export":

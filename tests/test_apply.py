@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
-from gateway.ops import access, apply, budgeting, ledger, services
+from gateway.ops import access, apply, budgeting, ledger, orgstate, services
 from gateway.ops.orgfile import OrgFileError, parse
 from gateway.store import Store
 
@@ -274,7 +274,7 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     assert resp.status == 200, await resp.text()
     assert any(b["from_default"] for b in await world.admin(lambda c: budgeting.list_budgets(c, expand=True)))
 
-    exported = await world.store.read(apply.export, now_us())
+    exported = await world.store.read(orgstate.export, now_us())
     assert f"live key {unnamed['id']} of carol has no name" in exported
     assert "gone" not in exported and "cust-1" not in exported and 'idle"\nperiod' not in exported
     org = parse(exported, PRICED, "export.toml")
@@ -292,7 +292,7 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     # Applying an export changes nothing, and exporting again gives the same file.
     outcome = await world.store.run(lambda c: apply.apply(c, org, PRICED, now_us(), actor="test"))
     assert outcome["changes"] == []
-    assert await world.store.read(apply.export, now_us()) == exported
+    assert await world.store.read(orgstate.export, now_us()) == exported
 
 
 ONE = 'version = 1\n[[budgets]]\nscope = "team"\nsubject = "t"\nperiod = "daily"\nlimit = 1\n'

@@ -7,8 +7,7 @@ the ledger stay, as with any deleted budget) and live keys it lacks are revoked.
 are never deleted. `apply` plans and makes the changes in the same unit of work, one transaction,
 through the service functions the CLI and the admin API use (`services`, `access`, `budgeting`), so
 each change is audited as those make it, with the actor `apply sha256:<file's digest> (...)`; a
-change that fails rolls back every other. `export` writes the organisation as a file that plans no
-change.
+change that fails rolls back every other. (`orgstate` reads what the database holds, and exports it.)
 """
 
 from __future__ import annotations
@@ -18,22 +17,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from gateway.core import alerts
 from gateway.core.admission import ANY_END_USER
-from gateway.core.pricing import credits_json, format_credits
+from gateway.core.pricing import credits_json
 from gateway.core.windows import PERIODS, iso_us
 from gateway.errors import GatewayError
-from gateway.ops import access, audit, budgeting, services, subjects
-from gateway.ops.orgfile import Budget, Key, Org, OrgFileError, Problem, Team, User, render, where
+from gateway.ops import access, audit, budgeting, services
+from gateway.ops.orgfile import Budget, Key, Org, OrgFileError, Problem, Team, User, where
+from gateway.ops.orgstate import RANK, State, read_state
 from gateway.ops.reports import parse_time
 from gateway.web.attribution import MAX_END_USER
-
-# Budget changes in the order admissions lock counters (key, user, then team and end-user budgets),
-# so that on PostgreSQL an apply and the admissions it runs beside wait for each other, never deadlock.
-RANK = {"key": 0, "user": 1, "team": 2, "end_user": 2}
-SIGN = {"create": "+", "change": "~", "delete": "-", "revoke": "-"}
 
 
 @dataclass
@@ -60,64 +54,6 @@ class Change:
 
     def json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("action", "kind", "target", "line", "before", "after")}
-
-
-@dataclass
-class StoredBudget:
-    limit: int
-    enforce: bool
-    alert_at: tuple[int, ...] | None
-    subject: str  # as the services take it (a key's id for a key budget)
-
-
-@dataclass
-class State:
-    """The organisation as the database holds it now."""
-
-    teams: dict[str, list[str] | None]
-    users: dict[str, tuple[str | None, list[str] | None]]
-    keys: dict[tuple[str, str], list[dict[str, Any]]]  # live keys by (user, name)
-    unnamed: list[dict[str, Any]]  # live keys without a name
-    budgets: dict[tuple[str, str, str], StoredBudget]  # own budgets (not made from a default)
-    hidden: list[str]  # budgets of live keys a file cannot name (unnamed, or a name used twice)
-
-
-_BUDGETS = (
-    "SELECT b.scope, " + subjects.SUBJECT_NAME + ", b.period, b.limit_micros, b.enforce, b.alert_at "
-    "FROM budgets b " + subjects.SUBJECT_JOINS + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL"
-)
-
-
-def read_state(conn: Connection, at: int) -> State:
-    """Teams, users, live keys and own budgets. A key is live until revoked; one in a rotation's grace
-    (it has `rotated_to`) is on its way out and left alone."""
-    teams = {t["name"]: t["models"] for t in services.list_teams(conn)}
-    users = {u["name"]: (u["team"], u["models"]) for u in services.list_users(conn)}
-    keys: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    unnamed, names = [], {}
-    for key in services.list_keys(conn):
-        revoked = parse_time("revoked_at", key["revoked_at"])
-        if (revoked is not None and revoked <= at) or key["rotated_to"] is not None:
-            continue
-        if key["name"] is None:
-            unnamed.append(key)
-        else:
-            keys.setdefault((key["user"], key["name"]), []).append(key)
-        names[key["id"]] = key
-    budgets, hidden = {}, []
-    for scope, subject, period, limit, enforce, stored in conn.execute(text(_BUDGETS)).all():
-        service_subject = subject
-        if scope == "key":
-            owner = names.get(subject)
-            if owner is None:
-                continue  # a revoked key's budget applies to nothing
-            if owner["name"] is None or len(keys[(owner["user"], owner["name"])]) > 1:
-                hidden.append(f"{period} budget of key {subject}")
-                continue
-            subject = f"{owner['user']}/{owner['name']}"
-        alert_at = None if stored is None else alerts.parse(stored)
-        budgets[(scope, subject, period)] = StoredBudget(int(limit), bool(enforce), alert_at, service_subject)
-    return State(teams, users, keys, unnamed, budgets, hidden)
 
 
 def _models(value: list[str] | None) -> list[str] | None:
@@ -310,6 +246,8 @@ def plan(conn: Connection, org: Org, priced: Collection[str], at: int, prune: bo
         planner.user(user)
     for key in org.keys():
         planner.key(key)
+    # Budgets are set in the order admissions lock their counters, so that on PostgreSQL an apply and
+    # the admissions beside it wait for each other rather than deadlock (and be retried).
     for budget in sorted(org.budgets, key=lambda b: (RANK[b.scope], b.subject, PERIODS.index(b.period))):
         planner.budget(budget)
     if planner.problems:
@@ -443,80 +381,3 @@ def _delete_budget(scope: str, subject: str, period: str) -> Callable[[Connectio
 
 def _revoke(key_id: str) -> Callable[[Connection, Context], Any]:
     return lambda conn, ctx: services.revoke_key(conn, key_id, ctx.at, actor=ctx.actor)
-
-
-def describe(outcome: dict[str, Any]) -> str:
-    """A plan or an apply as a person reads it: one line a change (+ create, ~ change, - delete)."""
-    lines = []
-    for change in outcome["changes"]:
-        before, after = change["before"] or {}, change["after"] or {}
-        if change["action"] == "create":
-            detail = ", ".join(f"{k}={_shown(k, v)}" for k, v in after.items() if v not in (None, False))
-        elif change["action"] == "change":
-            detail = ", ".join(f"{k}: {_shown(k, before.get(k))} -> {_shown(k, v)}" for k, v in after.items())
-        else:
-            detail = ", ".join(f"{k}={_shown(k, v)}" for k, v in before.items())
-            detail += " (revoked, not deleted)" if change["action"] == "revoke" else ""
-        at = f"  [line {change['line']}]" if change["line"] else ""
-        lines.append(
-            f"{SIGN[change['action']]} {change['action']} {change['target']}  {detail}".rstrip() + at
-        )
-    counts = outcome["summary"]
-    if not lines:
-        return f"No changes: the organisation matches {outcome['file']}."
-    if outcome["applied"]:
-        lines.append(
-            f"Applied: {counts['create']} created, {counts['change']} changed, {counts['delete']} deleted."
-        )
-    else:
-        lines.append(
-            f"Plan: {counts['create']} to create, {counts['change']} to change, {counts['delete']} to delete."
-        )
-    for key in outcome["created_keys"]:
-        lines.append(f"created key {key['user']}/{key['name']} {key['id']}: {key['key']}")
-    if outcome["created_keys"]:
-        lines.append("(these secrets are shown only now: store them safely)")
-    return "\n".join(lines)
-
-
-def _shown(name: str, value: Any) -> str:
-    if name == "models":
-        return "every model" if value is None else ",".join(value)
-    if name == "expires_at":
-        return "never" if value is None else str(value)
-    if name == "alert_at":
-        return "default" if value is None else ",".join(map(str, value)) or "none"
-    if name == "limit":
-        return format_credits(int(Decimal(str(value)).scaleb(6)))
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def export(conn: Connection, at: int) -> str:
-    """The organisation as a file `apply --plan` finds nothing to change in. Left out: revoked keys,
-    keys a file cannot name (unnamed, or two live keys of a user with one name, noted in comments),
-    and end users' budgets made from a default (they follow it)."""
-    state = read_state(conn, at)
-    org = Org(teams=[Team(name, 0, models) for name, models in sorted(state.teams.items())])
-    for name, (team, models) in sorted(state.users.items()):
-        user = User(name, 0, team, models)
-        for (owner, key_name), live in sorted(state.keys.items()):
-            if owner == name and len(live) == 1:
-                key = live[0]
-                expires = parse_time("expires_at", key["expires_at"])
-                user.keys.append(Key(name, key_name, 0, key["models"], expires, bool(key["blocked"])))
-        org.users.append(user)
-    for (scope, subject, period), stored in sorted(
-        state.budgets.items(),
-        key=lambda item: (RANK[item[0][0]], item[0][0], item[0][1], PERIODS.index(item[0][2])),
-    ):
-        org.budgets.append(
-            Budget(scope, subject, period, stored.limit, 0, not stored.enforce, stored.alert_at)
-        )
-    notes = [f"left out: live key {k['id']} of {k['user']} has no name" for k in state.unnamed]
-    notes += [
-        f"left out: {len(ks)} live keys of {u} named {n!r} ({', '.join(k['id'] for k in ks)})"
-        for (u, n), ks in sorted(state.keys.items())
-        if len(ks) > 1
-    ]
-    notes += [f"left out: the {h}, which has no name a file can use" for h in state.hidden]
-    return render(org, notes)

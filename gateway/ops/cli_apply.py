@@ -10,10 +10,11 @@ from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import apply, audit, orgfile
+from gateway.ops import apply, audit, orgfile, orgstate
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
+SIGN = {"create": "+", "change": "~", "delete": "-", "revoke": "-"}
 # `apply --plan`'s exit code when the file would change something (for CI).
 CHANGES = 2
 
@@ -52,7 +53,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     store = open_store(settings.database_url, pool_size=2)
     try:
         if args.command == "export":
-            exported = await store.read(apply.export, at)
+            exported = await store.read(orgstate.export, at)
         elif args.plan:
             changes = await store.read(apply.plan, org, settings.pricing.models(), at, args.prune)
             outcome = apply.result(org, changes, applied=False, prune=args.prune)
@@ -68,5 +69,49 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(exported)
         return 0
-    print(dumps(outcome, indent=2) if args.json else apply.describe(outcome))
+    print(dumps(outcome, indent=2) if args.json else describe(outcome))
     return CHANGES if args.plan and outcome["changes"] else 0
+
+
+def describe(outcome: dict[str, Any]) -> str:
+    """A plan or an apply as a person reads it: one line a change (+ create, ~ change, - delete)."""
+    lines = []
+    for change in outcome["changes"]:
+        before, after = change["before"] or {}, change["after"] or {}
+        if change["action"] == "create":
+            detail = ", ".join(f"{k}={_shown(k, v)}" for k, v in after.items() if v not in (None, False))
+        elif change["action"] == "change":
+            detail = ", ".join(f"{k}: {_shown(k, before.get(k))} -> {_shown(k, v)}" for k, v in after.items())
+        else:
+            detail = ", ".join(f"{k}={_shown(k, v)}" for k, v in before.items())
+            detail += " (revoked, not deleted)" if change["action"] == "revoke" else ""
+        at = f"  [line {change['line']}]" if change["line"] else ""
+        lines.append(
+            f"{SIGN[change['action']]} {change['action']} {change['target']}  {detail}".rstrip() + at
+        )
+    counts = outcome["summary"]
+    if not lines:
+        return f"No changes: the organisation matches {outcome['file']}."
+    if outcome["applied"]:
+        lines.append(
+            f"Applied: {counts['create']} created, {counts['change']} changed, {counts['delete']} deleted."
+        )
+    else:
+        lines.append(
+            f"Plan: {counts['create']} to create, {counts['change']} to change, {counts['delete']} to delete."
+        )
+    for key in outcome["created_keys"]:
+        lines.append(f"created key {key['user']}/{key['name']} {key['id']}: {key['key']}")
+    if outcome["created_keys"]:
+        lines.append("(these secrets are shown only now: store them safely)")
+    return "\n".join(lines)
+
+
+def _shown(name: str, value: Any) -> str:
+    if name == "models":
+        return "every model" if value is None else ",".join(value)
+    if name == "expires_at":
+        return "never" if value is None else str(value)
+    if name == "alert_at":
+        return "default" if value is None else ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

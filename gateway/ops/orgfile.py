@@ -15,7 +15,6 @@ written inline (`keys = [{...}]`) are placed at the line of their key.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tomllib
 from collections.abc import Collection, Iterator
@@ -25,8 +24,8 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.core import alerts
-from gateway.core.pricing import format_credits, parse_credits
-from gateway.core.windows import PERIODS, iso_us
+from gateway.core.pricing import parse_credits
+from gateway.core.windows import PERIODS
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.ops import access, budgeting, services
 from gateway.ops.reports import parse_time
@@ -374,59 +373,3 @@ def _limit(value: object) -> int:
         return parse_credits(value)
     except ValueError as exc:
         raise ValueError(f"`limit`: {exc}") from None
-
-
-def _string(value: str) -> str:
-    # A JSON string is a TOML basic string, once DEL (which TOML wants escaped) is.
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return _string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(item) for item in value) + "]"
-    return str(value)
-
-
-def render(org: Org, notes: Collection[str] = ()) -> str:
-    """The TOML text of an organisation, which `parse` reads back as the same `Org`."""
-    out = ["# The gateway's organisation (gateway export); apply it with 'gateway apply FILE'."]
-    out += [f"# {note}" for note in notes]
-    out += [f"version = {VERSION}"]
-
-    def table(header: str, fields: list[tuple[str, object]]) -> None:
-        out.extend(["", f"[[{header}]]"])
-        out.extend(f"{name} = {text}" for name, text in fields)
-
-    for team in org.teams:
-        table("teams", [("name", _string(team.name)), *_models(team.models)])
-    for user in org.users:
-        team_field = [] if user.team is None else [("team", _string(user.team))]
-        table("users", [("name", _string(user.name)), *team_field, *_models(user.models)])
-        for key in user.keys:
-            fields: list[tuple[str, object]] = [("name", _string(key.name)), *_models(key.models)]
-            if key.expires_at is not None:
-                fields.append(("expires_at", iso_us(key.expires_at)))
-            if key.blocked:
-                fields.append(("blocked", "true"))
-            table("users.keys", fields)
-    for budget in org.budgets:
-        fields = [
-            ("scope", _string(budget.scope)),
-            ("subject", _string(budget.subject)),
-            ("period", _string(budget.period)),
-            ("limit", format_credits(budget.limit)),
-        ]
-        if budget.soft:
-            fields.append(("soft", "true"))
-        if budget.alert_at is not None:
-            fields.append(("alert_at", _value(list(budget.alert_at))))
-        table("budgets", fields)
-    return "\n".join(out) + "\n"
-
-
-def _models(models: list[str] | None) -> list[tuple[str, object]]:
-    return [] if models is None else [("models", _value(models))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,16 @@ async def test_plan_apply_again_and_audit(
     assert code == 0 and json.loads(out)["changes"] == [] and json.loads(out)["created_keys"] == []
     assert len(await _audit_rows(store)) == len(rows)
 
+    # `gateway export | gateway apply --plan -`: no change; `-o` writes the same text to a file.
+    code, exported, _ = await cli(capsys, "export")
+    assert code == 0 and exported.startswith("# ") and 'subject = "ada/ci"' in exported
+    assert not any(secret in exported for secret in secrets.values())
+    monkeypatch.setattr("sys.stdin", io.StringIO(exported))
+    code, out, _ = await cli(capsys, "apply", "--plan", "-")
+    assert code == 0 and "No changes: the organisation matches <stdin>." in out
+    assert (await cli(capsys, "export", "-o", str(tmp_path / "out.toml")))[0] == 0
+    assert (tmp_path / "out.toml").read_text() == exported
+
     # A change: only what differs is changed.
     path.write_text(ORG.replace("limit = 500", "limit = 400").replace("blocked = true", "blocked = false"))
     code, out, _ = await cli(capsys, "apply", str(path))
@@ -172,6 +183,13 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
     org = parse(smaller, PRICED, "smaller.toml")
     assert await world.store.read(apply.plan, org, PRICED, now_us(), False) == []
 
+    # A key without a name (which no file can declare) is pruned too; one in a rotation's grace is
+    # left to its grace, and the key that replaced it (same name) is the file's.
+    unnamed = await world.key("carol")
+    ci = {k["name"]: k["id"] for k in applied["created_keys"]}["ci"]
+    rotated = await world.admin(access.rotate_key, ci, 3600, now_us())
+    grace_ends = await world.sql("SELECT revoked_at FROM api_keys WHERE id = :id", id=ci)
+
     changes = await world.store.read(apply.plan, org, PRICED, now_us(), True)
     assert sorted((c.action, c.target) for c in changes) == [
         ("delete", "budget end_user ada/* daily"),
@@ -179,9 +197,13 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
         ("delete", "budget team research monthly"),
         ("delete", "budget user ada daily"),
         ("revoke", "key ada/laptop"),
+        ("revoke", "key carol/(unnamed)"),
     ]
     outcome = await world.store.run(lambda c: apply.apply(c, org, PRICED, now_us(), prune=True, actor="test"))
-    assert outcome["summary"] == {"create": 0, "change": 0, "delete": 5}
+    assert outcome["summary"] == {"create": 0, "change": 0, "delete": 6}
+    assert (await world.admin(services.key_object, unnamed["id"]))["revoked_at"] is not None
+    assert await world.sql("SELECT revoked_at FROM api_keys WHERE id = :id", id=ci) == grace_ends
+    assert (await world.admin(services.key_object, rotated["id"]))["revoked_at"] is None
 
     resp = await world.chat(secret)
     assert resp.status == 401 and (await resp.json())["error"]["reason"] == "revoked"

@@ -168,7 +168,7 @@ async def test_plan_apply_again_and_audit(
 async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp_path: Path) -> None:
     at = now_us()
     org = parse(ORG, PRICED, "org.toml")
-    applied = await world.store.run(lambda c: apply.apply(c, org, PRICED, at, actor="test"))
+    applied = await world.store.run(lambda c: apply.apply(c, org, at, actor="test"))
     secret = {k["name"]: k["key"] for k in applied["created_keys"]}["laptop"]
     for _ in range(3):
         resp = await world.chat(secret)
@@ -181,7 +181,7 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
     # Without --prune, what the file lacks stays: the fixture's team, users and nothing else changes.
     smaller = ORG.split("[[budgets]]")[0].replace('[[users.keys]]\nname = "laptop"\n\n', "")
     org = parse(smaller, PRICED, "smaller.toml")
-    assert await world.store.read(apply.plan, org, PRICED, now_us(), False) == []
+    assert await world.store.read(apply.plan, org, now_us(), False) == []
 
     # A key without a name (which no file can declare) is pruned too; one in a rotation's grace is
     # left to its grace, and the key that replaced it (same name) is the file's.
@@ -190,7 +190,7 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
     rotated = await world.admin(access.rotate_key, ci, 3600, now_us())
     grace_ends = await world.sql("SELECT revoked_at FROM api_keys WHERE id = :id", id=ci)
 
-    changes = await world.store.read(apply.plan, org, PRICED, now_us(), True)
+    changes = await world.store.read(apply.plan, org, now_us(), True)
     assert sorted((c.action, c.target) for c in changes) == [
         ("delete", "budget end_user ada/* daily"),
         ("delete", "budget key ada/ci total"),
@@ -199,7 +199,7 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
         ("revoke", "key ada/laptop"),
         ("revoke", "key carol/(unnamed)"),
     ]
-    outcome = await world.store.run(lambda c: apply.apply(c, org, PRICED, now_us(), prune=True, actor="test"))
+    outcome = await world.store.run(lambda c: apply.apply(c, org, now_us(), prune=True, actor="test"))
     assert outcome["summary"] == {"create": 0, "change": 0, "delete": 6}
     assert (await world.admin(services.key_object, unnamed["id"]))["revoked_at"] is not None
     assert await world.sql("SELECT revoked_at FROM api_keys WHERE id = :id", id=ci) == grace_ends
@@ -218,7 +218,7 @@ async def test_prune_revokes_keys_deletes_budgets_keeps_ledger(world: World, tmp
     assert (await world.admin(ledger.verify))["ok"]
     await assert_counters_match_ledger(world)
     # Pruned once, nothing more to prune; teams and users are never deleted.
-    assert await world.store.read(apply.plan, org, PRICED, now_us(), True) == []
+    assert await world.store.read(apply.plan, org, now_us(), True) == []
     users = {u["name"] for u in await world.admin(services.list_users)}
     assert users == {"alice", "bob", "carol", "ada", "ben"}
 
@@ -300,7 +300,7 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     assert f"live key {unnamed['id']} of carol has no name" in exported
     assert "gone" not in exported and "cust-1" not in exported and 'idle"\nperiod' not in exported
     org = parse(exported, PRICED, "export.toml")
-    assert await world.store.read(apply.plan, org, PRICED, now_us(), False) == []
+    assert await world.store.read(apply.plan, org, now_us(), False) == []
     names = {(k.user, k.name): k for k in org.keys()}
     assert set(names) == {("alice", "laptop"), ("bob", "ci"), ("carol", "blocked")}
     assert names[("carol", "blocked")].blocked and names[("alice", "laptop")].models == ["openai/gpt-oss-20b"]
@@ -312,7 +312,7 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     assert budgets[("team", "eng", "monthly")].alert_at == () and ("key", "alice/laptop", "total") in budgets
     assert {("end_user", "alice/*", "daily"), ("end_user", "alice/vip", "weekly")} <= set(budgets)
     # Applying an export changes nothing, and exporting again gives the same file.
-    outcome = await world.store.run(lambda c: apply.apply(c, org, PRICED, now_us(), actor="test"))
+    outcome = await world.store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
     assert outcome["changes"] == []
     assert await world.store.read(orgstate.export, now_us()) == exported
 

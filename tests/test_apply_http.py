@@ -123,9 +123,7 @@ async def test_apply_racing_admissions_keeps_budgets_exact(world: World) -> None
         while len(world.upstream.received) < 5:  # once admissions are under way
             await asyncio.sleep(0.001)
         for _ in range(2):
-            outcomes.append(
-                await world.store.run(lambda c: apply.apply(c, org, PRICED, now_us(), actor="race"))
-            )
+            outcomes.append(await world.store.run(lambda c: apply.apply(c, org, now_us(), actor="race")))
         return outcomes
 
     results = await asyncio.gather(applies(), *(one(i) for i in range(300)))

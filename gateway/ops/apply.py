@@ -12,7 +12,7 @@ change that fails rolls back every other. (`orgstate` reads what the database ho
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -68,8 +68,8 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any]
 
 
 class _Planner:
-    def __init__(self, org: Org, state: State, priced: Collection[str], at: int, prune: bool) -> None:
-        self.org, self.state, self.priced, self.at, self.prune = org, state, priced, at, prune
+    def __init__(self, org: Org, state: State, at: int) -> None:
+        self.org, self.state, self.at = org, state, at
         self.changes: list[Change] = []
         self.problems: list[Problem] = []
         self.users = set(state.users) | {u.name for u in org.users}
@@ -237,9 +237,14 @@ class _Planner:
             self.add("revoke", "key", target, None, {"id": key["id"]}, None, _revoke(key["id"]))
 
 
-def plan(conn: Connection, org: Org, priced: Collection[str], at: int, prune: bool = False) -> list[Change]:
+def plan(conn: Connection, org: Org, at: int, prune: bool = False) -> list[Change]:
     """The changes that make the database match `org`; OrgFileError if the file cannot be applied."""
-    planner = _Planner(org, read_state(conn, at), priced, at, prune)
+    return _plan(conn, org, at, prune)[0]
+
+
+def _plan(conn: Connection, org: Org, at: int, prune: bool) -> tuple[list[Change], State]:
+    state = read_state(conn, at)
+    planner = _Planner(org, state, at)
     for team in org.teams:
         planner.team(team)
     for user in org.users:
@@ -254,7 +259,12 @@ def plan(conn: Connection, org: Org, priced: Collection[str], at: int, prune: bo
         raise OrgFileError(org.file, sorted(planner.problems, key=lambda p: p.line))
     if prune:
         planner.pruned()
-    return planner.changes
+    return planner.changes, state
+
+
+def planned(conn: Connection, org: Org, at: int, prune: bool = False) -> dict[str, Any]:
+    """Unit of work (a read): the plan's JSON, as `apply --plan --json` and `?plan=1` answer it."""
+    return result(org, plan(conn, org, at, prune), applied=False, prune=prune)
 
 
 def summary(changes: list[Change]) -> dict[str, int]:
@@ -280,14 +290,11 @@ def result(
     }
 
 
-def apply(
-    conn: Connection, org: Org, priced: Collection[str], at: int, *, prune: bool = False, actor: str
-) -> dict[str, Any]:
+def apply(conn: Connection, org: Org, at: int, *, prune: bool = False, actor: str) -> dict[str, Any]:
     """Unit of work: plan, then make every change, audited as made by `apply sha256:... (actor)`."""
-    changes = plan(conn, org, priced, at, prune=prune)
-    actor = audit.apply_actor(org.sha256, actor)
-    state_ids = {ident: live[0]["id"] for ident, live in read_state(conn, at).keys.items() if len(live) == 1}
-    context = Context(actor, at, state_ids)
+    changes, state = _plan(conn, org, at, prune)
+    key_ids = {ident: live[0]["id"] for ident, live in state.keys.items() if len(live) == 1}
+    context = Context(audit.apply_actor(org.sha256, actor), at, key_ids)
     for change in changes:
         try:
             change.run(conn, context)
@@ -298,7 +305,7 @@ def apply(
             raise OrgFileError(org.file, [problem]) from None
     if changes:
         after = {"sha256": org.sha256, "prune": prune, **summary(changes)}
-        audit.record(conn, at, actor, "org.apply", org.file, None, after)
+        audit.record(conn, at, context.actor, "org.apply", org.file, None, after)
     return result(org, changes, applied=True, prune=prune, created=context.created)
 
 

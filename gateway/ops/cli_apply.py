@@ -55,11 +55,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         if args.command == "export":
             exported = await store.read(orgstate.export, at)
         elif args.plan:
-            changes = await store.read(apply.plan, org, settings.pricing.models(), at, args.prune)
-            outcome = apply.result(org, changes, applied=False, prune=args.prune)
+            outcome = await store.read(apply.planned, org, at, args.prune)
         else:
             work = functools.partial(apply.apply, prune=args.prune, actor=audit.cli_actor())
-            outcome = await store.run(work, org, settings.pricing.models(), at)
+            outcome = await store.run(work, org, at)
     finally:
         await store.close()
     if args.command == "export":

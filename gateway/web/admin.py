@@ -369,12 +369,10 @@ async def apply_org(request: web.Request) -> web.Response:
         source = (await read_body(request, request.app[SETTINGS].max_body_bytes)).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("The body must be an organisation file: TOML text in UTF-8.") from None
-    priced = priced_models(request)
-    org = orgfile.parse(source, priced, "body")
+    org = orgfile.parse(source, priced_models(request), "body")
     at = now_us()
     if plan:
-        changes = await request.app[STORE].read(apply.plan, org, priced, at, prune)
-        return json_response(apply.result(org, changes, applied=False, prune=prune))
-    outcome = await change(request, apply.apply, org, priced, at, prune=prune)
+        return json_response(await request.app[STORE].read(apply.planned, org, at, prune))
+    outcome = await change(request, apply.apply, org, at, prune=prune)
     budgets_changed(request)
     return json_response(outcome)

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
+from gateway.errors import Conflict
 from gateway.ops import access, apply, budgeting, ledger, orgstate, services
 from gateway.ops.orgfile import OrgFileError, parse
 from gateway.store import Store
@@ -435,3 +436,33 @@ blocked = 1
         (26, "users[2].keys[0].models"),
         (35, "users[3].keys[0].blocked"),
     ]
+
+
+async def test_readme_example_applies(store: Store) -> None:
+    """The README's full example is a file that applies, and then plans no change."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Organisation as code", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    org = parse(example, PRICED, "README.md")
+    outcome = await store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
+    assert outcome["summary"] == {"create": 12, "change": 0, "delete": 0}
+    assert await store.read(apply.plan, org, now_us(), False) == []
+
+
+async def test_a_failing_change_undoes_the_others(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All or nothing: a service refusing the last change rolls back the teams, users, keys and
+    budgets already made in the same transaction, and names the entry's line."""
+    real = budgeting.set_budget
+
+    def refusing(conn: Any, scope: Any, subject: Any, *args: Any, **kwargs: Any) -> Any:
+        if scope == "team":
+            raise Conflict("refused for the test", field="subject")
+        return real(conn, scope, subject, *args, **kwargs)
+
+    monkeypatch.setattr(budgeting, "set_budget", refusing)
+    org = parse(ORG, PRICED, "org.toml")
+    with pytest.raises(OrgFileError) as caught:
+        await store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
+    assert caught.value.message == "org.toml:28: budget team research monthly: refused for the test"
+    assert await store.run(services.list_teams) == [] and await store.run(services.list_keys) == []
+    assert await store.run(budgeting.list_budgets) == [] and await _audit_rows(store) == []

@@ -150,7 +150,7 @@ async def test_plan_apply_again_and_audit(
     code, exported, _ = await cli(capsys, "export")
     assert code == 0 and exported.startswith("# ") and 'subject = "ada/ci"' in exported
     assert not any(secret in exported for secret in secrets.values())
-    monkeypatch.setattr("sys.stdin", io.StringIO(exported))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(exported.encode())))
     code, out, _ = await cli(capsys, "apply", "--plan", "-")
     assert code == 0 and "No changes: the organisation matches <stdin>." in out
     assert (await cli(capsys, "export", "-o", str(tmp_path / "out.toml")))[0] == 0

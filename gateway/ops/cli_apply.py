@@ -32,11 +32,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, as_json: argparse.Arg
 
 
 def _read(path: str) -> tuple[str, str]:
-    """The file's name (for messages) and text."""
+    """The file's name (for messages) and text, read as bytes: its sha256 is `sha256sum`'s."""
     if path == "-":
-        return "<stdin>", sys.stdin.read()
-    with open(path, encoding="utf-8") as handle:
-        return path, handle.read()
+        return "<stdin>", sys.stdin.buffer.read().decode("utf-8")
+    with open(path, "rb") as handle:
+        return path, handle.read().decode("utf-8")
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:

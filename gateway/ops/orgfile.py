@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.core import alerts
 from gateway.core.pricing import parse_credits
@@ -48,6 +48,7 @@ HINTS = {
 }
 
 Path = tuple[str | int, ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -209,14 +210,14 @@ def where(path: Path, name: str | None = None) -> str:
 class _Reader:
     """Collects the faults of one file while turning its tables into an `Org`."""
 
-    def __init__(self, org: Org, lines: Lines, priced: Collection[str]) -> None:
-        self.org, self.lines, self.priced = org, lines, priced
+    def __init__(self, lines: Lines, priced: Collection[str]) -> None:
+        self.lines, self.priced = lines, priced
         self.problems: list[Problem] = []
 
     def fault(self, path: Path, name: str | None, message: str) -> None:
         self.problems.append(Problem(self.lines.at(path, name), where(path, name), message))
 
-    def check(self, path: Path, name: str, fn: Any, *args: Any) -> Any:
+    def check(self, path: Path, name: str, fn: Callable[..., T], *args: Any) -> T | None:
         """`fn(*args)`, its refusal (a GatewayError or ValueError) recorded at the field; None then."""
         try:
             return fn(*args)
@@ -263,7 +264,7 @@ class _Reader:
     def models(self, path: Path, item: dict[str, Any]) -> list[str] | None:
         if "models" not in item:
             return None
-        return self.check(path, "models", access.parse_models, item["models"], self.priced, "models")  # type: ignore[no-any-return]
+        return self.check(path, "models", access.parse_models, item["models"], self.priced, "models")
 
     def flag(self, path: Path, item: dict[str, Any], name: str) -> bool:
         value = item.get(name, False)
@@ -276,8 +277,8 @@ class _Reader:
         if isinstance(value, datetime):
             moment = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
             return parse_time("expires_at", moment.isoformat())
-        if isinstance(value, str):
-            return self.check(path, "expires_at", parse_time, "expires_at", value)  # type: ignore[no-any-return]
+        if isinstance(value, str) and value.strip():
+            return self.check(path, "expires_at", parse_time, "expires_at", value)
         self.fault(path, "expires_at", "`expires_at` must be a date-time, e.g. 2027-01-31T18:00:00Z")
         return None
 
@@ -291,7 +292,7 @@ def parse(text: str, priced: Collection[str], file: str = "-") -> Org:
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"line (\d+)", str(exc))
         raise OrgFileError(file, [Problem(int(found.group(1)) if found else 1, "toml", str(exc))]) from None
-    read = _Reader(org, lines, priced)
+    read = _Reader(lines, priced)
     top = read.table((), data, TOP, "version")
     if "version" in top and (isinstance(top["version"], bool) or top["version"] != VERSION):
         read.fault((), "version", f"`version` must be {VERSION}; got {top['version']!r}")

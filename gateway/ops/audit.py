@@ -44,6 +44,11 @@ def api_actor(address: str | None) -> str:
     return f"admin-api {address or 'unknown'}"
 
 
+def apply_actor(sha256: str, via: str) -> str:
+    """`apply`, the applied file's sha256, and who applied it (`cli ...` or `admin-api ...`)."""
+    return f"apply sha256:{sha256} ({via})"
+
+
 def _dump(state: dict[str, Any] | None) -> str | None:
     if state is None:
         return None

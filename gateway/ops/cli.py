@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.ops import admin_cli, budgeting, cli_alerts, services, workers
+from gateway.ops import admin_cli, budgeting, cli_alerts, cli_apply, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     admin_cli.add_parsers(sub, common, as_json)
     cli_alerts.add_parsers(sub, common, as_json)
+    cli_apply.add_parsers(sub, common, as_json)
     return parser
 
 
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "webhooks":
             return asyncio.run(cli_alerts.test_webhooks(settings, args))
+        if args.command in ("apply", "export"):
+            return asyncio.run(cli_apply.run(settings, args))
         return asyncio.run(admin_cli.run(settings, args))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)

@@ -18,7 +18,19 @@ from aiohttp import web
 from gateway.core.metering import now_us
 from gateway.errors import InvalidRequest
 from gateway.jsonout import json_response
-from gateway.ops import access, adjustments, audit, budgeting, events, ledger, reports, services, webhooks
+from gateway.ops import (
+    access,
+    adjustments,
+    apply,
+    audit,
+    budgeting,
+    events,
+    ledger,
+    orgfile,
+    reports,
+    services,
+    webhooks,
+)
 from gateway.web.admin_request import (
     admin_only,
     budgets_changed,
@@ -28,7 +40,8 @@ from gateway.web.admin_request import (
     query_params,
     run,
 )
-from gateway.web.state import GAUGES, SETTINGS
+from gateway.web.body import read_body
+from gateway.web.state import GAUGES, SETTINGS, STORE
 
 PREFIX = "/admin/v1"
 
@@ -57,6 +70,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post(f"{PREFIX}/ledger/{{request_id}}/adjust", adjust_ledger)
     router.add_get(f"{PREFIX}/events", list_events)
     router.add_post(f"{PREFIX}/webhooks/test", test_webhooks)
+    router.add_post(f"{PREFIX}/apply", apply_org)
 
 
 @admin_only
@@ -336,3 +350,29 @@ async def test_webhooks(request: web.Request) -> web.Response:
     async with webhooks.new_session() as session:
         results = await webhooks.send_test(session, settings.webhooks, settings.webhook_timeout_seconds)
     return json_response(results)
+
+
+def _flag(params: dict[str, str], name: str) -> bool:
+    value = params.get(name, "0")
+    if value not in ("0", "1", "true", "false"):
+        raise InvalidRequest(f"`{name}` must be 1 or 0 (or true or false); got {value[:100]!r}.", field=name)
+    return value in ("1", "true")
+
+
+@admin_only
+async def apply_org(request: web.Request) -> web.Response:
+    """POST /admin/v1/apply[?plan=1][&prune=1] with an organisation file (TOML) as the body: `gateway
+    apply` over HTTP. With `plan`, the changes it would make, and none made."""
+    params = query_params(request, ("plan", "prune"))
+    plan, prune = _flag(params, "plan"), _flag(params, "prune")
+    try:
+        source = (await read_body(request, request.app[SETTINGS].max_body_bytes)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The body must be an organisation file: TOML text in UTF-8.") from None
+    org = orgfile.parse(source, priced_models(request), "body")
+    at = now_us()
+    if plan:
+        return json_response(await request.app[STORE].read(apply.planned, org, at, prune))
+    outcome = await change(request, apply.apply, org, at, prune=prune)
+    budgets_changed(request)
+    return json_response(outcome)

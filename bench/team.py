@@ -34,6 +34,7 @@ goal was missed.
     python bench/team.py                  # full run: 3 rounds of 5 s, about 2 minutes
     python bench/team.py --quick          # smoke run: 1 round of 3 s, under a minute
     python bench/team.py --users 50 --connections 128
+    python bench/team.py --rev 972aa8f --rev 6326214   # and SQLite x1 of two earlier revisions
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ GOAL_SQLITE_WORKERS = 1.3
 SETUP_SCRIPT = r"""
 import asyncio, json, secrets, sys
 
-from gateway.ops import budgeting, services
-from gateway.core.metering import now_us
+try:
+    from gateway.ops import budgeting, services
+    from gateway.core.metering import now_us
+except ImportError:  # an older revision's layout (--rev), before gateway/ops and gateway/core
+    from gateway import services
+    from gateway.metering import now_us
+    budgeting = services
 from gateway.store import open_store
 
 users, limit, urls = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -273,6 +279,7 @@ class Setup:
     database_url: str
     processes: int = 1
     workers: int = 1  # `gateway serve --workers N` when more than 1
+    tree: Path = ROOT  # whose `gateway serve` (--rev: an earlier revision's, in a worktree)
     end_users: int = 0  # requests name one of this many end users, rotating (0: none)
     ports: list[int] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
@@ -378,13 +385,16 @@ class Bench:
             Setup("PostgreSQL x1", "PostgreSQL", f"{PG_SERVER}/{pg_databases[0]}"),
             Setup("PostgreSQL x2", "PostgreSQL", f"{PG_SERVER}/{pg_databases[1]}", processes=2),
         ]
+        for rev, tree in args.trees:
+            url = f"sqlite+aiosqlite:///{workdir / f'sqlite-x1-{rev}.db'}"
+            self.setups.insert(1, Setup(f"SQLite x1 @{rev}", "SQLite", url, tree=tree))
 
     @property
     def live(self) -> list[Setup]:
         return [s for s in self.setups if not s.skipped]
 
-    def env(self, database_url: str, port: int | None = None) -> dict[str, str]:
-        return proxy.gateway_env(ROOT, database_url, self.upstream_url, port)
+    def env(self, database_url: str, port: int | None = None, tree: Path = ROOT) -> dict[str, str]:
+        return proxy.gateway_env(tree, database_url, self.upstream_url, port)
 
     def serve_has_workers(self) -> bool:
         """Whether this tree's `gateway serve` takes --workers."""
@@ -415,7 +425,7 @@ class Bench:
 
         began = time.monotonic()
         for setup in self.live:
-            proxy.gateway_cli(self.env(setup.database_url), "db", "upgrade")
+            proxy.gateway_cli(self.env(setup.database_url, tree=setup.tree), "db", "upgrade")
         migrated = time.monotonic()
         keys = self.make_accounts()
         print(
@@ -432,7 +442,8 @@ class Bench:
             for i in range(setup.processes):
                 port = proxy.free_port()
                 name = f"{setup.label} #{i + 1}"
-                setup.pids.append(self.servers.start(name, argv, self.env(setup.database_url, port)))
+                env = self.env(setup.database_url, port, setup.tree)
+                setup.pids.append(self.servers.start(name, argv, env))
                 setup.ports.append(port)
             self.write_script(setup)
         self.servers.wait_ready("upstream", f"http://127.0.0.1:{upstream_port}")
@@ -458,18 +469,21 @@ class Bench:
         setup.script = script
 
     def make_accounts(self) -> dict[str, list[str]]:
-        """The organisation in each live setup's database (SETUP_SCRIPT): its keys' secrets by URL."""
-        made = subprocess.run(
-            [sys.executable, "-c", SETUP_SCRIPT, str(self.args.users), BUDGET_CREDITS]
-            + [s.database_url for s in self.live],
-            env=self.env(self.live[0].database_url),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if made.returncode != 0:
-            raise SystemExit(f"making the accounts failed:\n{made.stderr.strip()}")
-        keys: dict[str, list[str]] = json.loads(made.stdout.strip().splitlines()[-1])
+        """The organisation in each live setup's database (SETUP_SCRIPT, run with the admin functions
+        of the setup's own tree): its keys' secrets by URL."""
+        keys: dict[str, list[str]] = {}
+        for tree in dict.fromkeys(s.tree for s in self.live):
+            urls = [s.database_url for s in self.live if s.tree == tree]
+            made = subprocess.run(
+                [sys.executable, "-c", SETUP_SCRIPT, str(self.args.users), BUDGET_CREDITS, *urls],
+                env=self.env(urls[0], tree=tree),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if made.returncode != 0:
+                raise SystemExit(f"making the accounts failed:\n{made.stderr.strip()}")
+            keys.update(json.loads(made.stdout.strip().splitlines()[-1]))
         return keys
 
     def run_once(self, setup: Setup, seconds: float) -> Sample:
@@ -555,7 +569,7 @@ class Bench:
 
         verify = subprocess.run(
             [sys.executable, "-m", "gateway", "ledger", "verify", "--json"],
-            env=self.env(url),
+            env=self.env(url, tree=setup.tree),
             capture_output=True,
             text=True,
             timeout=120,
@@ -678,6 +692,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=200, help="users in the team, each with a key (1-5000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 3 s")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and the databases")
+    parser.add_argument(
+        "--rev",
+        action="append",
+        default=[],
+        help="also SQLite x1 with this git revision's gateway, in the same rounds (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = min(args.duration, 3.0), 1
@@ -698,7 +718,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as made,
         proxy.work_directory("gw-team-", args.keep) as servers,
     ):
-        return run(args, servers, made)
+        args.trees = []
+        git = ["git", "-C", str(ROOT), "worktree"]
+        try:
+            for rev in args.rev:
+                tree = servers.workdir / f"tree-{rev}"
+                subprocess.run([*git, "add", "--detach", "--quiet", str(tree), rev], check=True)
+                args.trees.append((rev, tree))
+            return run(args, servers, made)
+        finally:
+            for _, tree in args.trees:
+                subprocess.run([*git, "remove", "--force", str(tree)], check=False)
 
 
 def run(args: argparse.Namespace, servers: proxy.Servers, databases: list[str]) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.core import admission
+from gateway.core import admission_sqlite
 from gateway.core.metering import now_us
 from gateway.core.pricing import format_credits
 from gateway.errors import BudgetExceeded
@@ -160,7 +160,7 @@ async def test_a_counter_refusing_what_its_read_allowed_is_a_500_that_leaves_not
     placed: list[str] = []
 
     def second_refuses(self: Any, sql: str, params: Any) -> int:
-        if sql == admission._PLACE_HOLD:
+        if sql == admission_sqlite.PLACE_HOLD:
             placed.append(sql)
             if len(placed) == 2:  # the first counter has taken the hold already
                 return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from gateway.core.admission import ANY_END_USER
+from gateway.core.holding import ANY_END_USER
 from gateway.core.pricing import credits_json
 from gateway.core.windows import PERIODS, iso_us
 from gateway.errors import GatewayError

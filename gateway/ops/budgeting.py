@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
 from gateway.core import alerts
-from gateway.core.admission import ANY_END_USER, CURRENT_COUNTER, end_user_subject
+from gateway.core.holding import ANY_END_USER, CURRENT_COUNTER, end_user_subject
 from gateway.core.metering import now_us
 from gateway.core.pricing import MICROS, credits_json, parse_credits
 from gateway.core.windows import PERIODS, from_key, isoformat, window_end, window_keys

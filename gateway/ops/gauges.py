@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Connection, bindparam, text
 
-from gateway.core import admission, metering
+from gateway.core import holding, metering
 from gateway.core.windows import PERIODS, window_keys
 from gateway.errors import LedgerUnavailable
 from gateway.ops import subjects
@@ -34,7 +34,7 @@ _BUDGETS_NOW = text(
     f"SELECT b.scope, {subjects.SUBJECT_NAME}, b.period, b.limit_micros, "
     "COALESCE(c.spent_micros, 0), COALESCE(c.held_micros, 0) "
     f"FROM budgets b {subjects.SUBJECT_JOINS} "
-    + admission.CURRENT_COUNTER
+    + holding.CURRENT_COUNTER
     # Not the end users' budgets made from defaults, one per end user: labels stay bounded. (The
     # defaults themselves have no counter.)
     + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.core.admission import ANY_END_USER
+from gateway.core.holding import ANY_END_USER
 from gateway.errors import InvalidRequest
 
 END_USER_HEADER = "X-Gateway-End-User"

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import Connection, text
 
-from gateway.core.admission import key_refused, key_state
+from gateway.core.holding import key_refused, key_state
 from gateway.core.metering import Caller
 from gateway.errors import GatewayError, ModelNotAllowed, Unauthorized
 

@@ -156,19 +156,20 @@ async def test_a_counter_refusing_what_its_read_allowed_is_a_500_that_leaves_not
     key = await world.key("alice")
     await world.budget("user", "alice", "1")
     await world.budget("team", "eng", "1")
-    changed = store_module._DriverSql.changed
+    many = store_module._DriverSql.many
     placed: list[str] = []
 
-    def second_refuses(self: Any, sql: str, params: Any) -> int:
+    def one_refuses(self: Any, sql: str, rows: Any) -> int:
+        changed = many(self, sql, rows)
         if sql == admission_sqlite.PLACE_HOLD:
             placed.append(sql)
-            if len(placed) == 2:  # the first counter has taken the hold already
-                return 0
-        return changed(self, sql, params)
+            assert changed == len(rows) == 2  # both took the hold: say the second did not
+            return changed - 1
+        return changed
 
-    monkeypatch.setattr(store_module._DriverSql, "changed", second_refuses)
+    monkeypatch.setattr(store_module._DriverSql, "many", one_refuses)
     await _error(await world.chat(key["key"]), 500, "internal_error")
-    assert len(placed) == 2
+    assert len(placed) == 1  # both counters in one statement
     await _nothing_happened(world)
     assert await world.sql("SELECT * FROM allocations") == []
 

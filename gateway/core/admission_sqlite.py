@@ -174,12 +174,12 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
     # write lock has been held since the reads above. If it ever did, the admissions are a bug, not
     # refusals: the group rolls back (nothing of it stays), and its calls are run one by one, where
     # those it fails again are answered 500.
-    for budget_id, window in sorted(placed):
-        added = counters[(budget_id, window)][3]
-        if db.changed(PLACE_HOLD, {"window": window, "credits": added, "budget": budget_id}) != 1:
-            raise CounterMismatch(
-                f"budget {budget_id}, window {window}: the counter refused holds its read said fit"
-            )
+    # Each row changes one counter or none, so all of them took their holds when as many changed.
+    rows = [(window, counters[(budget_id, window)][3], budget_id) for budget_id, window in sorted(placed)]
+    if rows and (changed := db.many(PLACE_HOLD, rows)) != len(rows):
+        raise CounterMismatch(
+            f"{len(rows) - changed} of {len(rows)} counters refused holds their read said fit"
+        )
     return results
 
 

@@ -6,6 +6,7 @@ thresholds a charge reaches are written as events in the same transaction.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -117,14 +118,20 @@ def write_settlements(
         record_crossings(db, [(b, w, spent) for (b, w), (_, spent) in sorted(counters.items()) if spent])
 
 
-# A budget's counter in a window with what alerts need: the budget's limit, whether it refuses,
-# and its thresholds (its own, else the defaults' row, else NULL: the built-in defaults).
-_COUNTER_FOR_ALERTS = (
-    "SELECT c.spent_micros, b.limit_micros, b.enforce, "
+# Budgets' counters with what alerts need: the budget's limit, whether it refuses, and its
+# thresholds (its own, else the defaults' row, else NULL: the built-in defaults). Those of some
+# budgets and windows, each list bound as a JSON array (SQLite) or an array (PostgreSQL).
+_COUNTERS_FOR_ALERTS = (
+    "SELECT c.budget_id, c.window_start, c.spent_micros, b.limit_micros, b.enforce, "
     "COALESCE(b.alert_at, (SELECT ad.thresholds FROM alert_defaults ad WHERE ad.id = 1)) "
-    "FROM budget_counters c JOIN budgets b ON b.id = c.budget_id "
-    "WHERE c.budget_id = :budget AND c.window_start = :window AND b.deleted_at IS NULL"
+    "FROM budget_counters c JOIN budgets b ON b.id = c.budget_id WHERE b.deleted_at IS NULL AND "
 )
+_OF_SOME = {
+    "sqlite": "c.budget_id IN (SELECT value FROM json_each(:budgets)) "
+    "AND c.window_start IN (SELECT value FROM json_each(:windows))",
+    "postgresql": "c.budget_id = ANY(CAST(:budgets AS bigint[])) "
+    "AND c.window_start = ANY(CAST(:windows AS bigint[]))",
+}
 # One event per (budget, window, threshold) not re-armed: a second is refused by the unique index.
 INSERT_THRESHOLD_EVENT = (
     "INSERT INTO alert_events (id, type, created_at, budget_id, window_start, threshold, limit_micros, "
@@ -140,11 +147,20 @@ def new_event_id() -> str:
 
 def record_crossings(db: Sql, moved: Sequence[tuple[int, int, int]]) -> None:
     """After counters moved (budget_id, window_start, credits spent by this move): write an event
-    for each alert threshold the move reached for the first time (SQLite; PostgreSQL does this in
-    gateway_settle_batch). The caller holds the write lock, so `spent - delta` is what it was."""
+    for each alert threshold the move reached for the first time (SQLite's settlements, and ledger
+    adjustments; PostgreSQL's settlements do this in gateway_settle_batch). The caller holds the
+    counters' write locks, so `spent - delta` is what it was. One query for every counter moved."""
+    if not moved:
+        return
+    budgets, windows = sorted({b for b, _, _ in moved}), sorted({w for _, w, _ in moved})
+    if db.dialect == "sqlite":
+        params: dict[str, Any] = {"budgets": json.dumps(budgets), "windows": json.dumps(windows)}
+    else:
+        params = {"budgets": budgets, "windows": windows}
+    read = {(row[0], row[1]): row[2:] for row in db.all(_COUNTERS_FOR_ALERTS + _OF_SOME[db.dialect], params)}
     at = now_us()
     for budget_id, window, delta in moved:
-        row = db.first(_COUNTER_FOR_ALERTS, {"budget": budget_id, "window": window})
+        row = read.get((budget_id, window))
         if row is None:
             continue
         spent, limit, enforce, stored = row

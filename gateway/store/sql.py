@@ -14,12 +14,16 @@ from sqlalchemy import Connection, TextClause, text
 class Sql(Protocol):
     """The few ways the hot path talks SQL: the same `:name` statements on both dialects."""
 
+    dialect: str  # "sqlite" or "postgresql"
+
     def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]: ...
 
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None: ...
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run a write once per row; a row's values in the order the statement names them first."""
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run a write once per row; a row's values in the order the statement names them first.
+        How many rows they inserted, updated or deleted in all (SQLite; -1 where the driver does
+        not say)."""
         ...
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
@@ -31,6 +35,8 @@ class _DriverSql:
     """Straight to sqlite3 (which caches its prepared statements): several times cheaper per
     statement than going through SQLAlchemy, and these statements run on every request."""
 
+    dialect = "sqlite"
+
     def __init__(self, raw: sqlite3.Connection) -> None:
         self._raw = raw
 
@@ -40,10 +46,10 @@ class _DriverSql:
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
         return self._raw.execute(sql, params).fetchone()
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         # Numbered parameters, bound from tuples: sqlite3 binds a named one by making a string of
         # its name and looking it up, which for a ledger row costs a fifth of the insert.
-        self._raw.executemany(_numbered(sql), rows)
+        return self._raw.executemany(_numbered(sql), rows).rowcount
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
         return self._raw.execute(sql, params).rowcount
@@ -75,6 +81,8 @@ def _numbered(sql: str) -> str:
 class _AlchemySql:
     """Through SQLAlchemy (PostgreSQL, on asyncpg)."""
 
+    dialect = "postgresql"
+
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
@@ -84,9 +92,9 @@ class _AlchemySql:
     def first(self, sql: str, params: Mapping[str, Any]) -> Any | None:
         return self._conn.execute(_clause(sql), params).first()
 
-    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         names = _parameters(sql)
-        self._conn.execute(_clause(sql), [dict(zip(names, row, strict=True)) for row in rows])
+        return self._conn.execute(_clause(sql), [dict(zip(names, row, strict=True)) for row in rows]).rowcount
 
     def changed(self, sql: str, params: Mapping[str, Any]) -> int:
         return self._conn.execute(_clause(sql), params).rowcount

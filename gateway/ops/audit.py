@@ -44,6 +44,11 @@ def api_actor(address: str | None) -> str:
     return f"admin-api {address or 'unknown'}"
 
 
+def console_actor(address: str | None) -> str:
+    """`console` (the web console at /ui/) and the client's address."""
+    return f"console {address or 'unknown'}"
+
+
 def _dump(state: dict[str, Any] | None) -> str | None:
     if state is None:
         return None

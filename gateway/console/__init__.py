@@ -55,11 +55,6 @@ def console_app() -> web.Application:
     return app
 
 
-async def _to_console(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPMovedPermanently("/ui/")
-
-
 def mount(app: web.Application) -> None:
     """Serve the console at /ui/ (and /ui redirecting there)."""
     app.add_subapp("/ui", console_app())
-    app.router.add_get("/ui", _to_console)

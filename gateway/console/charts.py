@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-WIDTH, HEIGHT = 720, 220
+WIDTH, HEIGHT = 1000, 220
 PAD_LEFT, PAD_BOTTOM, PAD_TOP = 56, 24, 8
 MAX_SERIES = 8  # more teams than this are drawn together as "other"
 

@@ -139,7 +139,9 @@ async def key_action(request: web.Request) -> web.StreamResponse:
         elif action == "revoke":
             await change(request, services.revoke_key, key_id, at)
         elif action == "rotate":
-            grace = access.parse_duration("grace", str(form.get("grace", "0")).strip() or "0", allow_zero=True)
+            grace = access.parse_duration(
+                "grace", str(form.get("grace", "0")).strip() or "0", allow_zero=True
+            )
             new = await change(request, access.rotate_key, key_id, grace, at)
             return page(request, "key_secret.html", "keys", status=201, key=new, title="Key rotated")
         elif action == "set":

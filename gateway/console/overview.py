@@ -63,9 +63,7 @@ def refusals(request: web.Request) -> list[tuple[str, int]]:
 
 def _top(sums: dict[Any, list[int]]) -> list[dict[str, Any]]:
     rows = sorted(sums.items(), key=lambda kv: (-kv[1][CREDITS], str(kv[0])))[:TOP_ROWS]
-    return [
-        {"name": name, "credits": credits_json(s[CREDITS]), "requests": s[REQUESTS]} for name, s in rows
-    ]
+    return [{"name": name, "credits": credits_json(s[CREDITS]), "requests": s[REQUESTS]} for name, s in rows]
 
 
 async def overview(request: web.Request) -> web.Response:
@@ -90,7 +88,10 @@ async def overview(request: web.Request) -> web.Response:
         request,
         "overview.html",
         "overview",
-        today={"credits": credits_json(now_figures.totals[CREDITS]), "requests": now_figures.totals[REQUESTS]},
+        today={
+            "credits": credits_json(now_figures.totals[CREDITS]),
+            "requests": now_figures.totals[REQUESTS],
+        },
         month={"credits": credits_json(month.totals[CREDITS]), "requests": month.totals[REQUESTS]},
         refusals=refusals(request),
         chart=chart,

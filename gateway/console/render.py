@@ -92,7 +92,9 @@ def priced_models(request: web.Request) -> list[str]:
     return request.config_dict[SETTINGS].pricing.models()
 
 
-def slice_page(rows: Sequence[Any], request: web.Request, size: int = PAGE_SIZE) -> tuple[list[Any], dict[str, Any]]:
+def slice_page(
+    rows: Sequence[Any], request: web.Request, size: int = PAGE_SIZE
+) -> tuple[list[Any], dict[str, Any]]:
     """One page of an in-memory list (`?page=N`), and what the pager shows."""
     try:
         number = max(int(request.query.get("page", "1")), 1)

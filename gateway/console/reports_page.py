@@ -35,14 +35,20 @@ async def reports_page(request: web.Request) -> web.Response:
             report = await read(request, reports.usage_report, query)
     except GatewayError as exc:
         errors = form_errors(exc, "group_by")
-        wanted = {**filters(request, ("from", "to")), "group_by": ",".join(request.query.getall("group_by", []))}
+        wanted = {
+            **filters(request, ("from", "to")),
+            "group_by": ",".join(request.query.getall("group_by", [])),
+        }
     chart = None
     if report is not None and report.rows:
         credits_at = len(report.group_by) + reports.SUMS.index("credits")
         ranked = sorted(report.text_rows(), key=lambda cells: -float(cells[credits_at]))[:CHART_ROWS]
         width = len(report.group_by)
         chart = charts.bars(
-            [(" · ".join(c or "(none)" for c in cells[:width]) or "total", float(cells[credits_at])) for cells in ranked]
+            [
+                (" · ".join(c or "(none)" for c in cells[:width]) or "total", float(cells[credits_at]))
+                for cells in ranked
+            ]
         )
     return page(
         request,

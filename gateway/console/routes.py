@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.console import alerts, audit_page, budgets, keys, ledger_page, overview, reports_page, signin, teams
+from gateway.console import (
+    alerts,
+    audit_page,
+    budgets,
+    keys,
+    ledger_page,
+    overview,
+    reports_page,
+    signin,
+    teams,
+)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

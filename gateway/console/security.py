@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections import OrderedDict
 
@@ -21,7 +22,10 @@ from aiohttp.typedefs import Handler
 
 from gateway.console import sessions
 from gateway.core.metering import now_us
+from gateway.errors import GatewayError
 from gateway.web.state import SETTINGS, STORE
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/ui/"
 COOKIE = "gw_console"
@@ -48,7 +52,9 @@ def is_https(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
-def set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str, max_age: int) -> None:
+def set_cookie(
+    request: web.Request, response: web.StreamResponse, name: str, value: str, max_age: int
+) -> None:
     """A console cookie: HttpOnly, SameSite=Strict, path /ui/, Secure behind HTTPS."""
     response.set_cookie(
         name,
@@ -80,12 +86,25 @@ def same(given: object, expected: str) -> bool:
 
 @web.middleware
 async def headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The security headers on every answer of the console, errors and redirects included."""
+    """The security headers on every answer of the console, errors and redirects included.
+
+    Errors are answered here as plain text (the gateway's JSON error middleware would drop the
+    headers); redirects go on with the headers added.
+    """
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        exc.headers.update(HEADERS)
-        raise
+        if exc.status < 400:
+            exc.headers.update(HEADERS)
+            raise
+        response = web.Response(status=exc.status, text=exc.text or exc.reason)
+    except GatewayError as exc:
+        response = web.Response(status=exc.status, text=f"{exc.status}: {exc.message}")
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = web.Response(
+            status=500, text="500: the console failed unexpectedly; see the gateway's log."
+        )
     response.headers.update(HEADERS)
     return response
 
@@ -101,6 +120,8 @@ def _forbidden() -> web.Response:
 @web.middleware
 async def session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """No session: to sign-in. A POST without its session's CSRF token: 403, before any handler."""
+    if request.path == PREFIX.rstrip("/"):
+        raise web.HTTPMovedPermanently(PREFIX)
     if request.path.startswith(PUBLIC):
         return await handler(request)
     from gateway.console.state import SESSION  # (state imports this module)
@@ -130,9 +151,9 @@ def check_signin_csrf(request: web.Request, form_token: object) -> bool:
 class Throttle:
     """Per-address slowing of wrong admin tokens, in bounded memory.
 
-    After the n-th wrong token in a row from one address, that address may not try again for
-    `base × 2^(n-1)` seconds (at most `cap`); an attempt meanwhile is refused unchecked. Each wrong
-    answer is also delayed by `base`. A right token clears the address. At most `max_addresses`
+    Each wrong answer is delayed by `base` seconds; after the n-th wrong token in a row from one
+    address, that address may not try again for `base × 2^(n-1)` seconds more (at most `cap`),
+    and an attempt meanwhile is refused unchecked. A right token clears the address. At most `max_addresses`
     are remembered (the oldest forgotten first), so a flood of addresses costs bounded memory.
     """
 
@@ -152,8 +173,8 @@ class Throttle:
         """Record a wrong token; the lockout it earned, in seconds."""
         moment = time.monotonic() if now is None else now
         count = self._failures.pop(address, (0, 0.0))[0] + 1
-        lockout = min(self.base * 2 ** min(count - 1, 30), self.cap)
-        self._failures[address] = (count, moment + lockout)
+        lockout = float(min(self.base * 2.0 ** min(count - 1, 30), self.cap))
+        self._failures[address] = (count, moment + self.base + lockout)
         while len(self._failures) > self.max_addresses:
             self._failures.popitem(last=False)
         return lockout

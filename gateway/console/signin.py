@@ -29,6 +29,7 @@ PRE_COOKIE_SECONDS = 3600
 def _form(request: web.Request, status: int = 200, **context: object) -> web.Response:
     """The sign-in form, with a fresh double-submit token in its cookie and its hidden field."""
     token = secrets.token_urlsafe(24)
+    context.setdefault("signed_out", False)
     response = page(request, "signin.html", "signin", status=status, signin_csrf=token, **context)
     set_cookie(request, response, PRE_COOKIE, token, PRE_COOKIE_SECONDS)
     return response
@@ -44,7 +45,8 @@ async def signin(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     if not check_signin_csrf(request, form.get("csrf")):
         return web.Response(
-            status=403, text="403: the sign-in form's token is missing or wrong. Reload the page and try again."
+            status=403,
+            text="403: the sign-in form's token is missing or wrong. Reload the page and try again.",
         )
     address = request.remote or "unknown"
     throttle = request.app[THROTTLE]

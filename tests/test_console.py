@@ -157,7 +157,7 @@ def _forms(key_id: str, request_id: str) -> list[tuple[str, dict[str, str], str,
     """(path, form, table, condition) of each state-changing form; the condition counts its effect."""
     return [
         ("/ui/teams", {"name": "new-team"}, "teams", "name = 'new-team'"),
-        ("/ui/users", {"name": "new-user"}, "users", "name = 'new-user'"),
+        ("/ui/users", {"user_name": "new-user"}, "users", "name = 'new-user'"),
         ("/ui/keys", {"user": "alice"}, "api_keys", "user_id = (SELECT id FROM users WHERE name = 'alice')"),
         (f"/ui/keys/{key_id}/block", {}, "api_keys", "blocked_at IS NOT NULL"),
         (f"/ui/keys/{key_id}/revoke", {}, "api_keys", "revoked_at IS NOT NULL"),
@@ -226,7 +226,7 @@ async def _hostile_world(w: World) -> dict[str, Any]:
     await w.budget("team", team, "100")
     await w.budget("end_user", f"{user}/*", "50")
     for end_user in HOSTILE:
-        resp = await w.chat(key["key"], user=end_user, headers=None)
+        resp = await w.chat(key["key"], user=end_user)
         assert resp.status == 200, await resp.text()
     return key
 
@@ -286,7 +286,7 @@ async def test_changes_are_audited_as_console(admin_world: World) -> None:
     w = admin_world
     csrf = await sign_in(w.client)
     await w.client.post("/ui/teams", data={"csrf": csrf, "name": "ops"})
-    await w.client.post("/ui/users", data={"csrf": csrf, "name": "dan", "team": "ops"})
+    await w.client.post("/ui/users", data={"csrf": csrf, "user_name": "dan", "team": "ops"})
     await w.client.post(
         "/ui/budgets",
         data={
@@ -318,7 +318,7 @@ async def test_form_errors_have_the_api_words(admin_world: World) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     api = await w.client.post("/admin/v1/users", json={"name": "zed", "team": "nope"}, headers=headers)
     message = (await api.json())["error"]["message"]
-    resp = await w.client.post("/ui/users", data={"csrf": csrf, "name": "zed", "team": "nope"})
+    resp = await w.client.post("/ui/users", data={"csrf": csrf, "user_name": "zed", "team": "nope"})
     assert resp.status == 404 and str(escape(message)) in await resp.text()
     api = await w.client.put(
         "/admin/v1/budgets",

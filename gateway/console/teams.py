@@ -85,9 +85,9 @@ async def create_team(request: web.Request) -> web.StreamResponse:
 
 
 async def create_user(request: web.Request) -> web.StreamResponse:
-    """POST /ui/users: a new user, in a team or none."""
+    """POST /ui/users (user_name, team): a new user, in a team or none."""
     form = await request.post()
-    name = str(form.get("name", "")).strip()
+    name = str(form.get("user_name", "")).strip()
     team = str(form.get("team", "")).strip() or None
     try:
         await change(request, services.create_user, name, team, now_us())

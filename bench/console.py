@@ -142,8 +142,10 @@ async def measure(url: str, runs: int) -> None:
         async with aiohttp.ClientSession(cookie_jar=jar) as http:
             form = await (await http.get(base + "/ui/signin")).text()
             token = CSRF.search(form).group(1)  # type: ignore[union-attr]
-            signed = await http.post(base + "/ui/signin", data={"csrf": token, "token": TOKEN})
-            assert signed.status == 200, signed.status
+            signed = await http.post(
+                base + "/ui/signin", data={"csrf": token, "token": TOKEN}, allow_redirects=False
+            )
+            assert signed.status == 303, signed.status
             for label, path in [
                 ("overview, first load", "/ui/"),
                 *[(f"{n} (warm-up)", p) for n, p in pages()],

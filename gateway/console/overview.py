@@ -9,16 +9,7 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from gateway.console import charts
-from gateway.console.overview_cache import (
-    CREDITS,
-    REQUESTS,
-    TOP,
-    Figures,
-    day_start,
-    days_shown,
-    figures,
-    merge,
-)
+from gateway.console.overview_cache import CREDITS, REQUESTS, TOP, day_start, days_shown, merge
 from gateway.console.render import page
 from gateway.console.state import OVERVIEW
 from gateway.core.metering import now_us
@@ -27,13 +18,13 @@ from gateway.ops import budgeting
 from gateway.web.state import METRICS, STORE
 
 TOP_ROWS = 10
-ALERT_ROWS = 25
+ALERT_ROWS = 10
 NOT_REFUSALS = ("charged",)
 
 
-def _today_and_budgets(conn: Connection, today: int, at: int) -> tuple[Figures, list[dict[str, Any]]]:
-    """Unit of work: today's figures, and every budget (end users' included) with its window."""
-    return figures(conn, today, at + 1, today), budgeting.list_budgets(conn, at=at, expand=True)
+def _budgets(conn: Connection, at: int) -> list[dict[str, Any]]:
+    """Unit of work: every budget (end users' included) with its current window."""
+    return budgeting.list_budgets(conn, at=at, expand=True)
 
 
 def near_limits(budgets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,7 +38,7 @@ def near_limits(budgets: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if share >= threshold:
             near.append({**budget, "share": share})
     near.sort(key=lambda b: (-b["share"], b["scope"], b["subject"]))
-    return near[:ALERT_ROWS]
+    return near
 
 
 def refusals(request: web.Request) -> list[tuple[str, int]]:
@@ -71,8 +62,9 @@ async def overview(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
     at = now_us()
     today = day_start(at)
-    past = await request.app[OVERVIEW].past(store, today)
-    now_figures, budgets = await store.read(_today_and_budgets, today, at)
+    cache = request.app[OVERVIEW]
+    past, now_figures = await cache.past(store, today), await cache.today(store, today)
+    budgets = await store.read(_budgets, at)
     month = merge(past, now_figures)
     days = days_shown(today)
     per_team: dict[tuple[str, str], Any] = {}
@@ -84,6 +76,7 @@ async def overview(request: web.Request) -> web.Response:
             team_totals[name] = team_totals.get(name, 0) + sums[CREDITS]
     names = sorted(team_totals, key=lambda n: -team_totals[n])
     chart = charts.stacked_days(days, per_team, names)
+    near = near_limits(budgets)
     return page(
         request,
         "overview.html",
@@ -95,7 +88,8 @@ async def overview(request: web.Request) -> web.Response:
         month={"credits": credits_json(month.totals[CREDITS]), "requests": month.totals[REQUESTS]},
         refusals=refusals(request),
         chart=chart,
-        near=near_limits(budgets),
+        near=near[:ALERT_ROWS],
+        near_count=len(near),
         budgets_count=len(budgets),
         top={name: _top(month.top.get(name, {})) for name in TOP},
     )

@@ -1,17 +1,18 @@
 """The overview's figures: billing reports over the report index, earlier days cached, today live.
 
-A 30-day report over a million ledger rows takes a few tenths of a second, too long for a page. The
+A 30-day report over a million ledger rows takes about half a second, too long for a page. The
 days before today change rarely (a late settlement, an adjustment), so their sums are computed
-once per process and kept: refreshed in the background once they are `ttl` seconds old (the page
-meanwhile shows the kept figures), and computed again at once when the UTC day changes. Today's
-sums are read on every page, from the same report function over today alone.
+once per process and kept a minute; today's, a few tens of milliseconds, are kept 5 seconds. Once
+older than that, a page is answered with the kept figures while they are computed again in the
+background; when the UTC day changes they are computed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -88,52 +89,66 @@ def merge(past: Figures, today: Figures) -> Figures:
     return out
 
 
-class OverviewCache:
-    """The days before today, per process (see the module's docstring)."""
+class Kept:
+    """One value computed by a unit of work, kept for `ttl` seconds, then refreshed in the
+    background while the kept one is still answered (computed at once when its key changes)."""
 
-    def __init__(self, ttl: float = 60.0) -> None:
+    def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._key: int | None = None
-        self._past: Figures | None = None
+        self._key: Any = None
+        self._value: Figures | None = None
         self._at = 0.0
         self._refresh: asyncio.Task[None] | None = None
 
-    async def _compute(self, store: Store, today: int) -> Figures:
-        start = today - (DAYS - 1) * US_PER_DAY
-        return await store.read(figures, min(start, month_start(today)), today, month_start(today))
-
-    async def _refresh_in_background(self, store: Store, today: int) -> None:
+    async def _refresh_in_background(self, key: Any, compute: Callable[[], Awaitable[Figures]]) -> None:
         try:
-            past = await self._compute(store, today)
-            if self._key == today:
-                self._past, self._at = past, time.monotonic()
+            value = await compute()
+            if self._key == key:
+                self._value, self._at = value, time.monotonic()
         finally:
             self._refresh = None
 
-    async def past(self, store: Store, today: int) -> Figures:
-        """The figures of the days before `today` (its start, in microseconds)."""
-        if self._past is None or self._key != today:
-            self._past = await self._compute(store, today)
-            self._key, self._at = today, time.monotonic()
+    async def get(self, key: Any, compute: Callable[[], Awaitable[Figures]]) -> Figures:
+        if self._value is None or self._key != key:
+            self._value = await compute()
+            self._key, self._at = key, time.monotonic()
         elif time.monotonic() - self._at > self.ttl and self._refresh is None:
-            self._refresh = asyncio.get_running_loop().create_task(self._refresh_in_background(store, today))
-        return self._past
+            loop = asyncio.get_running_loop()
+            self._refresh = loop.create_task(self._refresh_in_background(key, compute))
+        return self._value
 
     async def close(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refresh
-            except (asyncio.CancelledError, Exception):
-                pass
 
 
-def _today_figures(conn: Connection, today: int, at: int) -> Figures:
-    return figures(conn, today, at + 1, today)
+class OverviewCache:
+    """The days before today (kept a minute) and today (kept 5 seconds), per process."""
+
+    def __init__(self, past_ttl: float = 60.0, today_ttl: float = 5.0) -> None:
+        self._past = Kept(past_ttl)
+        self._today = Kept(today_ttl)
+
+    async def past(self, store: Store, today: int) -> Figures:
+        """The figures of the days before `today` (its start, in microseconds)."""
+        start = min(today - (DAYS - 1) * US_PER_DAY, month_start(today))
+        return await self._past.get(today, lambda: store.read(figures, start, today, month_start(today)))
+
+    async def today(self, store: Store, today: int) -> Figures:
+        """Today's figures so far (at most a few seconds old)."""
+        return await self._today.get(today, lambda: store.read(_today_figures, today))
+
+    async def month(self, store: Store, at: int) -> Figures:
+        """This month's (and the last 30 days') figures: the earlier days and today, together."""
+        today = day_start(at)
+        return merge(await self.past(store, today), await self.today(store, today))
+
+    async def close(self) -> None:
+        await self._past.close()
+        await self._today.close()
 
 
-async def month_figures(cache: OverviewCache, store: Store, at: int) -> Figures:
-    """This month's (and the last 30 days') figures: the cached earlier days and today, read now."""
-    today = day_start(at)
-    past = await cache.past(store, today)
-    return merge(past, await store.read(_today_figures, today, at))
+def _today_figures(conn: Connection, today: int) -> Figures:
+    return figures(conn, today, today + US_PER_DAY, today)

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import Connection
 
-from gateway.console.overview_cache import CREDITS, month_figures, month_start
+from gateway.console.overview_cache import CREDITS, month_start
 from gateway.console.render import change, done, form_errors, page, priced_models, read, slice_page
 from gateway.console.state import OVERVIEW
 from gateway.core.metering import now_us
@@ -25,7 +25,7 @@ def _lists(conn: Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 async def _spend(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
     """This month's credits by team name and by user name."""
     at = now_us()
-    month = await month_figures(request.app[OVERVIEW], request.config_dict[STORE], at)
+    month = await request.app[OVERVIEW].month(request.config_dict[STORE], at)
     first = month_start(at - at % 86_400_000_000)
     from_day = str(_iso_day(first))
     teams: dict[Any, int] = {}

@@ -430,3 +430,16 @@ async def test_report_csv_equals_the_cli(
         assert code == 0 and await resp.read() == out.encode()
     page = await (await w.client.get(f"/ui/reports?from={today}&to={tomorrow}&group_by=end_user")).text()
     assert "Download CSV" in page and "&#39;=cmd" not in page and "=cmd" in page
+
+
+def test_openapi_is_unaffected() -> None:
+    """The console is HTML, not API: every route it adds is under /ui, and none is documented."""
+    from gateway.web.app import create_app
+    from gateway.web.openapi import SPEC
+
+    with_console = create_app(Settings(admin_token=_secret(ADMIN_TOKEN)))
+    without = create_app(Settings())
+    paths = {str(r.resource.canonical) for r in with_console.router.routes() if r.resource is not None}
+    plain = {str(r.resource.canonical) for r in without.router.routes() if r.resource is not None}
+    assert paths - plain and all(path.startswith("/ui") for path in paths - plain)
+    assert not any(path.startswith("/ui") for path in SPEC["paths"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -58,8 +58,7 @@ def page(
         errors=context.get("errors", {}),
         values=context.get("values", {}),
     )
-    response = aiohttp_jinja2.render_template(template, request, context, status=status)
-    return response
+    return aiohttp_jinja2.render_template(template, request, context, status=status)
 
 
 def form_errors(exc: GatewayError, default_field: str) -> dict[str, str]:
@@ -163,8 +162,6 @@ def percent(part: Any, whole: Any) -> float:
 FILTERS = {"credits": credits, "when": when}
 GLOBALS = {"percent": percent}
 
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 __all__ = [
     "change",
     "cursor_link",

@@ -61,13 +61,10 @@ async def signin(request: web.Request) -> web.StreamResponse:
         return _form(request, status=401, errors={"token": "That is not the gateway's admin token."})
     throttle.succeeded(address)
     session_id = sessions.new_id()
-    session = await request.config_dict[STORE].run(
-        sessions.open_session, session_id, expected, address, now_us()
-    )
+    await request.config_dict[STORE].run(sessions.open_session, session_id, expected, address, now_us())
     response = web.HTTPSeeOther(PREFIX)
     set_cookie(request, response, COOKIE, session_id, sessions.LIFETIME_US // 1_000_000)
     forget_cookie(response, PRE_COOKIE)
-    del session
     raise response
 
 

@@ -26,8 +26,7 @@ async def _spend(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
     """This month's credits by team name and by user name."""
     at = now_us()
     month = await request.app[OVERVIEW].month(request.config_dict[STORE], at)
-    first = month_start(at - at % 86_400_000_000)
-    from_day = str(_iso_day(first))
+    from_day = _iso_day(month_start(at - at % 86_400_000_000))
     teams: dict[Any, int] = {}
     for (team, day), sums in month.by_team_day.items():
         if day >= from_day:

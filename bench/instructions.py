@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rev", help="also count the gateway of this git revision")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (<= 60)")
+    parser.add_argument("--keep", type=Path, help="copy the callgrind files here (for callgrind_annotate)")
     parser.add_argument(
         "--end-users", type=int, default=0, help="also the gateway with N end users and a default budget"
     )
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             servers.stop_all()
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for path in workdir.glob("*.callgrind*"):
+                    shutil.copy(path, args.keep / path.name)
             if args.rev:
                 subprocess.run(
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(workdir / "rev")],

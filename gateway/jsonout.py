@@ -1,4 +1,5 @@
-"""JSON out: every JSON answer and `--json` output, with credit amounts written exactly.
+"""JSON out: every JSON answer and `--json` output, with credit amounts written exactly; and
+`document`, the hot path's JSON in.
 
 `pricing.credits_json` gives an int or a float whenever `json.dumps` writes the exact decimal for
 it, and a `Decimal` only when it would not (past 15 significant digits, or under 0.0001).
@@ -10,11 +11,36 @@ document itself, with the same text except that a Decimal is written as its digi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any
 
 from aiohttp import web
+
+_BLANK = " \t\n\r"  # JSON's whitespace
+Scanner = Callable[[str, int], tuple[Any, int]]
+
+
+def scanner(decoder: json.JSONDecoder) -> Scanner:
+    """The decoder's C scanner (`scan_once`, which the json module does not declare), for `document`."""
+    scan: Scanner = decoder.scan_once  # type: ignore[attr-defined]
+    return scan
+
+
+def document(text: str, scan: Scanner) -> Any:
+    """The one JSON value `text` holds, with whitespace around it, read by a decoder's scanner:
+    `json.JSONDecoder.decode` without its two Python layers (the hot path reads two documents a
+    request). ValueError if it holds none, or more."""
+    start = len(text) - len(text.lstrip(_BLANK))
+    try:
+        value, end = scan(text, start)
+    except StopIteration:
+        raise ValueError("not a JSON document") from None
+    if end != len(text) and text[end:].strip(_BLANK):
+        raise ValueError("extra data after the JSON document")
+    return value
+
 
 # NaN and Infinity are not JSON; refuse them rather than answer what a client cannot parse.
 _ENCODER = json.JSONEncoder(allow_nan=False)

@@ -79,8 +79,7 @@ async def test_refusals_and_failures_free_their_place(world: World, alice: str) 
 
 async def test_the_upstream_pool_is_sized_to_the_limit(world: World) -> None:
     await world.reconfigure(max_concurrent_requests=37)
-    connector = world.client.app[UPSTREAM].connector
-    assert connector is not None and connector.limit == 37
+    assert world.client.app[UPSTREAM].limit == 37
 
 
 async def test_waiting_for_a_pooled_connection_is_not_an_upstream_timeout(

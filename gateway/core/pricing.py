@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from decimal import Context, Decimal, Inexact, InvalidOperation
 
@@ -52,6 +53,8 @@ def parse_credits(value: object, *, allow_zero: bool = True) -> int:
     return int(micros)
 
 
+# Each answer's credit headers format two amounts, and few distinct ones recur: remembered.
+@functools.lru_cache(maxsize=4096)
 def format_credits(micros: int) -> str:
     """Render micro-credits as the shortest exact decimal string, e.g. 750000 -> '0.75'."""
     sign = "-" if micros < 0 else ""

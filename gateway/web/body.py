@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import InvalidRequest, RequestTimeout, RequestTooLarge
+from gateway.jsonout import document, scanner
 from gateway.web.state import SETTINGS
 from gateway.web.upstream import read_whole
 
@@ -33,7 +34,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # One decoder for every request: `json.loads` with a hook would build a new one each time.
-_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+_SCAN = scanner(json.JSONDecoder(object_pairs_hook=_object))
 
 
 def parse_chat(body: bytes) -> tuple[str, int, bool, Any]:
@@ -45,7 +46,7 @@ def parse_chat(body: bytes) -> tuple[str, int, bool, Any]:
     keeps the last value where another parser may keep the first (two `model`s: which is billed?).
     """
     try:
-        payload = _DECODER.decode(body.decode("utf-8"))
+        payload = document(body.decode("utf-8"), _SCAN)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8; send a JSON object.") from None
     except (ValueError, RecursionError):

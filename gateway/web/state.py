@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 
 from gateway.ops.gauges import BudgetGauges
 from gateway.ops.metrics import Metrics
@@ -16,12 +16,13 @@ from gateway.web.auth import KeyCache
 from gateway.web.limits import Gate
 from gateway.web.readiness import Readiness
 from gateway.web.upstream import Deadlines
+from gateway.web.upstream_client import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 KEYS = web.AppKey("keys", KeyCache)
-UPSTREAM = web.AppKey("upstream", ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 # The upstream calls' timeouts (see `upstream.Deadlines`).
 DEADLINES = web.AppKey("deadlines", Deadlines)
 INSTANCE_ID = web.AppKey("instance_id", str)

@@ -1,14 +1,12 @@
-"""The upstream client: one shared session, header filtering, timeouts, and the response relay.
+"""Calling upstream: the one pool (`upstream_client`), header filtering, timeouts, and the relay.
 
-Upstream read errors and client write errors are caught in separate `try` blocks: a client write
-to a closed peer raises an exception that is also an `aiohttp.ClientError`, and the two mean
-different things for the charge.
+Upstream read errors (`UpstreamError`) and client write errors are caught in separate `try`
+blocks: they mean different things for the charge.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import time
@@ -20,6 +18,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.jsonout import document, scanner
+from gateway.web.upstream_client import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_SECONDS = 10.0
 # Headers relayed from upstream's response to the client; everything else is upstream's business.
 RELAYED_HEADERS = ("Content-Type", "Cache-Control", "Retry-After")
+_RELAYED = tuple((name, name.lower()) for name in RELAYED_HEADERS)
 # Headers copied from the client's request to upstream. The caller's Authorization never is.
 FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
 # Token counts past what the ledger's integer columns hold are not believed (nor recorded).
@@ -35,37 +36,26 @@ MAX_TOKENS = 2**31 - 1
 MAX_USAGE_LINE = 1 << 20
 # What aiohttp adds to each chunk of a chunked body (its length in hex and two CRLFs), at most.
 CHUNK_FRAMING = 32
-# aiohttp warns about bytes bodies over 1 MiB (written in one go); larger ones go as a BytesIO,
-# which it writes in chunks.
-LARGE_BODY = 1 << 20
+# Upstream's JSON, read by `jsonout.document`.
+_SCAN = scanner(json.JSONDecoder())
 # How early a timer may fire (see `Deadlines._expire`).
 CLOCK_RESOLUTION_SECONDS = 0.001
 
 
-def new_session(
-    max_connections: int, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
-) -> aiohttp.ClientSession:
-    """The one client session used for every upstream call, with a pool of `max_connections`.
+def new_session(max_connections: int, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> UpstreamPool:
+    """The one pool used for every upstream call, of at most `max_connections` connections.
 
     The pool is as large as the requests a process takes at once, so none waits for a connection.
-    The connect timeout is aiohttp's `sock_connect`, the TCP connect alone: its `connect` also
-    covers the wait for a pooled connection, and a request queued there would be reported as an
-    upstream timeout while upstream sat idle.
+    The connect timeout is the TCP connect's (and TLS handshake's) alone: a request waiting for a
+    pooled connection is not timed by it, nor reported as an upstream timeout while upstream sat
+    idle.
     """
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    return UpstreamPool(max_connections, connect_timeout)
 
 
-def open_connections(session: aiohttp.ClientSession) -> int:
+def open_connections(pool: UpstreamPool) -> int:
     """Connections to upstream open right now: in use, and idle in the pool for reuse."""
-    connector = session.connector
-    if connector is None or connector.closed:
-        return 0
-    idle = sum(len(conns) for conns in connector._conns.values())
-    return len(connector._acquired) + idle
+    return 0 if pool.closed else pool.open_connections()
 
 
 def upstream_headers(client_headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
@@ -150,25 +140,24 @@ class Deadline:
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     deadlines: Deadlines,
     url: str,
     body: bytes,
     headers: dict[str, str],
     timeout: float,
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """POST to upstream; its response once the headers are in (504 / 502 otherwise). Release it.
 
-    Only this call's own deadline running out is a 504. aiohttp's timeouts (the TCP connect's) are
-    `ClientError`s that are also TimeoutErrors: a connection that could not be made is a 502.
+    Only this call's own deadline running out is a 504. The pool's TCP connect timeout is an
+    `UpstreamError`: a connection that could not be made is a 502.
     """
     try:
         with deadlines.expiring(timeout):
-            data = body if len(body) <= LARGE_BODY else io.BytesIO(body)
-            return await session.post(url, data=data, headers=headers, allow_redirects=False)
-    except aiohttp.ClientError as exc:
+            return await pool.post(url, body, headers)
+    except UpstreamError as exc:
         raise UpstreamUnavailable(
-            f"The upstream API could not be reached ({type(exc).__name__}); nothing was charged. Retry later."
+            f"The upstream API could not be reached ({exc}); nothing was charged. Retry later."
         ) from None
     except TimeoutError:
         raise UpstreamTimeout(
@@ -176,9 +165,10 @@ async def open_upstream(
         ) from None
 
 
-def relayed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+def relayed_headers(upstream: UpstreamResponse) -> dict[str, str]:
     """The upstream response headers the client gets."""
-    return {name: upstream.headers[name] for name in RELAYED_HEADERS if name in upstream.headers}
+    got = upstream.headers
+    return {name: got[low] for name, low in _RELAYED if low in got}
 
 
 @dataclass
@@ -205,7 +195,7 @@ def usage_from_body(body: bytes) -> Usage:
     usage = Usage()
     if b'"usage"' in body:
         try:
-            usage.take(json.loads(body))
+            usage.take(document(body.decode("utf-8"), _SCAN))
         except (ValueError, RecursionError):
             pass
     return usage
@@ -232,13 +222,13 @@ class SseUsageScanner:
         for line in complete.splitlines():
             if line.startswith(b"data:") and b'"usage"' in line:
                 try:
-                    self.usage.take(json.loads(line[5:]))
+                    self.usage.take(document(line[5:].decode("utf-8"), _SCAN))
                 except (ValueError, RecursionError):
                     continue
 
 
-async def read_whole(message: web.Request | aiohttp.ClientResponse, timeout: float) -> bytes:
-    """The whole body of a request or response; TimeoutError if it takes over `timeout` to arrive.
+async def read_whole(message: web.Request, timeout: float) -> bytes:
+    """The whole body of a request; TimeoutError if it takes over `timeout` to arrive.
 
     A body already all here (a small one comes with its headers) is read without a timer.
     """
@@ -248,11 +238,16 @@ async def read_whole(message: web.Request | aiohttp.ClientResponse, timeout: flo
         return await message.read()
 
 
-async def read_upstream_body(upstream: aiohttp.ClientResponse, timeout: float) -> bytes:
-    """A whole non-streamed upstream body; a body that breaks off is 502 (and not charged)."""
+async def read_upstream_body(upstream: UpstreamResponse, timeout: float) -> bytes:
+    """A whole non-streamed upstream body; a body that breaks off is 502 (and not charged).
+
+    A body already all here (a small one comes with its headers) is read without a timer."""
     try:
-        return await read_whole(upstream, timeout)
-    except (TimeoutError, aiohttp.ClientError) as exc:
+        if upstream.is_complete():
+            return await upstream.read()
+        async with asyncio.timeout(timeout):
+            return await upstream.read()
+    except (TimeoutError, UpstreamError) as exc:
         log.warning("upstream body broke off: %r", exc)
         raise UpstreamUnavailable(
             "The upstream API broke off its answer before it was complete; nothing was charged. Retry later."
@@ -269,7 +264,7 @@ class StreamResult:
 
 
 async def relay_stream(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     response: web.StreamResponse,
     client: asyncio.BaseTransport | None,
     scanner: SseUsageScanner,
@@ -282,19 +277,18 @@ async def relay_stream(
     hold the relay, and the upstream connection, for as long as it cares not to read.
     """
     result = StreamResult()
-    content = upstream.content
     while True:
         try:
             # What has arrived already is taken without a timer; only a wait for more gets one.
-            chunk = content.read_nowait()
-            if not chunk and not content.at_eof():
+            chunk = upstream.read_nowait()
+            if not chunk and not upstream.at_eof():
                 async with asyncio.timeout(idle_timeout):
-                    chunk = await content.readany()
+                    chunk = await upstream.readany()
         except TimeoutError:
             log.warning("upstream stream idle for %ss; ending it", idle_timeout)
             result.upstream_failed = True
             break
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             log.warning("upstream stream broke: %s", exc)
             result.upstream_failed = True
             break

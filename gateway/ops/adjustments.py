@@ -18,6 +18,7 @@ from sqlalchemy import Connection, text
 
 from gateway.core.pricing import credits_json, format_credits, parse_credits
 from gateway.core.settlement import record_crossings
+from gateway.core.windows import iso_us
 from gateway.errors import InvalidRequest, NotFound
 from gateway.ops import audit
 from gateway.store import sql_of
@@ -114,3 +115,18 @@ def adjust(
     }
     audit.record(conn, at, actor, "ledger.adjust", request_id, None, result)
     return result
+
+
+def list_for(conn: Connection, request_id: str) -> list[dict[str, Any]]:
+    """A ledger row's adjustments, oldest first: credits, reason, when and by whom."""
+    rows = conn.execute(
+        text(
+            "SELECT credits_micros, reason, created_at, actor FROM ledger_adjustments "
+            "WHERE request_id = :r ORDER BY created_at, id"
+        ),
+        {"r": request_id},
+    ).all()
+    return [
+        {"credits": credits_json(int(r[0])), "reason": r[1], "at": iso_us(int(r[2])), "actor": r[3]}
+        for r in rows
+    ]

@@ -49,6 +49,11 @@ def apply_actor(sha256: str, via: str) -> str:
     return f"apply sha256:{sha256} ({via})"
 
 
+def console_actor(address: str | None) -> str:
+    """`console` (the web console at /ui/) and the client's address."""
+    return f"console {address or 'unknown'}"
+
+
 def _dump(state: dict[str, Any] | None) -> str | None:
     if state is None:
         return None

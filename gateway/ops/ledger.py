@@ -168,34 +168,44 @@ def list_entries(conn: Connection, query: LedgerQuery) -> dict[str, Any]:
     rows = conn.execute(text(sql), values).all()
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    entries = [
-        {
-            "request_id": r[0],
-            "admitted_at": iso_us(r[1]),
-            "settled_at": iso_us(r[2]),
-            "team": r[3],
-            "user": r[4],
-            "key_id": r[5],
-            "model": r[6],
-            "message_count": r[7],
-            "unit_price": credits_json(r[8]),
-            "credits": credits_json(r[9]),
-            "outcome": r[10],
-            "upstream_status": r[11],
-            "prompt_tokens": r[12],
-            "completion_tokens": r[13],
-            "total_tokens": r[14],
-            "stream": bool(r[15]),
-            "duration_ms": r[16] / 1000,
-            "end_user": r[17],
-            "tags": r[18].split(",") if r[18] else [],
-            # Corrections of `credits` (signed; see `gateway ledger adjust`), 0 for none.
-            "adjustments": credits_json(int(r[19] or 0)),
-        }
-        for r in rows
-    ]
+    entries = [_entry_json(r) for r in rows]
     last = rows[-1] if rows else None
     return {"entries": entries, "next_cursor": encode_cursor(last[1], last[0]) if more and last else None}
+
+
+def _entry_json(r: Any) -> dict[str, Any]:
+    """A ledger row as the admin API shows it."""
+    return {
+        "request_id": r[0],
+        "admitted_at": iso_us(r[1]),
+        "settled_at": iso_us(r[2]),
+        "team": r[3],
+        "user": r[4],
+        "key_id": r[5],
+        "model": r[6],
+        "message_count": r[7],
+        "unit_price": credits_json(r[8]),
+        "credits": credits_json(r[9]),
+        "outcome": r[10],
+        "upstream_status": r[11],
+        "prompt_tokens": r[12],
+        "completion_tokens": r[13],
+        "total_tokens": r[14],
+        "stream": bool(r[15]),
+        "duration_ms": r[16] / 1000,
+        "end_user": r[17],
+        "tags": r[18].split(",") if r[18] else [],
+        # Corrections of `credits` (signed; see `gateway ledger adjust`), 0 for none.
+        "adjustments": credits_json(int(r[19] or 0)),
+    }
+
+
+def entry(conn: Connection, request_id: str) -> dict[str, Any]:
+    """One ledger row by its request id; NotFound if there is none."""
+    row = conn.execute(text(_ENTRIES + " WHERE l.request_id = :r"), {"r": request_id}).first()
+    if row is None:
+        raise NotFound(f"No ledger row has request id {request_id[:40]!r}.", field="request_id")
+    return _entry_json(row)
 
 
 def _id_of(conn: Connection, table: str, field: str, name: str) -> int:

@@ -19,6 +19,8 @@ from gateway.core.pricing import PriceTable
 MAX_WORKERS = 256
 # What the access log prints (`GATEWAY_ACCESS_LOG`): a JSON object a line, a readable line, nothing.
 ACCESS_LOG_FORMATS = ("json", "text", "off")
+# The web console at /ui/ (`GATEWAY_UI`): on while GATEWAY_ADMIN_TOKEN is set, or off.
+UI_MODES = ("on", "off")
 
 
 class ConfigError(Exception):
@@ -90,6 +92,16 @@ def _access_log(name: str, value: object) -> str:
     text = _text(name, value).strip().lower()
     if text not in ACCESS_LOG_FORMATS:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(ACCESS_LOG_FORMATS)}")
+    return text
+
+
+def _ui(name: str, value: object) -> str:
+    text = _text(name, value).strip().lower()
+    if text not in UI_MODES:
+        raise ConfigError(
+            f"{name}: {value!r} is not one of {', '.join(UI_MODES)} (the console at /ui/ is on "
+            "whenever GATEWAY_ADMIN_TOKEN is set, unless this is off)"
+        )
     return text
 
 
@@ -191,6 +203,7 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "shutdown_grace_seconds": (_positive(float), 30.0),
     "max_concurrent_requests": (_positive(int), 10_000),
     "access_log": (_access_log, "json"),
+    "ui": (_ui, "on"),
     "alert_thresholds": (_thresholds, alerts.DEFAULT_THRESHOLDS),
     "webhook_retry_base_seconds": (_positive(float), 2.0),
     "webhook_timeout_seconds": (_positive(float), 10.0),
@@ -227,6 +240,8 @@ class Settings:
     max_concurrent_requests: int = 10_000
     # One line a request on stdout: "json", "text" or "off" (see `gateway.web.access_log`).
     access_log: str = "json"
+    # The web console at /ui/: "on" (served while admin_token is set) or "off".
+    ui: str = "on"
     pricing: PriceTable = field(default_factory=PriceTable.from_config)
     # Alerts (section 9): default thresholds, webhook endpoints, the first retry's delay (doubling
     # from there, with jitter) and how long one delivery attempt may take.

@@ -14,9 +14,14 @@ from gateway.web.attribution import MAX_END_USER
 
 # The joins that name a budget `b`'s subject, and the name (`SUBJECT_NAME`): a team's or user's
 # name, a key's id, or "USER/END_USER" for an end-user budget.
+# The subject is cast to the id (only for its own scope: a key id is no number), so that each
+# budget finds its team or user by primary key; comparing ids cast to text scanned the whole table
+# for every budget (100 ms for 1,000 user budgets on SQLite).
 SUBJECT_JOINS = (
-    "LEFT JOIN teams t ON b.scope = 'team' AND CAST(t.id AS VARCHAR(32)) = b.subject "
-    "LEFT JOIN users u ON b.scope = 'user' AND CAST(u.id AS VARCHAR(32)) = b.subject "
+    "LEFT JOIN teams t ON b.scope = 'team' "
+    "AND t.id = CASE WHEN b.scope = 'team' THEN CAST(b.subject AS INTEGER) END "
+    "LEFT JOIN users u ON b.scope = 'user' "
+    "AND u.id = CASE WHEN b.scope = 'user' THEN CAST(b.subject AS INTEGER) END "
     "LEFT JOIN users eu ON b.scope = 'end_user' AND eu.id = b.user_id"
 )
 SUBJECT_NAME = (

@@ -388,3 +388,21 @@ class WebhookDelivery(Base):
     # A process sending it now holds it until `lease_until`, so no two send the same attempt.
     lease_owner: Mapped[str | None] = mapped_column(String(32))
     lease_until: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ConsoleSession(Base):
+    """A signed-in session of the web console (gateway/console/sessions.py), shared by every process.
+
+    Only a digest of the session id is stored, so a copy of the table signs nobody in. `token_check`
+    ties the session to the admin token it was opened with: a changed token ends every session.
+    """
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_expires_at", "expires_at"),)
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    token_check: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)

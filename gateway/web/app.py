@@ -12,6 +12,7 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import console
 from gateway.core import expiry
 from gateway.errors import LedgerUnavailable
 from gateway.ops import webhooks, workers
@@ -133,6 +134,9 @@ def create_app(
     # Admin calls are logged by their handlers' wrapper; LoggedRoutes has the `add_*` of a router.
     admin_router = access_log.LoggedRoutes(app.router, access) if access.on else app.router
     admin.add_routes(cast(web.UrlDispatcher, admin_router))
+    if console.enabled(settings):
+        # A sub-application with its own middlewares: nothing of it runs on any other path.
+        console.mount(app)
     return app
 
 

@@ -216,7 +216,7 @@ class UpstreamResponse(asyncio.Protocol):
         """Ready for the next request on this connection."""
         self.status = 0
         self.headers = {}
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser goes on: llhttp parses the answers of a keep-alive connection one after another.
         self._headers_done = None
         self._complete = False
         self._keep_alive = False

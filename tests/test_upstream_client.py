@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -258,3 +262,51 @@ async def test_a_connect_refused_is_an_upstream_error() -> None:
         with pytest.raises(UpstreamError, match="could not be reached"):
             await pool.post("http://127.0.0.1:9/", b"{}", {})
         assert pool.open_connections() == 0
+
+
+@pytest.fixture
+def certificate(tmp_path: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+async def test_https_is_verified_and_kept_alive(certificate: tuple[str, str]) -> None:
+    """The real upstream is https: its certificate is checked, and connections are reused."""
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    made = Server(lambda r, w: _answer_each(made, r, w))
+    listening = await asyncio.start_server(made.handle, "127.0.0.1", 0, ssl=server_tls)
+    url = f"https://127.0.0.1:{listening.sockets[0].getsockname()[1]}/api/v1/chat"
+    try:
+        # Not signed by an authority this client trusts: no request goes out.
+        async with UpstreamPool(4, 2.0) as pool:
+            with pytest.raises(UpstreamUnavailable, match="could not be reached"):
+                await open_upstream(pool, Deadlines(), url, b"{}", {}, 5)
+        assert made.requests == []
+        trusting = ssl.create_default_context(cafile=cert)
+        async with UpstreamPool(4, 2.0, tls=trusting) as pool:
+            for _ in range(2):
+                response = await open_upstream(pool, Deadlines(), url, b'{"a": 1}', {}, 5)
+                assert response.status == 200 and await response.read() == b"{}"
+                response.release()
+        assert len(made.requests) == 2
+        assert made.requests[0].startswith(b"POST /api/v1/chat HTTP/1.1\r\n")
+        assert made.connections == 1  # kept alive (the refused handshake never reached the handler)
+    finally:
+        listening.close()
+
+
+async def _answer_each(made: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await made.read_request(reader)
+        writer.write(OK)

@@ -39,9 +39,9 @@ class _Origin:
 
     __slots__ = ("host", "host_header", "key", "port", "ssl")
 
-    def __init__(self, scheme: str, host: str, port: int | None) -> None:
+    def __init__(self, scheme: str, host: str, port: int | None, tls: ssl.SSLContext | None) -> None:
         self.host = host
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if scheme == "https" else None
+        self.ssl: ssl.SSLContext | None = (tls or ssl.create_default_context()) if scheme == "https" else None
         default = 443 if self.ssl else 80
         self.port = port or default
         shown = f"[{host}]" if ":" in host else host
@@ -245,8 +245,16 @@ class UpstreamResponse(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to upstream origins, at most `limit` open at once (idle or busy)."""
 
-    def __init__(self, limit: int, connect_timeout: float, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(
+        self,
+        limit: int,
+        connect_timeout: float,
+        idle_seconds: float = IDLE_SECONDS,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls`: how https origins are verified (default: the system's certificate authorities)."""
         self.limit = limit
+        self.tls = tls
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self._origins: dict[str, tuple[_Origin, str]] = {}
@@ -293,7 +301,7 @@ class UpstreamPool:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamError(f"the upstream URL {url!r} is not an http(s) URL")
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            known = self._origins[url] = (_Origin(parts.scheme, parts.hostname, parts.port), target)
+            known = self._origins[url] = (_Origin(parts.scheme, parts.hostname, parts.port, self.tls), target)
         return known
 
     async def _acquire(self, origin: _Origin) -> UpstreamResponse:

@@ -206,6 +206,9 @@ async def test_budgets(admin_world: World) -> None:
         "alert_at": [80, 100],
         "default": False,
         "from_default": None,
+        "timezone": "UTC",
+        "week_starts": "monday",
+        "month_starts_on": 1,
     }
     assert budget["resets_at"].endswith("T00:00:00Z")
     assert (await w.chat(key["key"], messages=2)).status == 200

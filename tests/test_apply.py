@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.core.metering import now_us
+from gateway.core.windows import Rule
 from gateway.errors import Conflict
 from gateway.ops import access, apply, budgeting, ledger, orgstate, services
 from gateway.ops.orgfile import OrgFileError, parse
@@ -292,6 +293,14 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     await world.budget("end_user", "alice/vip", "10", "weekly")
     await world.budget("team", "idle", "1")
     await world.admin(budgeting.delete_budget, "team", "idle", "daily", at)  # deleted: left out
+    await world.admin(
+        lambda c: budgeting.set_budget(
+            c, "user", "bob", "monthly", "9", at, timezone="America/Los_Angeles", month_starts_on=15
+        )
+    )
+    await world.admin(
+        lambda c: budgeting.set_budget(c, "user", "bob", "weekly", "9", at, week_starts="sunday")
+    )
     # A budget made from the default by a request naming an end user: derived, left out.
     resp = await world.chat(laptop["key"], **{"user": "cust-1"})
     assert resp.status == 200, await resp.text()
@@ -312,6 +321,12 @@ async def test_export_round_trip(world: World, tmp_path: Path) -> None:
     )
     assert budgets[("team", "eng", "monthly")].alert_at == () and ("key", "alice/laptop", "total") in budgets
     assert {("end_user", "alice/*", "daily"), ("end_user", "alice/vip", "weekly")} <= set(budgets)
+    # A window rule is written where it is not UTC, monday, 1.
+    cycle = budgets[("user", "bob", "monthly")]
+    assert (cycle.timezone, cycle.week_starts, cycle.month_starts_on) == ("America/Los_Angeles", None, 15)
+    assert budgets[("user", "bob", "weekly")].declared_rule() == {"week_starts": "sunday"}
+    assert budgets[("user", "alice", "daily")].declared_rule() == {}
+    assert 'timezone = "America/Los_Angeles"\nmonth_starts_on = 15\n' in exported
     # Applying an export changes nothing, and exporting again gives the same file.
     outcome = await world.store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
     assert outcome["changes"] == []
@@ -358,8 +373,20 @@ ONE = 'version = 1\n[[budgets]]\nscope = "team"\nsubject = "t"\nperiod = "daily"
             ":7: budgets[0].alert_at:",
         ),
         (
-            ONE + 'timezone = "Europe/Berlin"\n',
-            ":7: budgets[0].timezone: unknown field",
+            ONE + 'timezone = "Mars/Olympus"\n',
+            ":7: budgets[0].timezone: unknown time zone 'Mars/Olympus'",
+        ),
+        (
+            ONE + "month_starts_on = 29\n",
+            ":7: budgets[0].month_starts_on: the month's start day must be a whole number from 1 to 28",
+        ),
+        (
+            ONE + 'month_starts_on = "15"\n',
+            ":7: budgets[0].month_starts_on: the month's start day must be a whole number",
+        ),
+        (
+            ONE + 'week_starts = "funday"\n',
+            ":7: budgets[0].week_starts: 'funday' is not a week day",
         ),
         (
             'version = 1\n[[budgets]]\nscope = "team"\nsubject = "t"\nlimit = 1\n',
@@ -445,8 +472,12 @@ async def test_readme_example_applies(store: Store) -> None:
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     org = parse(example, PRICED, "README.md")
     outcome = await store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
-    assert outcome["summary"] == {"create": 12, "change": 0, "delete": 0}
+    assert outcome["summary"] == {"create": 14, "change": 0, "delete": 0}
     assert await store.read(apply.plan, org, now_us(), False) == []
+    cycle = next(
+        b for b in await store.run(budgeting.list_budgets, "team", "ops") if b["period"] == "monthly"
+    )
+    assert (cycle["timezone"], cycle["month_starts_on"]) == ("America/Los_Angeles", 15)
 
 
 async def test_a_failing_change_undoes_the_others(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -466,3 +497,45 @@ async def test_a_failing_change_undoes_the_others(store: Store, monkeypatch: pyt
     assert caught.value.message == "org.toml:28: budget team research monthly: refused for the test"
     assert await store.run(services.list_teams) == [] and await store.run(services.list_keys) == []
     assert await store.run(budgeting.list_budgets) == [] and await _audit_rows(store) == []
+
+
+async def test_budget_window_rules_plan_apply_and_change(store: Store) -> None:
+    """`timezone`, `week_starts`, `month_starts_on`: created as declared, a second apply changes
+    nothing, a change of zone is planned as one, and parts left out are left as they are."""
+    at = now_us()
+    source = (
+        'version = 1\n[[teams]]\nname = "t"\n[[budgets]]\nscope = "team"\nsubject = "t"\n'
+        'period = "monthly"\nlimit = 5\ntimezone = "Europe/Berlin"\nmonth_starts_on = 15\n'
+    )
+    org = parse(source, PRICED, "org.toml")
+    changes = await store.read(apply.plan, org, at, False)
+    created = next(c for c in changes if c.kind == "budget")
+    assert created.after == {
+        "limit": 5,
+        "soft": False,
+        "alert_at": None,
+        "timezone": "Europe/Berlin",
+        "month_starts_on": 15,
+    }
+    await store.run(
+        lambda c: apply.apply(c, org, at, actor="test", rule_defaults=Rule("Asia/Tokyo", "sunday"))
+    )
+    (budget,) = await store.run(budgeting.list_budgets, "team", "t", at)
+    # Declared parts as declared; the week day, not declared, from the gateway's defaults.
+    assert (budget["timezone"], budget["week_starts"], budget["month_starts_on"]) == (
+        "Europe/Berlin",
+        "sunday",
+        15,
+    )
+    assert budget["window_start"][8:10] == "15" and budget["window_start"][-6:] in ("+01:00", "+02:00")
+    assert await store.read(apply.plan, org, at, False) == []
+    moved = parse(source.replace("Europe/Berlin", "Asia/Tokyo"), PRICED, "org.toml")
+    (change,) = await store.read(apply.plan, moved, at, False)
+    assert (change.action, change.before, change.after) == (
+        "change",
+        {"timezone": "Europe/Berlin"},
+        {"timezone": "Asia/Tokyo"},
+    )
+    # Left out: left as it is.
+    bare = parse(source.replace('timezone = "Europe/Berlin"\n', ""), PRICED, "org.toml")
+    assert await store.read(apply.plan, bare, at, False) == []

@@ -60,7 +60,37 @@ def test_admin_commands(
         "alert_at": [80, 100],
         "default": False,
         "from_default": None,
+        "timezone": "UTC",
+        "week_starts": "monday",
+        "month_starts_on": 1,
     }
+    # A zone and a billing cycle (issue 27): windows from the 15th's midnight in California.
+    code, out, _ = _run(
+        capsys,
+        "budgets",
+        "set",
+        "team",
+        "eng",
+        "12.5",
+        "--period",
+        "monthly",
+        "--timezone",
+        "America/Los_Angeles",
+        "--month-starts-on",
+        "15",
+        "--json",
+    )
+    cycle = json.loads(out)
+    assert (cycle["timezone"], cycle["month_starts_on"]) == ("America/Los_Angeles", 15)
+    assert cycle["window_start"][8:19] == "15T00:00:00" and cycle["window_start"][-6:] in ("-08:00", "-07:00")
+    code, _, err = _run(
+        capsys, "budgets", "set", "team", "eng", "1", "--period", "daily", "--timezone", "Mars/Olympus"
+    )
+    assert code == 1 and "unknown time zone 'Mars/Olympus'" in err
+    code, _, err = _run(
+        capsys, "budgets", "set", "team", "eng", "1", "--period", "daily", "--month-starts-on", "31"
+    )
+    assert code == 1 and "from 1 to 28" in err
     assert _run(capsys, "budgets", "set", "key", key["id"], "1", "--period", "total")[0] == 0
     code, out, _ = _run(capsys, "budgets", "list")
     assert "eng" in out and "monthly" in out and key["id"] in out

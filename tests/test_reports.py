@@ -383,3 +383,62 @@ async def test_report_at_now(admin_world: World) -> None:
     body = await ok(w, "GET", f"/admin/v1/usage?to={at.replace('+00:00', 'Z')}")
     assert body["totals"]["requests"] == 5
     assert body["rows"] == [body["totals"]]
+
+
+async def test_days_in_the_reports_time_zone(admin_world: World) -> None:
+    """`timezone`: days and months are the zone's local dates, and `from`/`to` without an offset
+    are read in it; the default is GATEWAY_TIMEZONE. Rows at 07:59 and 08:00 UTC on 1 February
+    (23:59 on 31 January and 00:00 on 1 February in California) fall in different local days."""
+    w = admin_world
+    (alice_id,) = (await w.sql("SELECT id FROM users WHERE name = 'alice'"))[0]
+    hour = DAY // 24
+    rows = [(-1, 1), (8 * hour - 1, 2), (8 * hour, 4), (DAY + 8 * hour, 8)]
+
+    def load(conn: Any) -> None:
+        for i, (offset, messages) in enumerate(rows):
+            conn.execute(
+                _INSERT,
+                {
+                    "request_id": f"tz{i}",
+                    "at": BASE + offset,
+                    "team_id": None,
+                    "user_id": alice_id,
+                    "key_id": "key_x",
+                    "model": "openai/gpt-oss-20b",
+                    "messages": messages,
+                    "price": 100_000,
+                    "credits": messages * 100_000,
+                    "outcome": "charged",
+                    "prompt": None,
+                    "completion": None,
+                    "end_user": None,
+                    "tags": None,
+                },
+            )
+
+    await w.store.run(load)
+    # Adjustments are grouped by their row's local day too.
+    await w.store.run(lambda conn: conn.execute(_ADJUST, {"request_id": "tz2", "credits": -100_000}))
+    utc = await ok(w, "GET", "/admin/v1/usage?group_by=month,day")
+    assert [(r["day"], r["messages"]) for r in utc["rows"]] == [
+        ("2026-01-31", 1),
+        ("2026-02-01", 6),
+        ("2026-02-02", 8),
+    ]
+    la = await ok(w, "GET", "/admin/v1/usage?group_by=month,day&timezone=America/Los_Angeles")
+    assert [(r["month"], r["day"], r["messages"], r["adjustments"]) for r in la["rows"]] == [
+        ("2026-01", "2026-01-31", 3, 0),
+        ("2026-02", "2026-02-01", 4, -0.1),
+        ("2026-02", "2026-02-02", 8, 0),
+    ]
+    assert la["totals"] == utc["totals"]
+    ranged = await ok(w, "GET", "/admin/v1/usage?from=2026-02-01&to=2026-02-02&timezone=America/Los_Angeles")
+    assert ranged["totals"]["messages"] == 4  # 08:00 UTC on the 1st to 08:00 UTC on the 2nd
+    # The gateway's zone is the default; the CSV of the same report says the same days.
+    await w.reconfigure(timezone="America/Los_Angeles")
+    assert await ok(w, "GET", "/admin/v1/usage?group_by=month,day") == la
+    tokyo = await ok(w, "GET", "/admin/v1/usage?group_by=day&timezone=Asia/Tokyo")
+    assert [r["day"] for r in tokyo["rows"]] == ["2026-02-01", "2026-02-02"]
+    await error(
+        await call(w, "GET", "/admin/v1/usage?timezone=Mars/Olympus"), 400, "invalid_request", "timezone"
+    )

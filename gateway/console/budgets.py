@@ -13,8 +13,9 @@ from gateway.core.metering import now_us
 from gateway.core.windows import PERIODS
 from gateway.errors import GatewayError
 from gateway.ops import budgeting
+from gateway.web.state import SETTINGS
 
-FIELDS = ("scope", "subject", "period", "limit", "alert_at")
+FIELDS = ("scope", "subject", "period", "limit", "alert_at", "timezone", "week_starts", "month_starts_on")
 
 
 async def budgets_page(
@@ -61,6 +62,10 @@ async def set_budget(request: web.Request) -> web.StreamResponse:
             now_us(),
             enforce=not values["soft"],
             alert_at=values["alert_at"] or None,
+            timezone=values["timezone"] or None,
+            week_starts=values["week_starts"] or None,
+            month_starts_on=values["month_starts_on"] or None,
+            rule_defaults=request.config_dict[SETTINGS].window_rule,
         )
     except GatewayError as exc:
         return await budgets_page(request, exc.status, form_errors(exc, "subject"), values)

@@ -141,14 +141,16 @@ def credits(value: Any) -> str:
 
 
 def when(value: str | None) -> str:
-    """An ISO 8601 time as `2026-12-07 15:04 UTC`."""
+    """An ISO 8601 time as `2026-12-07 15:04 UTC`, or in its own offset (a budget's zone's) as
+    `2026-12-08 00:00 UTC-08:00`."""
     if not value:
         return ""
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return value
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+    offset = moment.isoformat()[-6:] if moment.utcoffset() else ""
+    return moment.strftime("%Y-%m-%d %H:%M UTC") + offset
 
 
 def percent(part: Any, whole: Any) -> float:

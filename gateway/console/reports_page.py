@@ -11,6 +11,7 @@ from gateway.console import charts
 from gateway.console.render import filters, form_errors, page, read
 from gateway.errors import GatewayError
 from gateway.ops import reports
+from gateway.web.state import SETTINGS
 
 CHART_ROWS = 25
 
@@ -21,7 +22,9 @@ def _query(request: web.Request) -> tuple[dict[str, str], reports.ReportQuery]:
     if len(picked) == 1 and "," in picked[0]:
         picked = picked[0].split(",")
     wanted["group_by"] = ",".join(picked)
-    return wanted, reports.parse_query(wanted.get("from"), wanted.get("to"), wanted["group_by"] or None)
+    # In the gateway's zone, as `gateway report` (whose CSV this page's equals).
+    zone = request.config_dict[SETTINGS].timezone
+    return wanted, reports.parse_query(wanted.get("from"), wanted.get("to"), wanted["group_by"] or None, zone)
 
 
 async def reports_page(request: web.Request) -> web.Response:

@@ -10,22 +10,31 @@ from typing import Any
 from gateway.core.holding import (
     ANY_END_USER,
     CURRENT_COUNTER,
-    caller_and_day,
+    KNOWN_RULES,
+    RULE_COLUMNS,
+    WINDOW_OF_BUDGET,
+    WINDOWS,
+    caller_and_span,
     end_user_subject,
     hold_row,
     key_refused,
     key_state,
+    learn_rules,
     refusal,
+    rule_of,
+    window_params,
 )
 from gateway.core.metering import Admission, Charge, Refusal
-from gateway.core.windows import DAY_US, window_keys
+from gateway.core.windows import Rule, Windows
 from gateway.errors import BudgetExceeded
 from gateway.store import Sql
 
-# `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts).
+# `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts);
+# then the window it holds on now (NULL: a rule `WINDOWS` does not know yet) and its rule.
 _BUDGET_COLUMNS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
-    "b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL, b.subject "
+    "b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL, b.subject, "
+    f"{WINDOW_OF_BUDGET}, {RULE_COLUMNS} "
     f"FROM budgets b {CURRENT_COUNTER} "
 )
 # The key, user and team budgets of a batch's callers, their users' end-user defaults (`USER_ID/*`:
@@ -43,15 +52,17 @@ _END_USER_BUDGETS = _BUDGET_COLUMNS + "WHERE b.scope = 'end_user' AND b.subject 
 # again (gateway_admit_batch does the same on PostgreSQL).
 ADOPT_DEFAULTS = (
     "INSERT INTO budgets AS b (scope, subject, period, limit_micros, enforce, alert_at, created_at, "
-    "updated_at, user_id, default_id) "
+    "updated_at, user_id, default_id, timezone, week_starts, month_starts_on) "
     "SELECT 'end_user', :end_user, d.period, d.limit_micros, d.enforce, d.alert_at, :at, :at, "
-    "d.user_id, d.id "
+    "d.user_id, d.id, d.timezone, d.week_starts, d.month_starts_on "
     "FROM budgets d WHERE d.scope = 'end_user' AND d.subject = :defaults AND d.deleted_at IS NULL "
     "AND NOT EXISTS (SELECT 1 FROM budgets o WHERE o.scope = 'end_user' AND o.subject = :end_user "
     "AND o.period = d.period AND o.deleted_at IS NULL) "
     "ON CONFLICT (scope, subject, period) DO UPDATE SET limit_micros = excluded.limit_micros, "
     "enforce = excluded.enforce, alert_at = excluded.alert_at, default_id = excluded.default_id, "
-    "deleted_at = NULL, updated_at = excluded.updated_at WHERE b.deleted_at IS NOT NULL"
+    "deleted_at = NULL, updated_at = excluded.updated_at, timezone = excluded.timezone, "
+    "week_starts = excluded.week_starts, month_starts_on = excluded.month_starts_on "
+    "WHERE b.deleted_at IS NOT NULL"
 )
 
 
@@ -93,6 +104,20 @@ _INSERT_ALLOCATION = (
 def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tuple[bool, Admission | Refusal]]:
     """SQLite: decided here, in order, then written with one statement per table and counter.
 
+    A budget whose rule `WINDOWS` does not know yet (made by another process) is met in a read:
+    the rules are then learned and the batch decided again from the start (only its end users'
+    budgets made from defaults were written by then, which the second run finds made).
+    """
+    try:
+        return _admit(db, calls)
+    except _NewRule:
+        learn_rules(db.all(KNOWN_RULES, {}))
+        return _admit(db, calls)
+
+
+def _admit(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tuple[bool, Admission | Refusal]]:
+    """`admit_sqlite`, with every rule the budgets read have known.
+
     The store's batch holds the write lock, so the counters read here cannot change before this
     group's own updates: each call is decided against them plus the holds placed by the calls
     before it, and a refusal writes nothing. Each caller's key and budgets are read once; each
@@ -103,27 +128,28 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
     # The counters this group's admissions hold on: each gets its update, even adding 0 credits (a
     # free model's), so that every window with allocations has its counter, as one by one it would.
     placed: set[tuple[int, int]] = set()
-    # Per caller and day: why the key is refused (None: live), its budgets (id, scope, period,
-    # window, enforce), and the periods of its user's end-user defaults; per user, end user and day,
-    # the end user's budgets. (One key serving many end users reads its own budgets once.)
+    # Per caller and span of windows: why the key is refused (None: live), its budgets (`Budget`),
+    # and the periods of its user's end-user defaults; per user, end user and span, the end user's
+    # budgets. (One key serving many end users reads its own budgets once.)
     budgets_of: dict[Hashable, tuple[str | None, list[Budget], frozenset[str]]] = {}
     end_user_budgets_of: dict[Hashable, list[Budget]] = {}
     results: list[tuple[bool, Admission | Refusal]] = []
     holds: list[tuple[Any, ...]] = []
     allocation_rows: list[tuple[Any, ...]] = []
-    # Per UTC day: every caller's key state and budget rows of that day's calls, read at once.
-    read_of_day: dict[int, BatchRead] = {}
+    # Per span of windows (a UTC day, unless a known rule's window begins in it): every caller's key
+    # state and budget rows of that span's calls, read at once.
+    read_of_span: dict[int, BatchRead] = {}
     for charge, instance_id, at in calls:
-        windows = window_keys(at)
-        who = caller_and_day(charge, at)
-        whom = (charge.caller.user_id, charge.end_user, at // DAY_US)
+        windows = WINDOWS.at(at)
+        who = caller_and_span(charge, windows)
+        whom = (charge.caller.user_id, charge.end_user, windows.lo)
         known = budgets_of.get(who)
         if known is None:
-            day = at // DAY_US
-            read = read_of_day.get(day)
+            span = windows.lo
+            read = read_of_span.get(span)
             if read is None:
-                read = read_of_day[day] = _read_batch(
-                    db, [c for c, _, t in calls if t // DAY_US == day], windows
+                read = read_of_span[span] = _read_batch(
+                    db, [c for c, _, t in calls if span <= t < windows.hi], windows
                 )
             known, theirs = _read_caller(db, charge, read, windows, at, counters)
             budgets_of[who] = known
@@ -145,19 +171,19 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
         # Refused at the first budget (in id order) it does not fit; a free request always fits.
         refused: BudgetExceeded | None = None
         remaining: int | None = None
-        for budget_id, scope, period, window, enforce in budgets:
+        for budget_id, scope, period, window, enforce, rule in budgets:
             if not enforce:
                 continue
             limit, spent, held, _ = counters[(budget_id, window)]
             left = limit - spent - held - credits
             if left < 0 and credits > 0:
-                refused = refusal(charge, scope, period, limit, window, spent, held)
+                refused = refusal(charge, scope, period, limit, window, spent, held, rule)
                 break
             remaining = left if remaining is None else min(remaining, left)
         if refused is not None:
             results.append((False, refused))
             continue
-        allocations = tuple((budget_id, window) for budget_id, _, _, window, _ in budgets)
+        allocations = tuple((budget_id, window) for budget_id, _, _, window, _, _ in budgets)
         for allocation in allocations:
             counter = counters[allocation]
             counter[2] += credits
@@ -183,14 +209,18 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
     return results
 
 
-# A budget as admission holds on it: (id, scope, period, window, enforce).
-Budget = tuple[int, str, str, int, bool]
+# A budget as admission holds on it: (id, scope, period, window, enforce, rule).
+Budget = tuple[int, str, str, int, bool, Rule]
+
+
+class _NewRule(Exception):
+    """A budget read has a rule `WINDOWS` does not know (so its window and counter were not read)."""
 
 
 class BatchRead:
-    """What a batch's calls of one UTC day read at once: key states by key id (each (revoked_at,
-    blocked_at, expires_at, rotated_to)), and budget rows (with their counters in that day's
-    windows) by (scope, subject)."""
+    """What a batch's calls of one span of windows read at once: key states by key id (each
+    (revoked_at, blocked_at, expires_at, rotated_to)), and budget rows (with their counters in that
+    span's windows) by (scope, subject)."""
 
     __slots__ = ("budgets", "keys")
 
@@ -199,7 +229,7 @@ class BatchRead:
         self.budgets = budgets
 
 
-def _read_batch(db: Sql, charges: Sequence[Charge], windows: dict[str, int]) -> BatchRead:
+def _read_batch(db: Sql, charges: Sequence[Charge], windows: Windows) -> BatchRead:
     """Two queries for any number of callers: their keys, then every budget any of them may hold
     on. (One query each per caller cost a 200-key organisation two statements a request.)"""
     key_ids = sorted({c.caller.key_id for c in charges})
@@ -211,7 +241,7 @@ def _read_batch(db: Sql, charges: Sequence[Charge], windows: dict[str, int]) -> 
         end_user_subject(c.caller.user_id, c.end_user) for c in charges if c.end_user is not None
     )
     params = {
-        **windows,
+        **window_params(windows),
         "keys": json.dumps(sorted({*key_ids, *successors})),
         "users": json.dumps(sorted(users)),
         "teams": json.dumps(sorted({str(c.caller.team_id) for c in charges if c.caller.team_id is not None})),
@@ -227,7 +257,7 @@ def _read_caller(
     db: Sql,
     charge: Charge,
     read: BatchRead,
-    windows: dict[str, int],
+    windows: Windows,
     at: int,
     counters: dict[tuple[int, int], list[int]],
 ) -> tuple[tuple[str | None, list[Budget], frozenset[str]], list[Budget] | None]:
@@ -246,7 +276,7 @@ def _read_caller(
         subjects.append(("team", str(caller.team_id)))
     mine = [row for subject in subjects for row in budgets_of.get(subject, ())]
     defaults = frozenset(row[2] for row in budgets_of.get(("end_user", defaults_subject), ()) if row[7])
-    budgets = _counted(mine, windows, counters)
+    budgets = _counted(mine, counters)
     theirs = None
     if charge.end_user is not None and state is None:
         subject = end_user_subject(caller.user_id, charge.end_user)
@@ -260,7 +290,7 @@ def _read_end_user(
     db: Sql,
     charge: Charge,
     defaults: frozenset[str],
-    windows: dict[str, int],
+    windows: Windows,
     at: int,
     counters: dict[tuple[int, int], list[int]],
     read: list[Any] | None = None,
@@ -270,26 +300,25 @@ def _read_end_user(
     one of their own yet."""
     assert charge.end_user is not None
     subject = end_user_subject(charge.caller.user_id, charge.end_user)
-    params = {**windows, "end_user": subject}
+    params = {**window_params(windows), "end_user": subject}
     if read is None:
         read = db.all(_END_USER_BUDGETS, params)
     if defaults - {row[2] for row in read if row[7]}:
         defaults_subject = end_user_subject(charge.caller.user_id, ANY_END_USER)
         db.changed(ADOPT_DEFAULTS, {"end_user": subject, "defaults": defaults_subject, "at": at})
         read = db.all(_END_USER_BUDGETS, params)
-    return _counted(read, windows, counters)
+    return _counted(read, counters)
 
 
-def _counted(
-    read: Sequence[Any], windows: dict[str, int], counters: dict[tuple[int, int], list[int]]
-) -> list[Budget]:
+def _counted(read: Sequence[Any], counters: dict[tuple[int, int], list[int]]) -> list[Budget]:
     """Budgets as read (with their counter in the current window), in id order; each counter goes
     into `counters` unless this group has it already: then it is as the group's holds left it."""
     budgets = []
-    for budget_id, scope, period, limit, spent, held, enforce, *_ in sorted(read):
-        window = windows[period]
+    for budget_id, scope, period, limit, spent, held, enforce, _, _, window, *rule in sorted(read):
+        if window is None:
+            raise _NewRule
         counters.setdefault((budget_id, window), [limit, spent or 0, held or 0, 0])
-        budgets.append((budget_id, scope, period, window, bool(enforce)))
+        budgets.append((budget_id, scope, period, window, bool(enforce), rule_of(*rule)))
     return budgets
 
 

@@ -3,24 +3,66 @@ states and their refusals, hold rows, and the words of a budget's refusal (pure,
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from gateway.core.metering import Charge, joined
 from gateway.core.pricing import credits_json, format_credits
-from gateway.core.windows import DAY_US, PERIODS, from_key, isoformat, window_end
+from gateway.core.windows import PERIODS, UTC_RULE, Rule, WindowBook, Windows, shown
 from gateway.errors import BudgetExceeded, Unauthorized
 
-# SQLite: the budgets that apply to a caller, each with its counter of the window the request falls
-# in (NULLs where that window has none yet). The batch holds the write lock, so nothing read here
-# can change before the admission's own updates.
-# Joins each budget `b` to its counter `c` of the window bound as :daily, :weekly, :monthly and
-# :total (the keys of `window_keys`); NULLs where that window has no counter yet.
-CURRENT_COUNTER = (
-    "LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = CASE b.period "
-    + " ".join(f"WHEN '{period}' THEN :{period}" for period in PERIODS)
-    + " END"
+# The budgets' rules, learned as admission meets them: every batch asks it for its requests' windows.
+WINDOWS = WindowBook()
+
+# A budget `b`'s current window key: UTC/monday/1 budgets' (all of them before rules existed) bound
+# as :daily, :weekly, :monthly and :total (`Windows.utc`, as before rules); any other rule's looked up
+# in :windows (`Windows.json`) by "ZONE WEEK_DAY MONTH_DAY PERIOD" (`Rule.label`): NULL for a rule
+# it lacks (whoever reads then learns the rules, `learn_rules`, and reads again).
+_UTC_WINDOW = "CASE b.period " + " ".join(f"WHEN '{period}' THEN :{period}" for period in PERIODS) + " END"
+_LABEL = "b.timezone || ' ' || b.week_starts || ' ' || b.month_starts_on || ' ' || b.period"
+_IS_UTC_RULE = "b.timezone = 'UTC' AND b.week_starts = 'monday' AND b.month_starts_on = 1"
+WINDOW_OF_BUDGET = f"CASE WHEN {_IS_UTC_RULE} THEN {_UTC_WINDOW} ELSE :windows ->> ({_LABEL}) END"
+_WINDOW_OF_BUDGET_PG = (
+    f"CASE WHEN {_IS_UTC_RULE} THEN {_UTC_WINDOW} "
+    f"ELSE CAST(CAST(:windows AS jsonb) ->> ({_LABEL}) AS bigint) END"
 )
+# The budget's rule, as `rule_of` reads it.
+RULE_COLUMNS = "b.timezone, b.week_starts, b.month_starts_on"
+
+# SQLite: joins each budget `b` to its counter `c` of its current window (`WINDOW_OF_BUDGET`); NULLs
+# where that window has no counter yet. In a batch, which holds the write lock, nothing read with it
+# can change before the admission's own updates.
+CURRENT_COUNTER = f"LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = {WINDOW_OF_BUDGET}"
+
+
+def current_counter(dialect: str) -> str:
+    """`CURRENT_COUNTER` in the dialect's SQL (its parameters: `window_params`)."""
+    if dialect == "postgresql":
+        return (
+            f"LEFT JOIN budget_counters c ON c.budget_id = b.id AND c.window_start = {_WINDOW_OF_BUDGET_PG}"
+        )
+    return CURRENT_COUNTER
+
+
+def window_params(windows: Windows) -> dict[str, Any]:
+    """The parameters of `WINDOW_OF_BUDGET` for these windows."""
+    return {**windows.utc, "windows": windows.json}
+
+
+# Every rule budgets use; for whoever met a budget whose rule `WINDOWS` did not know.
+KNOWN_RULES = "SELECT DISTINCT timezone, week_starts, month_starts_on FROM budgets"
+
+
+def rule_of(zone: str, week_starts: str, month_starts_on: int) -> Rule:
+    """A budget's rule from its columns (`RULE_COLUMNS`)."""
+    if zone == "UTC" and week_starts == "monday" and month_starts_on == 1:
+        return UTC_RULE
+    return Rule(zone, week_starts, int(month_starts_on))
+
+
+def learn_rules(rows: Iterable[Sequence[Any]]) -> None:
+    """Make `WINDOWS` know the rules of these rows (`KNOWN_RULES`' columns)."""
+    WINDOWS.learn({rule_of(*row) for row in rows})
 
 
 # The end user of a user's default end-user budgets (stored subject "USER_ID/*"): every end user
@@ -80,15 +122,23 @@ def hold_row(charge: Charge, instance_id: str, at: int) -> tuple[Any, ...]:
     )
 
 
-def caller_and_day(charge: Charge, at: int) -> Hashable:
-    """Requests with the same key and budgets: one caller's, the same UTC day."""
+def caller_and_span(charge: Charge, windows: Windows) -> Hashable:
+    """Requests with the same key and budgets: one caller's, in the same windows."""
     caller = charge.caller
-    return (caller.key_id, caller.user_id, caller.team_id, at // DAY_US)
+    return (caller.key_id, caller.user_id, caller.team_id, windows.lo)
 
 
 def refusal(
-    charge: Charge, scope: str, period: str, limit: int, window: int, spent: int, held: int
+    charge: Charge,
+    scope: str,
+    period: str,
+    limit: int,
+    window: int,
+    spent: int,
+    held: int,
+    rule: Rule = UTC_RULE,
 ) -> BudgetExceeded:
+    """The 402 of a budget the charge does not fit in; its reset shown in the budget's zone."""
     caller = charge.caller
     subject: str | None
     if scope == "end_user":
@@ -98,15 +148,14 @@ def refusal(
         subject = {"team": caller.team_name, "user": caller.user_name, "key": caller.key_id}[scope]
         whose = f"{scope} budget of {subject!r}"
     remaining = max(limit - spent - held, 0)
-    start = from_key(window)
+    resets_at = shown(period, window, rule)[1]
     return BudgetExceeded(
         f"This request costs {format_credits(charge.credits)} credits but the {period} {whose} has "
         f"{format_credits(remaining)} of {format_credits(limit)} left. "
         + (
             "It does not reset; ask an administrator to raise it."
             if period == "total"
-            else f"Wait until it resets at {isoformat(window_end(period, start))} or ask an administrator "
-            "to raise it."
+            else f"Wait until it resets at {resets_at} or ask an administrator to raise it."
         ),
         scope=scope,
         subject=subject,
@@ -116,6 +165,6 @@ def refusal(
         held=credits_json(held),
         remaining=credits_json(remaining),
         cost=credits_json(charge.credits),
-        resets_at=isoformat(window_end(period, start)),
+        resets_at=resets_at,
         **({"end_user": charge.end_user} if scope == "end_user" else {}),
     )

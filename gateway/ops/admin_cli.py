@@ -75,6 +75,15 @@ def add_parsers(
     p.add_argument("--period", required=True, choices=PERIODS)
     p.add_argument("--soft", action="store_true", help="counted and alerted on, never refusing")
     p.add_argument("--alert-at", help="alert thresholds, percent of the limit, e.g. 50,90,100")
+    p.add_argument(
+        "--timezone",
+        help="IANA zone whose midnights begin its windows, e.g. America/Los_Angeles "
+        "(default: as the budget has it, or GATEWAY_TIMEZONE for a new one)",
+    )
+    p.add_argument("--week-starts", help="weekly windows begin on this day (default: GATEWAY_WEEK_STARTS)")
+    p.add_argument(
+        "--month-starts-on", help="monthly windows begin on this day of the month, 1-28 (default 1)"
+    )
     p = budgets.add_parser("delete", parents=both, help="delete a budget")
     p.add_argument("scope", choices=budgeting.SCOPES)
     p.add_argument("subject")
@@ -86,9 +95,12 @@ def add_parsers(
 
     p = sub.add_parser("report", parents=both, help="billing report of charged requests")
     p.set_defaults(action=None)
-    p.add_argument("--from", dest="start", help="ISO date or datetime (UTC), inclusive")
-    p.add_argument("--to", dest="end", help="ISO date or datetime (UTC), exclusive")
+    p.add_argument(
+        "--from", dest="start", help="ISO date or datetime (in --timezone unless it says), inclusive"
+    )
+    p.add_argument("--to", dest="end", help="ISO date or datetime (in --timezone unless it says), exclusive")
     p.add_argument("--group-by", default="", help=f"comma-separated: {','.join(reports.GROUPS)}")
+    p.add_argument("--timezone", help="the IANA zone of days and months (default: GATEWAY_TIMEZONE)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     books = sub.add_parser("ledger", help="the ledger").add_subparsers(dest="action", required=True)
     p = books.add_parser("list", parents=both, help="ledger rows, oldest first, one page")
@@ -212,6 +224,10 @@ def _action(
                     actor=who,
                     enforce=not args.soft,
                     alert_at=args.alert_at,
+                    timezone=args.timezone,
+                    week_starts=args.week_starts,
+                    month_starts_on=args.month_starts_on,
+                    rule_defaults=settings.window_rule,
                 )
             ),
             lambda r: (
@@ -224,7 +240,17 @@ def _action(
             lambda c: budgeting.delete_budget(c, args.scope, args.subject, args.period, at, actor=who)
         ), lambda _: f"deleted the {args.period} {args.scope} budget of {args.subject}"
     if command == ("budgets", "list"):
-        columns = ["scope", "subject", "period", "limit", "spent", "held", "remaining", "resets_at"]
+        columns = [
+            "scope",
+            "subject",
+            "period",
+            "limit",
+            "spent",
+            "held",
+            "remaining",
+            "resets_at",
+            "timezone",
+        ]
         return (
             lambda c: budgeting.list_budgets(c, args.scope, args.subject, expand=args.expand)
         ), lambda rows: _table(
@@ -232,7 +258,7 @@ def _action(
             [*columns, "enforce", "alert_at", *(["from_default"] if args.expand else [])],
         )
     if command == ("report", None):
-        report = reports.parse_query(args.start, args.end, args.group_by)
+        report = reports.parse_query(args.start, args.end, args.group_by, args.timezone or settings.timezone)
         if args.format == "json":
             args.json = True
         if args.json:

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, text
 
 from gateway.core import alerts
+from gateway.core.holding import rule_of
 from gateway.core.settlement import emit_threshold
-from gateway.core.windows import from_us, window_key
+from gateway.core.windows import bounds
 from gateway.store import sql_of
 
 # (limit, thresholds) of a budget as it was; None when it did not exist or was deleted.
@@ -29,7 +30,8 @@ Before = tuple[int, tuple[int, ...]] | None
 
 _DEFAULTS = text("SELECT thresholds FROM alert_defaults WHERE id = 1")
 _BUDGET = (
-    "SELECT id, limit_micros, alert_at, deleted_at, enforce FROM budgets "
+    "SELECT id, limit_micros, alert_at, deleted_at, enforce, timezone, week_starts, month_starts_on "
+    "FROM budgets "
     "WHERE scope = :scope AND subject = :subject AND period = :period"
 )
 _COUNTER = "SELECT spent_micros FROM budget_counters WHERE budget_id = :budget AND window_start = :window"
@@ -83,8 +85,8 @@ def budget_before(conn: Connection, scope: str, subject: str, period: str) -> Be
 def budget_changed(conn: Connection, scope: str, subject: str, period: str, before: Before, at: int) -> None:
     """After a budget's change: emit the thresholds it reached, re-arm those spending is below."""
     row = conn.execute(text(_BUDGET), {"scope": scope, "subject": subject, "period": period}).one()
-    budget_id, limit, stored, _, enforce = row
-    window = window_key(period, from_us(at))
+    budget_id, limit, stored, _, enforce, *rule = row
+    window = bounds(period, at, rule_of(*rule))[0]
     counter = conn.execute(
         text(_COUNTER + _for_update(conn)), {"budget": budget_id, "window": window}
     ).first()

@@ -21,10 +21,10 @@ from sqlalchemy import Connection
 
 from gateway.core.holding import ANY_END_USER
 from gateway.core.pricing import credits_json
-from gateway.core.windows import PERIODS, iso_us
+from gateway.core.windows import PERIODS, UTC_RULE, Rule, iso_us
 from gateway.errors import GatewayError
 from gateway.ops import access, audit, budgeting, services
-from gateway.ops.orgfile import Budget, Key, Org, OrgFileError, Problem, Team, User, where
+from gateway.ops.orgfile import RULE, Budget, Key, Org, OrgFileError, Problem, Team, User, where
 from gateway.ops.orgstate import RANK, State, read_state
 from gateway.ops.reports import parse_time
 from gateway.web.attribution import MAX_END_USER
@@ -38,6 +38,8 @@ class Context:
     at: int
     key_ids: dict[tuple[str, str], str]
     created: list[dict[str, Any]] = field(default_factory=list)
+    # The window rule of a budget made without one (GATEWAY_TIMEZONE, GATEWAY_WEEK_STARTS).
+    rule_defaults: Rule = UTC_RULE
 
 
 @dataclass
@@ -167,6 +169,7 @@ class _Planner:
             "limit": credits_json(budget.limit),
             "soft": budget.soft,
             "alert_at": None if budget.alert_at is None else list(budget.alert_at),
+            **budget.declared_rule(),
         }
         target = f"budget {budget.scope} {budget.subject} {budget.period}"
         old = self.state.budgets.get(budget.ident)
@@ -177,6 +180,8 @@ class _Planner:
             "limit": credits_json(old.limit),
             "soft": not old.enforce,
             "alert_at": None if old.alert_at is None else list(old.alert_at),
+            # (Only the parts the file declares: the others are left as they are.)
+            **{name: value for name, value in zip(RULE, old.rule, strict=True) if name in after},
         }
         diff = _diff(before, after)
         if diff is not None:
@@ -290,11 +295,20 @@ def result(
     }
 
 
-def apply(conn: Connection, org: Org, at: int, *, prune: bool = False, actor: str) -> dict[str, Any]:
-    """Unit of work: plan, then make every change, audited as made by `apply sha256:... (actor)`."""
+def apply(
+    conn: Connection,
+    org: Org,
+    at: int,
+    *,
+    prune: bool = False,
+    actor: str,
+    rule_defaults: Rule = UTC_RULE,
+) -> dict[str, Any]:
+    """Unit of work: plan, then make every change, audited as made by `apply sha256:... (actor)`.
+    A budget made without a window rule gets `rule_defaults`' parts."""
     changes, state = _plan(conn, org, at, prune)
     key_ids = {ident: live[0]["id"] for ident, live in state.keys.items() if len(live) == 1}
-    context = Context(audit.apply_actor(org.sha256, actor), at, key_ids)
+    context = Context(audit.apply_actor(org.sha256, actor), at, key_ids, rule_defaults=rule_defaults)
     for change in changes:
         try:
             change.run(conn, context)
@@ -377,6 +391,10 @@ def _set_budget(budget: Budget, reading: tuple[str, str]) -> Callable[[Connectio
             actor=ctx.actor,
             enforce=not budget.soft,
             alert_at=alert_at,
+            timezone=budget.timezone,
+            week_starts=budget.week_starts,
+            month_starts_on=budget.month_starts_on,
+            rule_defaults=ctx.rule_defaults,
         )
 
     return run

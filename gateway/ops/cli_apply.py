@@ -57,7 +57,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         elif args.plan:
             outcome = await store.read(apply.planned, org, at, args.prune)
         else:
-            work = functools.partial(apply.apply, prune=args.prune, actor=audit.cli_actor())
+            work = functools.partial(
+                apply.apply, prune=args.prune, actor=audit.cli_actor(), rule_defaults=settings.window_rule
+            )
             outcome = await store.run(work, org, at)
     finally:
         await store.close()

@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
+from gateway.core.holding import rule_of
 from gateway.core.pricing import credits_json, format_credits
-from gateway.core.windows import from_key, iso_us, isoformat, window_end
+from gateway.core.windows import iso_us, shown
 from gateway.ops import ledger, subjects
 from gateway.ops.reports import parse_range, range_clause
 from gateway.ops.services import check_choice
@@ -26,7 +27,8 @@ TYPES = (THRESHOLD_CROSSED,)
 # An event with its budget's scope, subject (team or user name, key id, USER/END_USER) and period.
 EVENT_COLUMNS = (
     "SELECT e.id, e.type, e.created_at, e.window_start, e.threshold, e.limit_micros, e.spent_micros, "
-    f"e.enforce, b.scope, {subjects.SUBJECT_NAME}, b.period, e.rearmed_at, e.dispatched "
+    f"e.enforce, b.scope, {subjects.SUBJECT_NAME}, b.period, e.rearmed_at, e.dispatched, "
+    "b.timezone, b.week_starts, b.month_starts_on "
     f"FROM alert_events e JOIN budgets b ON b.id = e.budget_id {subjects.SUBJECT_JOINS}"
 )
 _DELIVERIES = text(
@@ -37,7 +39,7 @@ _DELIVERIES = text(
 
 def body(row: Any) -> dict[str, Any]:
     """The event as webhooks receive it (section 9): {"id", "type", "created_at", "data"}."""
-    start = from_key(int(row[3]))
+    window_start, resets_at = shown(row[10], int(row[3]), rule_of(*row[13:16]))
     limit, spent = int(row[5]), int(row[6])
     return {
         "id": row[0],
@@ -47,8 +49,8 @@ def body(row: Any) -> dict[str, Any]:
             "scope": row[8],
             "subject": str(row[9]),
             "period": row[10],
-            "window_start": isoformat(start),
-            "resets_at": isoformat(window_end(row[10], start)),
+            "window_start": window_start,
+            "resets_at": resets_at,
             "threshold": int(row[4]),
             "limit": credits_json(limit),
             "spent": credits_json(spent),

@@ -1,23 +1,24 @@
 """Budget gauges: every budget's limit, spent and remaining, refreshed from the database.
 
 Each process exports every budget, not only those its own traffic touched, so a dashboard shows
-all of them whichever replica it scrapes. The gauges are read with one query for all budgets:
-every `REFRESH_INTERVAL_SECONDS` (to see other replicas' spend and admin changes), and shortly
-after this process settles a request on a budget (`mark_dirty`), coalescing a burst of
-settlements into one refresh rather than a query per request.
+all of them whichever replica it scrapes. The gauges are read with one query for all budgets (after
+one for the window rules they use): every `REFRESH_INTERVAL_SECONDS` (to see other replicas' spend
+and admin changes), and shortly after this process settles a request on a budget (`mark_dirty`),
+coalescing a burst of settlements into one refresh rather than a query per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Connection, bindparam, text
+from sqlalchemy import BigInteger, Connection, TextClause, bindparam, text
 
 from gateway.core import holding, metering
-from gateway.core.windows import PERIODS, window_keys
+from gateway.core.windows import PERIODS
 from gateway.errors import LedgerUnavailable
 from gateway.ops import subjects
 from gateway.ops.metrics import Metrics
@@ -30,16 +31,23 @@ REFRESH_INTERVAL_SECONDS = 5.0
 DEBOUNCE_SECONDS = 0.5
 
 # One row per budget, with its counter in the current window of its period (if any).
-_BUDGETS_NOW = text(
+_BUDGETS_NOW = (
     f"SELECT b.scope, {subjects.SUBJECT_NAME}, b.period, b.limit_micros, "
     "COALESCE(c.spent_micros, 0), COALESCE(c.held_micros, 0) "
     f"FROM budgets b {subjects.SUBJECT_JOINS} "
-    + holding.CURRENT_COUNTER
+    "{current_counter}"
     # Not the end users' budgets made from defaults, one per end user: labels stay bounded. (The
     # defaults themselves have no counter.)
-    + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL "
+    " WHERE b.deleted_at IS NULL AND b.default_id IS NULL "
     "AND NOT (b.scope = 'end_user' AND b.subject = CAST(b.user_id AS VARCHAR(32)) || '/*')"
-).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
+)
+
+
+@functools.cache
+def _budgets_now(dialect: str) -> TextClause:
+    sql = _BUDGETS_NOW.replace("{current_counter}", holding.current_counter(dialect))
+    return text(sql).bindparams(*(bindparam(period, type_=BigInteger) for period in PERIODS))
+
 
 Labels = tuple[str, str, str]
 
@@ -63,7 +71,9 @@ class BudgetNow:
 
 def budgets_now(conn: Connection, at: int) -> list[BudgetNow]:
     """Unit of work: every budget with its spent and held in the window containing `at` (µs)."""
-    rows = conn.execute(_BUDGETS_NOW, window_keys(at)).all()
+    holding.learn_rules(conn.execute(text(holding.KNOWN_RULES)).all())
+    params = holding.window_params(holding.WINDOWS.at(at))
+    rows = conn.execute(_budgets_now(conn.dialect.name), params).all()
     return [BudgetNow(r[0], str(r[1]), r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
 

@@ -25,24 +25,25 @@ from typing import Any, TypeVar
 
 from gateway.core import alerts
 from gateway.core.pricing import parse_credits
-from gateway.core.windows import PERIODS
+from gateway.core.windows import PERIODS, check_month_day, check_week_starts, check_zone
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.ops import access, budgeting, services
 from gateway.ops.reports import parse_time
 
 VERSION = 1
+# Where a budget's windows begin (gateway/core/windows.py); each left out: as the budget has it, or
+# the gateway's default for a new one.
+RULE = ("timezone", "week_starts", "month_starts_on")
 TOP = ("version", "teams", "users", "budgets")
 TEAM = ("name", "models")
 USER = ("name", "team", "models", "keys")
 KEY = ("name", "models", "expires_at", "blocked")
-BUDGET = ("scope", "subject", "period", "limit", "soft", "alert_at")
+BUDGET = ("scope", "subject", "period", "limit", "soft", "alert_at", *RULE)
 # Said of a field this version does not take, where it is known what it would be.
 HINTS = {
     "webhooks": "webhooks are settings of the gateway (GATEWAY_WEBHOOK_URL, or [[webhooks]] in its "
     "configuration file), not part of the organisation",
     "limits": "rate limits are not built yet: issue 26",
-    "timezone": "budget windows are UTC calendar periods for now: time zones are issue 27's first item",
-    "month_starts_on": "months start on the 1st for now: billing cycles are issue 27's first item",
     "keys": "keys belong to their user: [[users.keys]] after that user's [[users]]",
     "enforce": "write `soft = true` for a budget that never refuses",
 }
@@ -115,6 +116,15 @@ class Budget:
     soft: bool = False
     alert_at: tuple[int, ...] | None = None  # None: the gateway's default thresholds
     path: Path = ()
+    # Its rule's parts the file declares (None: not declared), in `RULE` order.
+    timezone: str | None = None
+    week_starts: str | None = None
+    month_starts_on: int | None = None
+
+    def declared_rule(self) -> dict[str, str | int]:
+        """The parts of its window rule the file declares, by field."""
+        values = (self.timezone, self.week_starts, self.month_starts_on)
+        return {name: value for name, value in zip(RULE, values, strict=True) if value is not None}
 
     @property
     def ident(self) -> tuple[str, str, str]:
@@ -364,9 +374,41 @@ def _budget(read: _Reader, path: Path, item: dict[str, Any]) -> Budget | None:
         if alert_at is None:
             return None
     soft = read.flag(path, item, "soft")
+    timezone = read.check(path, "timezone", check_zone, item["timezone"]) if "timezone" in item else None
+    week_starts = (
+        read.check(path, "week_starts", check_week_starts, item["week_starts"])
+        if "week_starts" in item
+        else None
+    )
+    month_day = (
+        read.check(path, "month_starts_on", _month_day, item["month_starts_on"])
+        if "month_starts_on" in item
+        else None
+    )
+    declared = (timezone, week_starts, month_day)
+    if any(name in item and value is None for name, value in zip(RULE, declared, strict=True)):
+        return None
     if scope is None or subject is None or period is None or limit is None:
         return None
-    return Budget(scope, subject, period, limit, read.lines.at(path), soft, alert_at, path)
+    return Budget(
+        scope,
+        subject,
+        period,
+        limit,
+        read.lines.at(path),
+        soft,
+        alert_at,
+        path,
+        timezone,
+        week_starts,
+        month_day,
+    )
+
+
+def _month_day(value: object) -> int:
+    if isinstance(value, str):
+        raise ValueError(f"the month's start day must be a whole number from 1 to 28; got {value!r}")
+    return check_month_day(value)
 
 
 def _limit(value: object) -> int:

@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from gateway.core import alerts
+from gateway.core.holding import rule_of
 from gateway.core.pricing import format_credits
-from gateway.core.windows import PERIODS, iso_us
+from gateway.core.windows import PERIODS, UTC_RULE, Rule, iso_us
 from gateway.ops import services, subjects
 from gateway.ops.orgfile import VERSION, Budget, Key, Org, Team, User
 from gateway.ops.reports import parse_time
@@ -33,6 +34,7 @@ class StoredBudget:
     enforce: bool
     alert_at: tuple[int, ...] | None
     subject: str  # as the services take it (a key's id for a key budget)
+    rule: Rule = UTC_RULE
 
 
 @dataclass
@@ -48,8 +50,10 @@ class State:
 
 
 _BUDGETS = (
-    "SELECT b.scope, " + subjects.SUBJECT_NAME + ", b.period, b.limit_micros, b.enforce, b.alert_at "
-    "FROM budgets b " + subjects.SUBJECT_JOINS + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL"
+    "SELECT b.scope, " + subjects.SUBJECT_NAME + ", b.period, b.limit_micros, b.enforce, b.alert_at, "
+    "b.timezone, b.week_starts, b.month_starts_on FROM budgets b "
+    + subjects.SUBJECT_JOINS
+    + " WHERE b.deleted_at IS NULL AND b.default_id IS NULL"
 )
 
 
@@ -70,7 +74,7 @@ def read_state(conn: Connection, at: int) -> State:
             keys.setdefault((key["user"], key["name"]), []).append(key)
         names[key["id"]] = key
     budgets, hidden = {}, []
-    for scope, subject, period, limit, enforce, stored in conn.execute(text(_BUDGETS)).all():
+    for scope, subject, period, limit, enforce, stored, *rule in conn.execute(text(_BUDGETS)).all():
         service_subject = subject
         if scope == "key":
             owner = names.get(subject)
@@ -81,7 +85,9 @@ def read_state(conn: Connection, at: int) -> State:
                 continue
             subject = f"{owner['user']}/{owner['name']}"
         alert_at = None if stored is None else alerts.parse(stored)
-        budgets[(scope, subject, period)] = StoredBudget(int(limit), bool(enforce), alert_at, service_subject)
+        budgets[(scope, subject, period)] = StoredBudget(
+            int(limit), bool(enforce), alert_at, service_subject, rule_of(*rule)
+        )
     return State(teams, users, keys, unnamed, budgets, hidden)
 
 
@@ -103,8 +109,23 @@ def export(conn: Connection, at: int) -> str:
         state.budgets.items(),
         key=lambda item: (RANK[item[0][0]], item[0][0], item[0][1], PERIODS.index(item[0][2])),
     ):
+        # The rule's parts that differ from UTC, monday, 1 (those every budget had before rules).
+        rule = stored.rule
         org.budgets.append(
-            Budget(scope, subject, period, stored.limit, 0, not stored.enforce, stored.alert_at)
+            Budget(
+                scope,
+                subject,
+                period,
+                stored.limit,
+                0,
+                not stored.enforce,
+                stored.alert_at,
+                timezone=None if rule.zone == UTC_RULE.zone else rule.zone,
+                week_starts=None if rule.week_starts == UTC_RULE.week_starts else rule.week_starts,
+                month_starts_on=None
+                if rule.month_starts_on == UTC_RULE.month_starts_on
+                else rule.month_starts_on,
+            )
         )
     notes = [f"left out: live key {k['id']} of {k['user']} has no name" for k in state.unnamed]
     notes += [
@@ -164,6 +185,7 @@ def render(org: Org, notes: Collection[str] = ()) -> str:
             fields.append(("soft", "true"))
         if budget.alert_at is not None:
             fields.append(("alert_at", _value(list(budget.alert_at))))
+        fields += [(name, _value(value)) for name, value in budget.declared_rule().items()]
         table("budgets", fields)
     return "\n".join(out) + "\n"
 

@@ -4,12 +4,16 @@ end user or tag.
 What is counted: only ledger rows with outcome `charged`. `credits` is the sum of what was charged;
 `requests` and `messages` count charged requests only (a request that upstream refused, that failed
 or expired cost nothing and is not billed; the ledger endpoint lists those). Tokens are summed as
-upstream reported them (0 where it did not). A row belongs to the UTC day and month it was admitted
-in, the same rule the budget windows use. `from` is inclusive and `to` exclusive; either may be
-left out for an open range.
+upstream reported them (0 where it did not). A row belongs to the day and month it was admitted in,
+in the report's time zone (`--timezone`, default GATEWAY_TIMEZONE: UTC unless set), as a budget in
+that zone counts it. `from` is inclusive and `to` exclusive; either may be left out for an open
+range; a date or a datetime without an offset is read in the report's zone.
 
 `day` is computed in SQL from the integer microsecond `admitted_at` (integer division, the same on
-SQLite and PostgreSQL); `month` is folded from days in Python, so it is exact on both. Team and user
+SQLite and PostgreSQL): in UTC the day itself; in another zone the quarter hour, which Python then
+puts in its local day (every zone's offset has been a whole number of quarter hours since 1979, so
+a quarter hour never straddles a local midnight). `month` is folded from days in Python, so it is
+exact on both. Team and user
 names are looked up once per report rather than joined per row. In CSV, totals are left out (a
 spreadsheet sums a column) and a text cell that begins like a formula gets a leading `'`, so a
 crafted team or user name cannot run in a spreadsheet.
@@ -35,12 +39,14 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from gateway.core.pricing import credits_json, format_credits
+from gateway.core.windows import check_zone, zone
 from gateway.errors import InvalidRequest
 
 GROUPS = ("team", "user", "key", "model", "day", "month", "end_user", "tag")
 SUMS = ("requests", "messages", "credits", "prompt_tokens", "completion_tokens", "adjustments")
 CREDIT_SUMS = ("credits", "adjustments")
 US_PER_DAY = 86_400_000_000
+US_PER_QUARTER_HOUR = 900_000_000
 EPOCH_DAY = date(1970, 1, 1)
 
 # The SQL of each group field kept per ledger row (`month` is folded from `day`).
@@ -62,10 +68,13 @@ class ReportQuery:
     start: int | None
     end: int | None
     group_by: tuple[str, ...]
+    # The zone of `day` and `month`.
+    timezone: str = "UTC"
 
 
-def parse_time(field: str, value: str | None) -> int | None:
-    """An ISO 8601 date or datetime (UTC unless it names an offset) as microseconds since the epoch."""
+def parse_time(field: str, value: str | None, timezone: str = "UTC") -> int | None:
+    """An ISO 8601 date or datetime (in `timezone` unless it names an offset) as microseconds since
+    the epoch."""
     if value is None or value == "":
         return None
     try:
@@ -77,14 +86,14 @@ def parse_time(field: str, value: str | None) -> int | None:
             field=field,
         ) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        moment = moment.replace(tzinfo=UTC if timezone == "UTC" else zone(timezone))
     delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def parse_range(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+def parse_range(start: str | None, end: str | None, timezone: str = "UTC") -> tuple[int | None, int | None]:
     """`from` (inclusive) and `to` (exclusive) in microseconds; `to` must not be before `from`."""
-    lo, hi = parse_time("from", start), parse_time("to", end)
+    lo, hi = parse_time("from", start, timezone), parse_time("to", end, timezone)
     if lo is not None and hi is not None and hi < lo:
         raise InvalidRequest(
             "`to` must not be before `from` (`from` is inclusive, `to` exclusive).", field="to"
@@ -108,10 +117,24 @@ def parse_group_by(value: str | None) -> tuple[str, ...]:
     return fields
 
 
-def parse_query(start: str | None, end: str | None, group_by: str | None) -> ReportQuery:
-    """Validate the report's parameters, naming the field at fault."""
-    lo, hi = parse_range(start, end)
-    return ReportQuery(lo, hi, parse_group_by(group_by))
+def parse_query(
+    start: str | None, end: str | None, group_by: str | None, timezone: str | None = None
+) -> ReportQuery:
+    """Validate the report's parameters, naming the field at fault (`timezone` None: UTC)."""
+    zone_name = "UTC"
+    if timezone is not None:
+        try:
+            zone_name = check_zone(timezone)
+        except ValueError as exc:
+            raise InvalidRequest(f"`timezone`: {exc}.", field="timezone") from None
+    lo, hi = parse_range(start, end, zone_name)
+    return ReportQuery(lo, hi, parse_group_by(group_by), zone_name)
+
+
+def _group_sql(field: str, query: ReportQuery) -> str:
+    if field == "day" and query.timezone != "UTC":
+        return f"admitted_at / {US_PER_QUARTER_HOUR}"
+    return _GROUP_SQL[field]
 
 
 def range_clause(
@@ -135,7 +158,7 @@ def report_sql(query: ReportQuery, dialect: str) -> tuple[str, dict[str, int]]:
     holds every column read here. SQLite is told to use it: with statistics from ANALYZE its planner
     prefers a skip-scan of the (team_id, admitted_at) index that reads the table, twice as slow.
     """
-    exprs = [_GROUP_SQL[g] for g in _stored_groups(query.group_by)]
+    exprs = [_group_sql(g, query) for g in _stored_groups(query.group_by)]
     where, params = range_clause(query.start, query.end)
     hint = " INDEXED BY ix_ledger_charged_report" if dialect == "sqlite" else ""
     sql = (
@@ -151,7 +174,7 @@ def report_sql(query: ReportQuery, dialect: str) -> tuple[str, dict[str, int]]:
 
 def adjustments_sql(query: ReportQuery) -> tuple[str, dict[str, int]]:
     """The adjustments of the ledger rows in range, grouped as the report is."""
-    exprs = [f"l.{_GROUP_SQL[g]}" for g in _stored_groups(query.group_by)]
+    exprs = [f"l.{_group_sql(g, query)}" for g in _stored_groups(query.group_by)]
     where, params = range_clause(query.start, query.end, "l.admitted_at")
     sql = (
         "SELECT "
@@ -236,6 +259,12 @@ def usage_report(conn: Connection, query: ReportQuery) -> Report:
     for row in conn.execute(text(sql), params):
         if row[-1] is not None:
             found.append((row[:width], [0, 0, int(row[-1]), 0, 0, int(row[-1])]))
+    if "day" in stored and query.timezone != "UTC":
+        # Quarter hours into their local days (as days since the epoch, as UTC's are stored).
+        at = stored.index("day")
+        found = [
+            ((*key[:at], _local_day(key[at], query.timezone), *key[at + 1 :]), sums) for key, sums in found
+        ]
     # Rows are folded by their stored values (a day's month appended after them) and shown once
     # per group (ids as names, days as dates: one to one, so no sum changes).
     day_at = stored.index("day") if "month" in query.group_by else None
@@ -292,6 +321,15 @@ def _shown(field: str, teams: dict[int, str], users: dict[int, str]) -> Callable
     if field == "day":
         return _day
     return lambda v: v  # `month` is folded as its text already
+
+
+@functools.lru_cache(maxsize=65_536)
+def _local_day(quarter: int | None, zone_name: str) -> int | None:
+    """The local day (days since 1970-01-01) of a quarter hour since the epoch, in the zone."""
+    if quarter is None:
+        return None
+    moment = datetime.fromtimestamp(int(quarter) * (US_PER_QUARTER_HOUR // 1_000_000), zone(zone_name))
+    return (moment.date() - EPOCH_DAY).days
 
 
 @functools.lru_cache(maxsize=4096)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.core import alerts
+from gateway.core import alerts, windows
 from gateway.core.pricing import PriceTable
 
 # More worker processes than this is a typo, not a machine (`gateway serve --workers`).
@@ -116,6 +116,20 @@ def _upstream_url(name: str, value: object) -> str:
     return url
 
 
+def _timezone(name: str, value: object) -> str:
+    try:
+        return windows.check_zone(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _week_starts(name: str, value: object) -> str:
+    try:
+        return windows.check_week_starts(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def _thresholds(name: str, value: object) -> tuple[int, ...]:
     try:
         return alerts.check(value, name)
@@ -207,6 +221,8 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "alert_thresholds": (_thresholds, alerts.DEFAULT_THRESHOLDS),
     "webhook_retry_base_seconds": (_positive(float), 2.0),
     "webhook_timeout_seconds": (_positive(float), 10.0),
+    "timezone": (_timezone, "UTC"),
+    "week_starts": (_week_starts, "monday"),
 }
 
 
@@ -249,6 +265,15 @@ class Settings:
     webhooks: tuple[Webhook, ...] = ()
     webhook_retry_base_seconds: float = 2.0
     webhook_timeout_seconds: float = 10.0
+    # Where new budgets' windows begin unless set otherwise (gateway/core/windows.py), and the zone
+    # of reports' days.
+    timezone: str = "UTC"
+    week_starts: str = "monday"
+
+    @property
+    def window_rule(self) -> windows.Rule:
+        """The rule a budget made without one gets: GATEWAY_TIMEZONE, GATEWAY_WEEK_STARTS, the 1st."""
+        return windows.Rule(self.timezone, self.week_starts, 1)
 
     @classmethod
     def load(

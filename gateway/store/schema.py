@@ -86,6 +86,11 @@ class Budget(Base):
         CheckConstraint("scope IN ('team', 'user', 'key', 'end_user')", name="scope"),
         CheckConstraint("period IN ('daily', 'weekly', 'monthly', 'total')", name="period"),
         CheckConstraint("limit_micros >= 0", name="limit_micros"),
+        CheckConstraint("month_starts_on BETWEEN 1 AND 28", name="month_starts_on"),
+        CheckConstraint(
+            "week_starts IN ('monday', 'tuesday', 'wednesday', 'thursday', 'friday', 'saturday', 'sunday')",
+            name="week_starts",
+        ),
         # Budget rows are never deleted (see `deleted_at`); AUTOINCREMENT keeps ids of rows deleted
         # by older versions from being reused.
         {"sqlite_autoincrement": True},
@@ -112,6 +117,12 @@ class Budget(Base):
     # Set on an end user's budget that admission created from a default (`USER_ID/*`, this id) on
     # the end user's first request: it follows the default's limit. NULL: set by an administrator.
     default_id: Mapped[int | None] = mapped_column(ForeignKey("budgets.id"), index=True)
+    # Where its windows begin (gateway/core/windows.py `Rule`): local midnight in this IANA zone,
+    # weeks from this day, months from this cycle day. Budgets made before these existed: UTC,
+    # monday, 1.
+    timezone: Mapped[str] = mapped_column(String(64), server_default="UTC")
+    week_starts: Mapped[str] = mapped_column(String(9), server_default="monday")
+    month_starts_on: Mapped[int] = mapped_column(Integer, server_default="1")
 
 
 class BudgetCounter(Base):

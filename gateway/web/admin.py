@@ -222,14 +222,21 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 BUDGET_FIELDS = ("scope", "subject", "period", "limit")
+RULE_FIELDS = ("timezone", "week_starts", "month_starts_on")
 
 
 @admin_only
 async def set_budget(request: web.Request) -> web.Response:
-    """PUT /admin/v1/budgets {"scope", "subject", "period", "limit", "enforce"?, "alert_at"?} -> 200."""
-    body = await json_body(request, (*BUDGET_FIELDS, "enforce", "alert_at"))
+    """PUT /admin/v1/budgets {"scope", "subject", "period", "limit", "enforce"?, "alert_at"?,
+    "timezone"?, "week_starts"?, "month_starts_on"?} -> 200."""
+    body = await json_body(request, (*BUDGET_FIELDS, "enforce", "alert_at", *RULE_FIELDS))
     args = [body.get(name) for name in BUDGET_FIELDS]
-    options = {"enforce": body.get("enforce", True), "alert_at": body.get("alert_at")}
+    options = {
+        "enforce": body.get("enforce", True),
+        "alert_at": body.get("alert_at"),
+        **{name: body.get(name) for name in RULE_FIELDS},
+        "rule_defaults": request.app[SETTINGS].window_rule,
+    }
     budget = await change(request, budgeting.set_budget, *args, now_us(), **options)
     budgets_changed(request)
     return json_response(budget)
@@ -258,10 +265,11 @@ async def list_budgets(request: web.Request) -> web.Response:
 
 @admin_only
 async def usage_report(request: web.Request) -> web.Response:
-    """GET /admin/v1/usage?from=&to=&group_by=[&format=json|csv]: the billing report."""
-    params = query_params(request, ("from", "to", "group_by", "format"))
+    """GET /admin/v1/usage?from=&to=&group_by=[&format=json|csv][&timezone=]: the billing report."""
+    params = query_params(request, ("from", "to", "group_by", "format", "timezone"))
     fmt = services.check_choice("format", params.get("format", "json"), ("json", "csv"))
-    query = reports.parse_query(params.get("from"), params.get("to"), params.get("group_by"))
+    zone = params.get("timezone", request.app[SETTINGS].timezone)
+    query = reports.parse_query(params.get("from"), params.get("to"), params.get("group_by"), zone)
     report = await run(request, reports.usage_report, query)
     if fmt == "csv":
         return web.Response(
@@ -373,6 +381,7 @@ async def apply_org(request: web.Request) -> web.Response:
     at = now_us()
     if plan:
         return json_response(await request.app[STORE].read(apply.planned, org, at, prune))
-    outcome = await change(request, apply.apply, org, at, prune=prune)
+    rule = request.app[SETTINGS].window_rule
+    outcome = await change(request, apply.apply, org, at, prune=prune, rule_defaults=rule)
     budgets_changed(request)
     return json_response(outcome)

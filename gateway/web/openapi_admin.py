@@ -181,6 +181,12 @@ PATHS: dict[str, Any] = {
                     "comma-separated distinct group fields; empty: no grouping, one row of totals",
                 ),
                 param("format", {"type": "string", "enum": ["json", "csv"]}, "json (default) or csv"),
+                param(
+                    "timezone",
+                    {"type": "string", "minLength": 1, "maxLength": 64},
+                    "the IANA zone of `day` and `month`, and of `from`/`to` without an offset "
+                    "(default: GATEWAY_TIMEZONE)",
+                ),
             ],
         )
     },

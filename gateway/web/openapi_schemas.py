@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.core.alerts import MAX_THRESHOLD, MAX_THRESHOLDS, MIN_THRESHOLD
-from gateway.core.windows import PERIODS
+from gateway.core.windows import MAX_MONTH_DAY, PERIODS, WEEKDAYS
 from gateway.ops.access import MAX_MODELS, MAX_SECONDS
 from gateway.ops.adjustments import MAX_REASON
 from gateway.ops.events import TYPES as EVENT_TYPES
@@ -35,6 +35,20 @@ MODELS = {
 }
 EXPIRES = {**TIME, "nullable": True, "description": "when the key stops working (in the future); null: never"}
 SUMS_SCHEMA = obj({name: NUMBER if name in CREDIT_SUMS else INTEGER for name in SUMS}, SUMS)
+# Where a budget's windows begin (contract section 14).
+TIMEZONE = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "description": "an IANA time zone, e.g. America/Los_Angeles: windows begin at its local midnight",
+}
+WEEK_STARTS = {"type": "string", "enum": list(WEEKDAYS), "description": "the first day of a weekly window"}
+MONTH_STARTS_ON = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_MONTH_DAY,
+    "description": "the day of the month a monthly window begins on (a billing cycle)",
+}
 # A budget's alert thresholds (contract section 9).
 THRESHOLDS = {
     "type": "array",
@@ -159,6 +173,22 @@ SCHEMAS: dict[str, Any] = {
             },
             "enforce": {"type": "boolean", "description": "false: a soft budget, counted, never refusing"},
             "alert_at": nullable({**THRESHOLDS, "description": "null or absent: GATEWAY_ALERT_THRESHOLDS"}),
+            "timezone": nullable(
+                {
+                    **TIMEZONE,
+                    "description": f"{TIMEZONE['description']}; null or absent: the budget's, "
+                    "or GATEWAY_TIMEZONE for a new one",
+                }
+            ),
+            "week_starts": nullable(
+                {
+                    **WEEK_STARTS,
+                    "description": "null or absent: the budget's, or GATEWAY_WEEK_STARTS for a new one",
+                }
+            ),
+            "month_starts_on": nullable(
+                {**MONTH_STARTS_ON, "description": "null or absent: the budget's, or 1 for a new one"}
+            ),
         },
         ("scope", "subject", "period", "limit"),
     ),
@@ -240,6 +270,9 @@ SCHEMAS: dict[str, Any] = {
             ),
             "enforce": {"type": "boolean"},
             "alert_at": THRESHOLDS,
+            "timezone": TIMEZONE,
+            "week_starts": WEEK_STARTS,
+            "month_starts_on": MONTH_STARTS_ON,
         },
         (
             "scope",
@@ -253,6 +286,9 @@ SCHEMAS: dict[str, Any] = {
             "resets_at",
             "enforce",
             "alert_at",
+            "timezone",
+            "week_starts",
+            "month_starts_on",
         ),
     ),
     "Report": obj(

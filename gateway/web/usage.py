@@ -24,12 +24,12 @@ from sqlalchemy import Connection, text
 
 from gateway.core.metering import Caller, now_us
 from gateway.core.pricing import credits_json
-from gateway.core.windows import from_us, isoformat, window_end, window_start
+from gateway.core.windows import UTC_RULE, Rule, bounds, iso_key
 from gateway.jsonout import json_response
 from gateway.ops.budgeting import end_user_budgets, list_budgets
 from gateway.web import attribution
 from gateway.web.admin_request import query_params
-from gateway.web.state import KEYS, STORE
+from gateway.web.state import KEYS, SETTINGS, STORE
 
 PERIODS = ("daily", "weekly", "monthly")
 
@@ -47,7 +47,8 @@ async def my_usage(request: web.Request) -> web.Response:
     if "end_user" in params:
         end_user = attribution.checked_end_user(params["end_user"], "The `end_user` query parameter")
     end_user = attribution.end_user(request.headers.get(attribution.END_USER_HEADER), end_user)
-    return json_response(await request.app[STORE].read(key_usage, caller, now_us(), end_user))
+    rule = request.app[SETTINGS].window_rule
+    return json_response(await request.app[STORE].read(key_usage, caller, now_us(), end_user, rule))
 
 
 _USAGE = text(
@@ -73,33 +74,34 @@ def _sums(requests: int, messages: int, credits: int) -> dict[str, Any]:
     return {"requests": int(requests), "messages": int(messages), "credits": credits_json(int(credits))}
 
 
-def key_usage(conn: Connection, caller: Caller, at: int, end_user: str | None = None) -> dict[str, Any]:
+def key_usage(
+    conn: Connection, caller: Caller, at: int, end_user: str | None = None, rule: Rule = UTC_RULE
+) -> dict[str, Any]:
     """Unit of work: the budgets that apply to the caller's key (and to `end_user`, one of its
-    user's end users), and its usage in the current windows."""
+    user's end users), each in its own windows, and its usage in the windows of `rule` (the
+    gateway's: GATEWAY_TIMEZONE, GATEWAY_WEEK_STARTS)."""
     budgets = list_budgets(conn, "key", caller.key_id, at) + list_budgets(conn, "user", caller.user_name, at)
     if caller.team_name is not None:
         budgets += list_budgets(conn, "team", caller.team_name, at)
     if end_user is not None:
         budgets += end_user_budgets(conn, caller.user_id, end_user, at)
-    moment = from_us(at)
     usage = []
     for period in PERIODS:
-        start = window_start(period, moment)
-        end = window_end(period, start)
+        start, end = bounds(period, at, rule)
         assert end is not None
         params = {
             "key": caller.key_id,
             "user": caller.user_id,
-            "start": int(start.timestamp()) * 1_000_000,
-            "end": int(end.timestamp()) * 1_000_000,
+            "start": start * 1_000_000,
+            "end": end * 1_000_000,
         }
         row = conn.execute(_USAGE, params).one()
         user_adjusted, key_adjusted = conn.execute(_ADJUSTED, params).one()
         usage.append(
             {
                 "period": period,
-                "window_start": isoformat(start),
-                "resets_at": isoformat(end),
+                "window_start": iso_key(start, rule.zone),
+                "resets_at": iso_key(end, rule.zone),
                 "key": _sums(row[3], row[4], int(row[5]) + int(key_adjusted)),
                 "user": _sums(row[0], row[1], int(row[2]) + int(user_adjusted)),
             }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.core.pricing import credits_json, format_credits
 from gateway.errors import RateLimited
@@ -106,6 +107,21 @@ def rate_headers(figures: Sequence[tuple[Limit, int]], now: int) -> dict[str, st
         headers[f"x-ratelimit-remaining-{kind}"] = shown(max(left, 0))
         headers[f"x-ratelimit-reset-{kind}"] = reset_text(tat - now)
     return headers
+
+
+def limit_json(
+    limit_id: int, scope: str, name: str, kind: str, value: int, per_seconds: int, stored: str
+) -> dict[str, Any]:
+    """A limit as the admin API shows it (`name`: its subject as people name it)."""
+    return {
+        "id": limit_id,
+        "scope": scope,
+        "subject": name,
+        "kind": kind,
+        "limit": credits_json(value) if kind == "credits" else int(value),
+        "per": PERIOD_NAMES.get(per_seconds) if per_seconds else None,
+        "default": scope == "end_user" and stored.endswith("/*"),
+    }
 
 
 def subject_name(scope: str, state: str, key_id: str, user_name: str, team_name: str | None) -> str:

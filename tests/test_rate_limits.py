@@ -421,3 +421,24 @@ async def test_budgets_are_unchanged_by_limits(world: World) -> None:
     budgets = await w.admin(budgeting.list_budgets)
     assert budgets[0]["spent"] == pytest.approx(0.7)
     await assert_counters_match_ledger(w)
+
+
+async def test_the_readmes_worked_example(world: World) -> None:
+    w = world
+    key = await w.key("alice")
+    await _limit(w, "key", key["id"], "requests", 10)
+    await _limit(w, "user", "alice", "credits", "5", "hour")
+    await _limit(w, "team", "eng", "concurrent", 4, None)
+    answers = [await w.chat(key["key"]) for _ in range(10)]
+    assert [a.status for a in answers] == [200] * 10
+    fifth = answers[4].headers
+    assert (fifth["x-ratelimit-remaining-requests"], fifth["x-ratelimit-reset-requests"]) == ("5", "30s")
+    assert fifth["x-ratelimit-limit-credits"] == "5"
+    assert float(fifth["x-ratelimit-remaining-credits"]) == pytest.approx(4.5, abs=0.01)
+    assert fifth["x-ratelimit-reset-credits"] == "6m0s"
+    refused = await w.chat(key["key"])
+    e = await error(refused, 429, "rate_limited")
+    assert refused.headers["Retry-After"] == "6" and e["retry_after"] == 6
+    assert e["message"] == (
+        f"Rate limit of key {key['id']!r} reached: 10 requests per minute. Retry in 6 s; nothing was charged."
+    )

@@ -442,3 +442,14 @@ async def test_the_readmes_worked_example(world: World) -> None:
     assert e["message"] == (
         f"Rate limit of key {key['id']!r} reached: 10 requests per minute. Retry in 6 s; nothing was charged."
     )
+
+
+async def test_a_rotated_key_keeps_its_limits(admin_world: World) -> None:
+    w = admin_world
+    key = await w.key("alice")
+    await _limit(w, "key", key["id"], "requests", 2)
+    rotated = await ok(w, "POST", f"/admin/v1/keys/{key['id']}/rotate", status=201, json={})
+    keys = {k["id"]: k for k in await ok(w, "GET", "/admin/v1/keys?user=alice")}
+    assert [(lim["kind"], lim["limit"]) for lim in keys[rotated["id"]]["limits"]] == [("requests", 2)]
+    statuses, _ = await _burst(w, rotated["key"], 4)
+    assert statuses == {200: 2, 429: 2}

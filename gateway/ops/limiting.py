@@ -32,7 +32,7 @@ _LIMIT_ROWS = (
 )
 
 
-def _limit_value(kind: str, limit: object, per_seconds: int) -> int:
+def limit_value_of(kind: str, limit: object, per_seconds: int) -> int:
     """The stored limit: requests or requests in flight, or micro-credits; InvalidRequest if bad."""
     if kind == "credits":
         try:
@@ -55,7 +55,7 @@ def _limit_value(kind: str, limit: object, per_seconds: int) -> int:
     return limit
 
 
-def _per_seconds(kind: str, per: object) -> int:
+def per_seconds_of(kind: str, per: object) -> int:
     if kind == "concurrent":
         if per is not None:
             raise InvalidRequest(
@@ -83,8 +83,8 @@ def set_limit(
     """
     scope = check_choice("scope", scope, SCOPES)
     kind = check_choice("kind", kind, KINDS)
-    per_seconds = _per_seconds(kind, per)
-    value = _limit_value(kind, limit, per_seconds)
+    per_seconds = per_seconds_of(kind, per)
+    value = limit_value_of(kind, limit, per_seconds)
     stored, user_id = _subject(conn, scope, subject)
     at = now_us() if at is None else at
     params = {"scope": scope, "subject": stored, "kind": kind, "per": per_seconds}

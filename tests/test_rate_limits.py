@@ -438,9 +438,12 @@ async def test_the_readmes_worked_example(world: World) -> None:
     assert fifth["x-ratelimit-reset-credits"] == "6m0s"
     refused = await w.chat(key["key"])
     e = await error(refused, 429, "rate_limited")
-    assert refused.headers["Retry-After"] == "6" and e["retry_after"] == 6
+    # 6 s when sent at once; the ten before it took some time of their own (on PostgreSQL, over 1 s).
+    wait = int(refused.headers["Retry-After"])
+    assert wait in (5, 6) and e["retry_after"] == wait
     assert e["message"] == (
-        f"Rate limit of key {key['id']!r} reached: 10 requests per minute. Retry in 6 s; nothing was charged."
+        f"Rate limit of key {key['id']!r} reached: 10 requests per minute. Retry in {wait} s; nothing was "
+        "charged."
     )
 
 

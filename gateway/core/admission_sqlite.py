@@ -17,6 +17,7 @@ from gateway.core.holding import (
     key_state,
     refusal,
 )
+from gateway.core.limits_sqlite import LimitBatch
 from gateway.core.metering import Admission, Charge, Refusal
 from gateway.core.windows import DAY_US, window_keys
 from gateway.errors import BudgetExceeded
@@ -113,6 +114,9 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
     allocation_rows: list[tuple[Any, ...]] = []
     # Per UTC day: every caller's key state and budget rows of that day's calls, read at once.
     read_of_day: dict[int, BatchRead] = {}
+    # Limits, only for callers the key cache found may have one: nothing read otherwise.
+    limited = [c for c, _, _ in calls if c.caller.limited]
+    limits = LimitBatch(db, limited) if limited else None
     for charge, instance_id, at in calls:
         windows = window_keys(at)
         who = caller_and_day(charge, at)
@@ -133,6 +137,12 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
         if state is not None:
             results.append((False, key_refused(state)))
             continue
+        # Limits before budgets: a request too early is told to wait, not that it is broke.
+        if limits is not None and charge.caller.limited:
+            too_early = limits.judge(charge, at)
+            if too_early is not None:
+                results.append((False, too_early))
+                continue
         if charge.end_user is not None:
             theirs = end_user_budgets_of.get(whom)
             if theirs is None:
@@ -165,9 +175,12 @@ def admit_sqlite(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tupl
             placed.add(allocation)
             allocation_rows.append((charge.request_id, allocation[0], allocation[1], credits))
         holds.append(hold_row(charge, instance_id, at))
-        results.append((True, Admission(charge, at, allocations, remaining)))
+        headers = limits.take(charge, at) if limits is not None and charge.caller.limited else None
+        results.append((True, Admission(charge, at, allocations, remaining, headers or None)))
     if holds:
         db.many(_INSERT_HOLD, holds)
+    if limits is not None:
+        limits.write(db)
     if allocation_rows:
         db.many(_INSERT_ALLOCATION, allocation_rows)
     # The counters still change only through the conditional update, which cannot fail here: the

@@ -1,11 +1,12 @@
 """The organisation file of `gateway apply`: TOML read, checked field by field, each fault at `file:line`.
 
-`parse` turns the text into an `Org` (teams, users with their keys, budgets) or raises `OrgFileError`
-listing every fault found, each with its line and field, before anything is read from or written to
-the database. Values are checked by the same functions the CLI and the admin API use (`services`,
-`access`, `budgeting`'s rules), so a fault reads as it would there. What needs the database (a team
-that exists, a key a budget names) is checked by the plan (`gateway/ops/apply.py`), which reports
-its faults the same way. `render` writes an `Org` back as such a file (for `gateway export`).
+`parse` turns the text into an `Org` (teams, users with their keys, budgets, limits: `orglimits`)
+or raises `OrgFileError` listing every fault found, each with its line and field, before anything is
+read from or written to the database. Values are checked by the same functions the CLI and the
+admin API use (`services`, `access`, `budgeting`'s and `limiting`'s rules), so a fault reads as it
+would there. What needs the database (a team that exists, a key a budget names) is checked by the
+plan (`gateway/ops/apply.py`), which reports its faults the same way. `render` writes an `Org` back
+as such a file (for `gateway export`).
 
 tomllib gives no positions, so `Lines` finds them with a light scan of the text: table headers
 (`[[users]]`, `[[users.keys]]`, counted per parent) and the `name = ...` lines under each. Values
@@ -27,11 +28,12 @@ from gateway.core import alerts
 from gateway.core.pricing import parse_credits
 from gateway.core.windows import PERIODS
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.ops import access, budgeting, services
+from gateway.ops import access, budgeting, orglimits, services
+from gateway.ops.orglimits import OrgLimit
 from gateway.ops.reports import parse_time
 
 VERSION = 1
-TOP = ("version", "teams", "users", "budgets")
+TOP = ("version", "teams", "users", "budgets", "limits")
 TEAM = ("name", "models")
 USER = ("name", "team", "models", "keys")
 KEY = ("name", "models", "expires_at", "blocked")
@@ -40,7 +42,6 @@ BUDGET = ("scope", "subject", "period", "limit", "soft", "alert_at")
 HINTS = {
     "webhooks": "webhooks are settings of the gateway (GATEWAY_WEBHOOK_URL, or [[webhooks]] in its "
     "configuration file), not part of the organisation",
-    "limits": "rate limits are not built yet: issue 26",
     "timezone": "budget windows are UTC calendar periods for now: time zones are issue 27's first item",
     "month_starts_on": "months start on the 1st for now: billing cycles are issue 27's first item",
     "keys": "keys belong to their user: [[users.keys]] after that user's [[users]]",
@@ -130,6 +131,7 @@ class Org:
     teams: list[Team] = field(default_factory=list)
     users: list[User] = field(default_factory=list)
     budgets: list[Budget] = field(default_factory=list)
+    limits: list[OrgLimit] = field(default_factory=list)
     lines: Lines | None = None
 
     def keys(self) -> Iterator[Key]:
@@ -340,6 +342,24 @@ def parse(text: str, priced: Collection[str], file: str = "-") -> Org:
             continue
         budgets[budget.ident] = budget.line
         org.budgets.append(budget)
+    limits: dict[tuple[str, str, str, int], int] = {}
+    for i, item in enumerate(read.tables(("limits",), top.get("limits", []))):
+        path = ("limits", i)
+        item = read.table(path, item, orglimits.FIELDS, None)
+        limit = orglimits.parse(read, path, item)
+        if limit is None:
+            continue
+        if limit.ident in limits:
+            what = f"{limit.kind} per {limit.per}" if limit.per else limit.kind
+            read.fault(
+                path,
+                None,
+                f"a {what} {limit.scope} limit of {limit.subject!r} is declared twice (first at "
+                f"line {limits[limit.ident]})",
+            )
+            continue
+        limits[limit.ident] = limit.line
+        org.limits.append(limit)
     if read.problems:
         raise OrgFileError(file, sorted(read.problems, key=lambda p: p.line))
     return org

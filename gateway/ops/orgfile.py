@@ -241,6 +241,13 @@ class _Reader:
             self.fault(path, required, f"`{required}` is missing")
         return {name: item for name, item in value.items() if name in allowed}
 
+    def missing(self, path: Path, item: dict[str, Any], names: Collection[str]) -> bool:
+        """Whether any of `names` is missing from `item`; each one missing is recorded."""
+        absent = [name for name in names if name not in item]
+        for name in absent:
+            self.fault(path, name, f"`{name}` is missing")
+        return bool(absent)
+
     def tables(self, path: Path, value: object) -> list[Any]:
         if not isinstance(value, list):
             self.fault(path[:-1], str(path[-1]), f"must be an array of tables: [[{where(path)}]]")
@@ -366,10 +373,7 @@ def parse(text: str, priced: Collection[str], file: str = "-") -> Org:
 
 
 def _budget(read: _Reader, path: Path, item: dict[str, Any]) -> Budget | None:
-    missing = [name for name in BUDGET[:4] if name not in item]
-    for name in missing:
-        read.fault(path, name, f"`{name}` is missing")
-    if missing:
+    if read.missing(path, item, BUDGET[:4]):
         return None
     scope = read.check(path, "scope", services.check_choice, "scope", item["scope"], budgeting.SCOPES)
     subject = read.check(path, "subject", services.check_name, "subject", item["subject"])

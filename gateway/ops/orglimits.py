@@ -48,10 +48,7 @@ class OrgLimit:
 
 def parse(read: Any, path: tuple[str | int, ...], item: dict[str, Any]) -> OrgLimit | None:
     """One `[[limits]]` table (already checked for unknown fields by `read`, orgfile's reader)."""
-    missing = [name for name in FIELDS[:4] if name not in item]
-    for name in missing:
-        read.fault(path, name, f"`{name}` is missing")
-    if missing:
+    if read.missing(path, item, FIELDS[:4]):
         return None
     scope = read.check(path, "scope", services.check_choice, "scope", item["scope"], limiting.SCOPES)
     subject = read.check(path, "subject", services.check_name, "subject", item["subject"])

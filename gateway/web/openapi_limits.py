@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.core.ratelimits import KINDS, PERIODS
 from gateway.ops.limiting import MAX_CONCURRENT, MAX_REQUESTS_PER_SECOND
+from gateway.web.openapi_admin import ADMIN_ERRORS
 from gateway.web.openapi_base import (
     INTEGER,
     NAME,
@@ -27,7 +28,6 @@ from gateway.web.openapi_base import (
 
 KIND = {"type": "string", "enum": list(KINDS)}
 PER = {"type": "string", "enum": list(PERIODS)}
-_ERRORS = (400, 401, 403, 503)
 # The most requests a limit may name: a million a second, over a day.
 _MOST = max(MAX_CONCURRENT, MAX_REQUESTS_PER_SECOND * PERIODS["day"])
 
@@ -35,13 +35,13 @@ PATHS: dict[str, Any] = {
     "/admin/v1/limits": {
         "put": admin_op(
             "Create a rate or concurrency limit, or change its number",
-            responses({200: ok("The limit", ref("Limit"))}, *_ERRORS, 404, 413),
+            responses({200: ok("The limit", ref("Limit"))}, *ADMIN_ERRORS, 404, 413),
             operationId="setLimit",
             requestBody=body("LimitPut"),
         ),
         "get": admin_op(
             "Rate and concurrency limits",
-            responses({200: ok("Limits", array(ref("Limit")))}, *_ERRORS, 404),
+            responses({200: ok("Limits", array(ref("Limit")))}, *ADMIN_ERRORS, 404),
             operationId="listLimits",
             parameters=[
                 param("scope", SCOPE, "only limits of this scope"),
@@ -52,7 +52,7 @@ PATHS: dict[str, Any] = {
     "/admin/v1/limits/{id}": {
         "delete": admin_op(
             "Delete a limit",
-            responses({204: ok("Deleted")}, *_ERRORS, 404),
+            responses({204: ok("Deleted")}, *ADMIN_ERRORS, 404),
             operationId="deleteLimit",
             parameters=[param("id", NAME, "the limit's id", "path")],
         )

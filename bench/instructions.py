@@ -23,6 +23,12 @@ third counter, its end user's. (The plain gateway's requests are all one caller'
 reads once; requests of different end users are different callers: the second row shows what
 that costs, the third what the end-user budgets add.)
 
+With --limits, this tree's gateway is also counted with rate limits on (issue 26): a per-key limit
+of requests a minute and a per-team `concurrent` limit, both high enough never to refuse, so every
+measured request is judged by both (GCRA state read and written, the team's open holds counted).
+
+    python bench/instructions.py --rev main --limits   # main, this tree without and with limits
+
 Needs valgrind (callgrind_control) and wrk.
 """
 
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--end-users", type=int, default=0, help="also the gateway with N end users and a default budget"
     )
+    parser.add_argument(
+        "--limits", action="store_true", help="also the gateway with a key rate and a team concurrent limit"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.duration <= 60:
         parser.error("--duration must be between 1 and 60 seconds")
@@ -144,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
                 headers={"Content-Type": "application/json"},
                 seconds=args.duration,
             )
-            # (name, tree, end users, with a default end-user budget)
-            gateways = [(name, tree, 0, False) for name, tree in trees.items()]
+            # (name, tree, end users, with a default end-user budget, with limits)
+            gateways = [(name, tree, 0, False, False) for name, tree in trees.items()]
             if args.end_users:
                 named = f"gateway, {args.end_users} end users"
                 n = args.end_users
-                gateways += [(named, ROOT, n, False), (f"{named} + default", ROOT, n, True)]
-            for name, tree, end_users, default in gateways:
+                gateways += [(named, ROOT, n, False, False), (f"{named} + default", ROOT, n, True, False)]
+            if args.limits:
+                gateways.append(("gateway + limits", ROOT, 0, False, True))
+            for name, tree, end_users, default, limited in gateways:
                 gw_port = proxy.free_port()
                 label = re.sub(r"\W+", "-", name)
                 env = proxy.gateway_env(
@@ -162,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 if default:
                     budget = (f"{account.user}/*", proxy.BUDGET_CREDITS, "--period", "daily")
                     proxy.gateway_cli(env, "budgets", "set", "end_user", *budget, "--json")
+                if limited:
+                    never = ("--per", "minute", "--json")  # 60 million a minute: never reached
+                    proxy.gateway_cli(
+                        env, "limits", "set", "key", account.key_id, "requests", "60000000", *never
+                    )
+                    team_name = proxy.gateway_cli(env, "teams", "list", "--json")[0]["name"]
+                    proxy.gateway_cli(
+                        env, "limits", "set", "team", team_name, "concurrent", "100000", "--json"
+                    )
                 if end_users:
                     keys = f'"{account.secret}"'
                     lua = team.WRK_KEYS.format(

@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sampled load (<= 60)")
     parser.add_argument("--instructions", type=int, help="instructions a request, to split by stage")
     parser.add_argument("--flamegraph", type=Path, help="also write a flame graph SVG of a second run")
+    parser.add_argument("--keep", type=Path, help="also keep py-spy's raw stacks in this file")
+    parser.add_argument(
+        "--connections", type=int, default=CONNECTIONS, help="wrk's connections (1: the latency path)"
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.connections <= 256:
+        parser.error("--connections must be between 1 and 256")
     if not 1 <= args.duration <= 60:
         parser.error("--duration must be between 1 and 60 seconds")
     for tool in ("py-spy", "wrk"):
@@ -132,18 +138,20 @@ def main(argv: list[str] | None = None) -> int:
             headers = {"Content-Type": "application/json", "Authorization": f"Bearer {account.secret}"}
             script = loadgen.write_wrk_script(workdir / "chat.lua", proxy.chat_body(False), headers)
             chat_url = f"{url}/api/v1/chat"
-            loadgen.run_wrk(script, chat_url, WARMUP_SECONDS, CONNECTIONS, 1)
+            loadgen.run_wrk(script, chat_url, WARMUP_SECONDS, args.connections, 1)
             raw = workdir / "stacks.txt"
             with profiling.py_spy(pid, args.duration, raw, rate=RATE_HZ):
-                run = loadgen.run_wrk(script, chat_url, args.duration, CONNECTIONS, 1)
+                run = loadgen.run_wrk(script, chat_url, args.duration, args.connections, 1)
             if args.flamegraph:
                 argv_spy = ["py-spy", "record", "--pid", str(pid), "--duration", str(round(args.duration))]
                 argv_spy += ["--rate", str(RATE_HZ), "--format", "flamegraph", "-o", str(args.flamegraph)]
                 spy = subprocess.Popen(argv_spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
-                loadgen.run_wrk(script, chat_url, args.duration, CONNECTIONS, 1)
+                loadgen.run_wrk(script, chat_url, args.duration, args.connections, 1)
                 spy.wait(timeout=args.duration + 30)
             stages, busy = read_stages(raw)
+            if args.keep:
+                shutil.copy(raw, args.keep)
         finally:
             servers.stop_all()
             if args.rev:
@@ -153,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if not busy:
         raise SystemExit("py-spy recorded no busy samples (is it allowed to attach?)")
     print(
-        f"py-spy at {RATE_HZ} Hz on the gateway's event loop, wrk at {CONNECTIONS} connections for "
-        f"{args.duration:g} s: {run.rps:,.0f} req/s, {busy} busy samples"
+        f"py-spy at {RATE_HZ} Hz on the gateway's event loop, wrk at {args.connections} connections for "
+        f"{args.duration:g} s: {run.rps:,.0f} req/s, {busy} busy samples, "
+        f"{busy / RATE_HZ / max(run.rps * args.duration, 1) * 1e6:,.0f} µs of the loop's time a request"
     )
     head = f"{'stage':<42} {'share':>7}"
     print(head + (f" {'instructions a request':>24}" if args.instructions else ""))

@@ -11,6 +11,8 @@ GatewayError
  ├── RequestTimeout        408 request_timeout
  ├── Conflict              409 conflict
  ├── RequestTooLarge       413 request_too_large
+ ├── RateLimited           429 rate_limited
+ ├── UpstreamRateLimited   429 upstream_rate_limited
  ├── UpstreamUnavailable   502 upstream_unavailable
  ├── LedgerUnavailable     503 ledger_unavailable
  ├── Overloaded            503 overloaded
@@ -86,6 +88,14 @@ class RequestTimeout(GatewayError):
 
 class RequestTooLarge(GatewayError):
     status, type, outcome = 413, "request_too_large", "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status, type, outcome = 429, "rate_limited", "rate_limited"
+
+
+class UpstreamRateLimited(GatewayError):
+    status, type, outcome = 429, "upstream_rate_limited", "upstream_rate_limited"
 
 
 class UpstreamUnavailable(GatewayError):

@@ -472,7 +472,7 @@ async def test_readme_example_applies(store: Store) -> None:
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     org = parse(example, PRICED, "README.md")
     outcome = await store.run(lambda c: apply.apply(c, org, now_us(), actor="test"))
-    assert outcome["summary"] == {"create": 14, "change": 0, "delete": 0}
+    assert outcome["summary"] == {"create": 15, "change": 0, "delete": 0}
     assert await store.read(apply.plan, org, now_us(), False) == []
     cycle = next(
         b for b in await store.run(budgeting.list_budgets, "team", "ops") if b["period"] == "monthly"

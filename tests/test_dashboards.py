@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "GatewayUpstreamErrorRatioHigh",
     "GatewayLedgerUnavailable",
     "GatewayHoldsExpiring",
+    "GatewayRateLimitedSustained",
     "GatewayWebhookFailing",
     "GatewayWebhookGaveUp",
 }
@@ -66,6 +67,8 @@ def exported() -> dict[str, frozenset[str]]:
     m.inflight.inc()
     m.holds_expired.inc()
     m.alerts_emitted.labels(scope="team", threshold="80").inc()
+    m.rate_limited.labels(scope="key", kind="requests").inc()
+    m.upstream_rate_limited.labels(source="upstream").inc()
 
     labels: dict[str, set[str]] = {}
     for line in generate_latest(m.registry).decode().splitlines():

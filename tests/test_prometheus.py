@@ -89,12 +89,14 @@ PANELS_WITH_DATA = {
         "Messages charged per second by model",
     },
 }
-PANELS_WITHOUT_DATA: dict[str, set[str]] = {"operations": set(), "spend": set()}
+# No limit in this stack (tests/test_rate_limits.py counts refusals): no series to show.
+PANELS_WITHOUT_DATA: dict[str, set[str]] = {"operations": {"Rate-limit refusals per second"}, "spend": set()}
 # Carol's budget ends 90% spent, Bob's 100%, and 20 of 246 admitted requests fail upstream.
 ALERTS_FIRING = {"GatewayBudgetNearLimit", "GatewayBudgetExhausted", "GatewayUpstreamErrorRatioHigh"}
 ALERTS_QUIET = {
     "GatewayLedgerUnavailable",
     "GatewayHoldsExpiring",
+    "GatewayRateLimitedSustained",
     "GatewayWebhookFailing",
     "GatewayWebhookGaveUp",
 }

@@ -172,6 +172,55 @@ async def test_an_admission_that_commits_after_its_request_was_cut_is_released(
         await assert_counters_match_ledger(w)
 
 
+async def test_a_cut_admission_is_not_cut_again_while_it_releases_its_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain polls for requests it may cancel: one whose admission came back after the cut must
+    stay uncancellable while it releases its hold, or it is left counted as unsettled and the
+    process never retires its heartbeat row (a race once seen on PostgreSQL in CI)."""
+    from aiohttp import web
+
+    from gateway.core.metering import Admission, Caller, Charge
+    from gateway.web import shutdown
+    from gateway.web.state import BACKGROUND, REQUESTS, SETTINGS, SETTLING
+
+    app = web.Application()
+    shutdown.setup(app)
+    app[SETTLING], app[BACKGROUND] = set(), set()
+    app[SETTINGS] = Settings.load(environ={"GATEWAY_SHUTDOWN_GRACE_SECONDS": "0.05"})
+    charge = Charge("r1", Caller("k", 1, "ann", None, None), "gpt-oss-20b", 1, 100_000, 100_000, False)
+    answer: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+    released: list[str] = []
+
+    async def slow_release(app: web.Application, admission: Admission) -> None:
+        app[SETTLING].add(admission.charge.request_id)
+        await asyncio.sleep(0.3)  # several of the drain's polls
+        app[SETTLING].discard(admission.charge.request_id)
+        released.append(admission.charge.request_id)
+
+    monkeypatch.setattr(shutdown, "release", slow_release)
+
+    async def request() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await shutdown.admitting(app, task, answer)
+        finally:
+            del app[REQUESTS][task]
+
+    task = asyncio.ensure_future(request())
+    app[REQUESTS][task] = shutdown.RUNNING
+    await asyncio.sleep(0)
+    draining = asyncio.ensure_future(shutdown.drain(app))
+    await asyncio.sleep(0.2)  # past the grace: the request, waiting for its admission, is marked cut
+    assert app[REQUESTS][task] == shutdown.CUT
+    answer.set_result(Admission(charge, 0, (), None))
+    await asyncio.wait_for(draining, 5)
+    assert task.cancelled()
+    assert released == ["r1"]
+    assert shutdown.unsettled(app) == 0
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_a_bad_shutdown_grace_stops_start_up_naming_it(value: str, tmp_path: Any) -> None:
     from gateway.ops.settings import ConfigError

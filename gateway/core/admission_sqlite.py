@@ -24,6 +24,7 @@ from gateway.core.holding import (
     rule_of,
     window_params,
 )
+from gateway.core.limits_sqlite import LimitBatch
 from gateway.core.metering import Admission, Charge, Refusal
 from gateway.core.windows import Rule, Windows
 from gateway.errors import BudgetExceeded
@@ -139,6 +140,9 @@ def _admit(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tuple[bool
     # Per span of windows (a UTC day, unless a known rule's window begins in it): every caller's key
     # state and budget rows of that span's calls, read at once.
     read_of_span: dict[int, BatchRead] = {}
+    # Limits, only for callers the key cache found may have one: nothing read otherwise.
+    limited = [c for c, _, _ in calls if c.caller.limited]
+    limits = LimitBatch(db, limited) if limited else None
     for charge, instance_id, at in calls:
         windows = WINDOWS.at(at)
         who = caller_and_span(charge, windows)
@@ -159,6 +163,12 @@ def _admit(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tuple[bool
         if state is not None:
             results.append((False, key_refused(state)))
             continue
+        # Limits before budgets: a request too early is told to wait, not that it is broke.
+        if limits is not None and charge.caller.limited:
+            too_early = limits.judge(charge, at)
+            if too_early is not None:
+                results.append((False, too_early))
+                continue
         if charge.end_user is not None:
             theirs = end_user_budgets_of.get(whom)
             if theirs is None:
@@ -191,9 +201,12 @@ def _admit(db: Sql, calls: Sequence[tuple[Charge, str, int]]) -> list[tuple[bool
             placed.add(allocation)
             allocation_rows.append((charge.request_id, allocation[0], allocation[1], credits))
         holds.append(hold_row(charge, instance_id, at))
-        results.append((True, Admission(charge, at, allocations, remaining)))
+        headers = limits.take(charge, at) if limits is not None and charge.caller.limited else None
+        results.append((True, Admission(charge, at, allocations, remaining, headers or None)))
     if holds:
         db.many(_INSERT_HOLD, holds)
+    if limits is not None:
+        limits.write(db)
     if allocation_rows:
         db.many(_INSERT_ALLOCATION, allocation_rows)
     # The counters still change only through the conditional update, which cannot fail here: the

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from gateway.errors import BudgetExceeded, Unauthorized
+from gateway.errors import BudgetExceeded, RateLimited, Unauthorized
 
 
 def joined(tags: tuple[str, ...]) -> str | None:
@@ -22,7 +22,7 @@ def joined(tags: tuple[str, ...]) -> str | None:
     return ",".join(tags) if tags else None
 
 
-Refusal = BudgetExceeded | Unauthorized
+Refusal = BudgetExceeded | RateLimited | Unauthorized
 
 
 # The records of a request's way through metering: made several times a request, so plain slotted
@@ -42,6 +42,9 @@ class Caller:
     # When the key stops working (expiry, or the end of a rotation's grace), and the reason then.
     ends_at: int | None = None
     ends_why: str = ""
+    # Whether a rate or concurrency limit may apply (on the key, user, team, or the user's end
+    # users), decided when the key is loaded: admission reads limits only for callers that have one.
+    limited: bool = False
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class Admission:
     admitted_at: int  # microseconds since the epoch
     allocations: tuple[tuple[int, int], ...]  # (budget_id, window_start), in lock order
     remaining: int | None  # smallest remaining micro-credits across the budgets; None when none applies
+    rate_headers: dict[str, str] | None = None  # x-ratelimit-* after it, when a rate limit applies
 
 
 @dataclass(slots=True)

@@ -191,6 +191,17 @@ def rotate_key(
         text("UPDATE budgets SET subject = :new, updated_at = :at WHERE scope = 'key' AND subject = :old"),
         {"new": new["id"], "old": key_id, "at": at},
     )
+    # Its rate and concurrency limits are copied to the new key (the old one keeps its own for the
+    # grace: each key is limited on its own meanwhile).
+    conn.execute(
+        text(
+            "INSERT INTO rate_limits (scope, subject, kind, limit_value, per_seconds, created_at, "
+            "updated_at) "
+            "SELECT 'key', :new, kind, limit_value, per_seconds, :at, :at FROM rate_limits "
+            "WHERE scope = 'key' AND subject = :old"
+        ),
+        {"new": new["id"], "old": key_id, "at": at},
+    )
     conn.execute(
         text("UPDATE api_keys SET rotated_to = :new WHERE rotated_to = :old AND revoked_at > :at"),
         {"new": new["id"], "old": key_id, "at": at},

@@ -14,7 +14,17 @@ from typing import Any
 
 from gateway.core.metering import now_us
 from gateway.jsonout import dumps
-from gateway.ops import access, adjustments, audit, budgeting, cli_alerts, ledger, reports, services
+from gateway.ops import (
+    access,
+    adjustments,
+    audit,
+    budgeting,
+    cli_alerts,
+    cli_limits,
+    ledger,
+    reports,
+    services,
+)
 from gateway.ops.settings import Settings
 from gateway.store import open_store
 
@@ -148,7 +158,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("gateway.store").setLevel(logging.ERROR)
     store = open_store(settings.database_url, pool_size=2)
     try:
-        work, show = cli_alerts.action(args, settings) or _action(settings, args)
+        work, show = cli_alerts.action(args, settings) or cli_limits.action(args) or _action(settings, args)
         # Reading commands take no write lock, so a long report never holds up a live gateway.
         reading = args.action in ("list", "verify") or args.command == "report"
         result = await (store.read(work) if reading else store.run(work))

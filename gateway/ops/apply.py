@@ -1,13 +1,14 @@
 """`gateway apply`: the organisation made to match a file (`orgfile`), planned, then applied in one unit.
 
 `plan` compares what the file declares with what the database holds and lists the changes: create,
-change, delete (budgets) and revoke (keys), each with its line and a way to make it. Things the file
-does not name are left alone unless `prune`: then budgets it lacks are deleted (their counters and
-the ledger stay, as with any deleted budget) and live keys it lacks are revoked. Teams and users
-are never deleted. `apply` plans and makes the changes in the same unit of work, one transaction,
-through the service functions the CLI and the admin API use (`services`, `access`, `budgeting`), so
-each change is audited as those make it, with the actor `apply sha256:<file's digest> (...)`; a
-change that fails rolls back every other. (`orgstate` reads what the database holds, and exports it.)
+change, delete (budgets, limits) and revoke (keys), each with its line and a way to make it. Things
+the file does not name are left alone unless `prune`: then budgets and limits it lacks are deleted
+(a budget's counters and the ledger stay, as with any deleted budget) and live keys it lacks are
+revoked. Teams and users are never deleted. `apply` plans and makes the changes in the same unit of
+work, one transaction, through the service functions the CLI and the admin API use (`services`,
+`access`, `budgeting`, `limiting`), so each change is audited as those make it, with the actor
+`apply sha256:<file's digest> (...)`; a change that fails rolls back every other. (`orgstate` reads
+what the database holds, and exports it.)
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from gateway.core.holding import ANY_END_USER
 from gateway.core.pricing import credits_json
 from gateway.core.windows import PERIODS, UTC_RULE, Rule, iso_us
 from gateway.errors import GatewayError
-from gateway.ops import access, audit, budgeting, services
+from gateway.ops import access, audit, budgeting, limiting, services
 from gateway.ops.orgfile import RULE, Budget, Key, Org, OrgFileError, Problem, Team, User, where
+from gateway.ops.orglimits import OrgLimit
 from gateway.ops.orgstate import RANK, State, read_state
 from gateway.ops.reports import parse_time
 from gateway.web.attribution import MAX_END_USER
@@ -47,7 +49,7 @@ class Change:
     """One change of a plan: what, where in the file, the fields before and after, how to make it."""
 
     action: str  # create, change, delete, revoke
-    kind: str  # team, user, key, budget
+    kind: str  # team, user, key, budget, limit
     target: str
     line: int | None
     before: dict[str, Any] | None
@@ -187,7 +189,23 @@ class _Planner:
         if diff is not None:
             self.add("change", "budget", target, budget.line, *diff, _set_budget(budget, reading))
 
-    def _subject(self, budget: Budget) -> tuple[str, str] | None:
+    def limit(self, limit: OrgLimit) -> None:
+        reading = self._subject(limit)
+        if reading is None:
+            return
+        per = f" per {limit.per}" if limit.per else ""
+        target = f"limit {limit.scope} {limit.subject} {limit.kind}{per}"
+        old = self.state.limits.get(limit.ident)
+        after = limit.shown()
+        if old is None:
+            self.add("create", "limit", target, limit.line, None, after, _set_limit(limit, reading))
+            return
+        before = OrgLimit(*limit.ident[:3], old.limit, limit.per_seconds, 0).shown()
+        diff = _diff(before, after)
+        if diff is not None:
+            self.add("change", "limit", target, limit.line, *diff, _set_limit(limit, reading))
+
+    def _subject(self, budget: Budget | OrgLimit) -> tuple[str, str] | None:
         """The budget's subject read as (name, "") for a team or user, (user, key or end user) for
         the others, from the file's and the stored ones; None (and a fault) if it names nothing."""
         subject = budget.subject
@@ -235,6 +253,13 @@ class _Planner:
             before = {"limit": credits_json(old.limit)}
             run = _delete_budget(scope, old.subject, period)
             self.add("delete", "budget", f"budget {scope} {subject} {period}", None, before, None, run)
+        limits = {lim.ident for lim in self.org.limits}
+        for ident in sorted(set(self.state.limits) - limits, key=lambda i: (RANK[i[0]], i)):
+            stored = self.state.limits[ident]
+            shown = OrgLimit(*ident[:3], stored.limit, ident[3], 0)
+            per = f" per {shown.per}" if shown.per else ""
+            target = f"limit {ident[0]} {ident[1]} {ident[2]}{per}"
+            self.add("delete", "limit", target, None, shown.shown(), None, _delete_limit(stored.id))
         keys = {(k.user, k.name) for k in self.org.keys()}
         live = [k for ident, ks in self.state.keys.items() if ident not in keys for k in ks]
         for key in sorted([*live, *self.state.unnamed], key=lambda k: (k["user"], k["name"] or "", k["id"])):
@@ -260,6 +285,8 @@ def _plan(conn: Connection, org: Org, at: int, prune: bool) -> tuple[list[Change
     # the admissions beside it wait for each other rather than deadlock (and be retried).
     for budget in sorted(org.budgets, key=lambda b: (RANK[b.scope], b.subject, PERIODS.index(b.period))):
         planner.budget(budget)
+    for limit in sorted(org.limits, key=lambda lim: (RANK[lim.scope], lim.ident)):
+        planner.limit(limit)
     if planner.problems:
         raise OrgFileError(org.file, sorted(planner.problems, key=lambda p: p.line))
     if prune:
@@ -398,6 +425,20 @@ def _set_budget(budget: Budget, reading: tuple[str, str]) -> Callable[[Connectio
         )
 
     return run
+
+
+def _set_limit(limit: OrgLimit, reading: tuple[str, str]) -> Callable[[Connection, Context], Any]:
+    def run(conn: Connection, ctx: Context) -> None:
+        subject = ctx.key_ids[reading] if limit.scope == "key" else limit.subject
+        limiting.set_limit(
+            conn, limit.scope, subject, limit.kind, limit.service_limit(), limit.per, ctx.at, actor=ctx.actor
+        )
+
+    return run
+
+
+def _delete_limit(limit_id: int) -> Callable[[Connection, Context], Any]:
+    return lambda conn, ctx: limiting.delete_limit(conn, limit_id, ctx.at, actor=ctx.actor)
 
 
 def _delete_budget(scope: str, subject: str, period: str) -> Callable[[Connection, Context], Any]:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.core.metering import now_us
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.ops import admin_cli, budgeting, cli_alerts, cli_apply, services, workers
+from gateway.ops import admin_cli, budgeting, cli_alerts, cli_apply, cli_limits, services, workers
 from gateway.ops.fake_upstream import FakeUpstream
 from gateway.ops.settings import ConfigError, Settings
 from gateway.store import migrate, open_store
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     admin_cli.add_parsers(sub, common, as_json)
     cli_alerts.add_parsers(sub, common, as_json)
+    cli_limits.add_parsers(sub, common, as_json)
     cli_apply.add_parsers(sub, common, as_json)
     return parser
 

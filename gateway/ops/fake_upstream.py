@@ -49,6 +49,9 @@ class FakeUpstream:
     # Keep only the most recent requests (None: all of them, as tests want); a long-running
     # `gateway fake-upstream` must not grow without bound.
     keep: int | None = None
+    # Requests being answered now, and the most ever at once (tests of concurrency limits).
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     @property
     def messages_received(self) -> int:
@@ -64,6 +67,14 @@ class FakeUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Answer a chat request as Axerity would, or misbehave as its messages ask."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:

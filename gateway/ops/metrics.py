@@ -299,6 +299,20 @@ class Metrics:
         self.webhook_pending = Gauge(
             "gateway_webhook_pending", "Webhook deliveries not yet made nor given up.", registry=r
         )
+        # Rate and concurrency limits (contract section 13; gateway/core/ratelimits.py).
+        self.rate_limited = FastCounter(
+            "gateway_rate_limited_total",
+            "Chat requests refused 429 by a rate or concurrency limit, by its scope and kind.",
+            ["scope", "kind"],
+            r,
+        )
+        self.upstream_rate_limited = FastCounter(
+            "gateway_upstream_rate_limited_total",
+            "Chat requests refused 429 by the global upstream caps (source gateway), or answered "
+            "429 by upstream itself and relayed (source upstream).",
+            ["source"],
+            r,
+        )
 
 
 # ------------------------------------------------------------------ across worker processes

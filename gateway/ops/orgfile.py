@@ -1,11 +1,12 @@
 """The organisation file of `gateway apply`: TOML read, checked field by field, each fault at `file:line`.
 
-`parse` turns the text into an `Org` (teams, users with their keys, budgets) or raises `OrgFileError`
-listing every fault found, each with its line and field, before anything is read from or written to
-the database. Values are checked by the same functions the CLI and the admin API use (`services`,
-`access`, `budgeting`'s rules), so a fault reads as it would there. What needs the database (a team
-that exists, a key a budget names) is checked by the plan (`gateway/ops/apply.py`), which reports
-its faults the same way. `render` writes an `Org` back as such a file (for `gateway export`).
+`parse` turns the text into an `Org` (teams, users with their keys, budgets, limits: `orglimits`)
+or raises `OrgFileError` listing every fault found, each with its line and field, before anything is
+read from or written to the database. Values are checked by the same functions the CLI and the
+admin API use (`services`, `access`, `budgeting`'s and `limiting`'s rules), so a fault reads as it
+would there. What needs the database (a team that exists, a key a budget names) is checked by the
+plan (`gateway/ops/apply.py`), which reports its faults the same way. `render` writes an `Org` back
+as such a file (for `gateway export`).
 
 tomllib gives no positions, so `Lines` finds them with a light scan of the text: table headers
 (`[[users]]`, `[[users.keys]]`, counted per parent) and the `name = ...` lines under each. Values
@@ -27,14 +28,15 @@ from gateway.core import alerts
 from gateway.core.pricing import parse_credits
 from gateway.core.windows import PERIODS, check_month_day, check_week_starts, check_zone
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.ops import access, budgeting, services
+from gateway.ops import access, budgeting, orglimits, services
+from gateway.ops.orglimits import OrgLimit
 from gateway.ops.reports import parse_time
 
 VERSION = 1
 # Where a budget's windows begin (gateway/core/windows.py); each left out: as the budget has it, or
 # the gateway's default for a new one.
 RULE = ("timezone", "week_starts", "month_starts_on")
-TOP = ("version", "teams", "users", "budgets")
+TOP = ("version", "teams", "users", "budgets", "limits")
 TEAM = ("name", "models")
 USER = ("name", "team", "models", "keys")
 KEY = ("name", "models", "expires_at", "blocked")
@@ -43,7 +45,6 @@ BUDGET = ("scope", "subject", "period", "limit", "soft", "alert_at", *RULE)
 HINTS = {
     "webhooks": "webhooks are settings of the gateway (GATEWAY_WEBHOOK_URL, or [[webhooks]] in its "
     "configuration file), not part of the organisation",
-    "limits": "rate limits are not built yet: issue 26",
     "keys": "keys belong to their user: [[users.keys]] after that user's [[users]]",
     "enforce": "write `soft = true` for a budget that never refuses",
 }
@@ -140,6 +141,7 @@ class Org:
     teams: list[Team] = field(default_factory=list)
     users: list[User] = field(default_factory=list)
     budgets: list[Budget] = field(default_factory=list)
+    limits: list[OrgLimit] = field(default_factory=list)
     lines: Lines | None = None
 
     def keys(self) -> Iterator[Key]:
@@ -249,6 +251,13 @@ class _Reader:
             self.fault(path, required, f"`{required}` is missing")
         return {name: item for name, item in value.items() if name in allowed}
 
+    def missing(self, path: Path, item: dict[str, Any], names: Collection[str]) -> bool:
+        """Whether any of `names` is missing from `item`; each one missing is recorded."""
+        absent = [name for name in names if name not in item]
+        for name in absent:
+            self.fault(path, name, f"`{name}` is missing")
+        return bool(absent)
+
     def tables(self, path: Path, value: object) -> list[Any]:
         if not isinstance(value, list):
             self.fault(path[:-1], str(path[-1]), f"must be an array of tables: [[{where(path)}]]")
@@ -350,16 +359,31 @@ def parse(text: str, priced: Collection[str], file: str = "-") -> Org:
             continue
         budgets[budget.ident] = budget.line
         org.budgets.append(budget)
+    limits: dict[tuple[str, str, str, int], int] = {}
+    for i, item in enumerate(read.tables(("limits",), top.get("limits", []))):
+        path = ("limits", i)
+        item = read.table(path, item, orglimits.FIELDS, None)
+        limit = orglimits.parse(read, path, item)
+        if limit is None:
+            continue
+        if limit.ident in limits:
+            what = f"{limit.kind} per {limit.per}" if limit.per else limit.kind
+            read.fault(
+                path,
+                None,
+                f"a {what} {limit.scope} limit of {limit.subject!r} is declared twice (first at "
+                f"line {limits[limit.ident]})",
+            )
+            continue
+        limits[limit.ident] = limit.line
+        org.limits.append(limit)
     if read.problems:
         raise OrgFileError(file, sorted(read.problems, key=lambda p: p.line))
     return org
 
 
 def _budget(read: _Reader, path: Path, item: dict[str, Any]) -> Budget | None:
-    missing = [name for name in BUDGET[:4] if name not in item]
-    for name in missing:
-        read.fault(path, name, f"`{name}` is missing")
-    if missing:
+    if read.missing(path, item, BUDGET[:4]):
         return None
     scope = read.check(path, "scope", services.check_choice, "scope", item["scope"], budgeting.SCOPES)
     subject = read.check(path, "subject", services.check_name, "subject", item["subject"])

@@ -20,8 +20,9 @@ from gateway.core import alerts
 from gateway.core.holding import rule_of
 from gateway.core.pricing import format_credits
 from gateway.core.windows import PERIODS, UTC_RULE, Rule, iso_us
-from gateway.ops import services, subjects
+from gateway.ops import orglimits, services, subjects
 from gateway.ops.orgfile import VERSION, Budget, Key, Org, Team, User
+from gateway.ops.orglimits import OrgLimit, StoredLimit
 from gateway.ops.reports import parse_time
 
 # Budgets in the order admissions lock counters (key, user, then team and end-user budgets).
@@ -46,7 +47,8 @@ class State:
     keys: dict[tuple[str, str], list[dict[str, Any]]]  # live keys by (user, name)
     unnamed: list[dict[str, Any]]  # live keys without a name
     budgets: dict[tuple[str, str, str], StoredBudget]  # own budgets (not made from a default)
-    hidden: list[str]  # budgets of live keys a file cannot name (unnamed, or a name used twice)
+    hidden: list[str]  # budgets and limits of live keys a file cannot name (unnamed, or a name used twice)
+    limits: dict[tuple[str, str, str, int], StoredLimit]  # by (scope, subject, kind, per seconds)
 
 
 _BUDGETS = (
@@ -88,7 +90,16 @@ def read_state(conn: Connection, at: int) -> State:
         budgets[(scope, subject, period)] = StoredBudget(
             int(limit), bool(enforce), alert_at, service_subject, rule_of(*rule)
         )
-    return State(teams, users, keys, unnamed, budgets, hidden)
+    key_names = {
+        key_id: (
+            None
+            if key["name"] is None or len(keys[(key["user"], key["name"])]) > 1
+            else (key["user"], key["name"])
+        )
+        for key_id, key in names.items()
+    }
+    limits, hidden_limits = orglimits.stored(conn, key_names)
+    return State(teams, users, keys, unnamed, budgets, hidden + hidden_limits, limits)
 
 
 def export(conn: Connection, at: int) -> str:
@@ -127,6 +138,12 @@ def export(conn: Connection, at: int) -> str:
                 else rule.month_starts_on,
             )
         )
+    org.limits = [
+        OrgLimit(scope, subject, kind, stored.limit, per, 0)
+        for (scope, subject, kind, per), stored in sorted(
+            state.limits.items(), key=lambda item: (RANK[item[0][0]], item[0])
+        )
+    ]
     notes = [f"left out: live key {k['id']} of {k['user']} has no name" for k in state.unnamed]
     notes += [
         f"left out: {len(ks)} live keys of {u} named {n!r} ({', '.join(k['id'] for k in ks)})"
@@ -187,6 +204,8 @@ def render(org: Org, notes: Collection[str] = ()) -> str:
             fields.append(("alert_at", _value(list(budget.alert_at))))
         fields += [(name, _value(value)) for name, value in budget.declared_rule().items()]
         table("budgets", fields)
+    for header, fields in orglimits.render(org.limits, _string):
+        table(header, fields)
     return "\n".join(out) + "\n"
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.exc import IntegrityError
 
+from gateway.core.ratelimits import limit_json
 from gateway.core.windows import iso_us
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.ops import audit
@@ -182,12 +183,29 @@ def _key_json(r: Any) -> dict[str, Any]:
     }
 
 
+_KEY_LIMITS = text(
+    "SELECT id, scope, subject, kind, limit_value, per_seconds FROM rate_limits WHERE scope = 'key' "
+    "AND subject IN :ids ORDER BY id"
+).bindparams(bindparam("ids", expanding=True))
+
+
+def _with_limits(conn: Connection, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The keys, each with its own rate and concurrency limits (`limits`, in the admin API's shape)."""
+    of: dict[str, list[dict[str, Any]]] = {key["id"]: [] for key in keys}
+    if keys:
+        for row in conn.execute(_KEY_LIMITS, {"ids": sorted(of)}).all():
+            of[row[2]].append(limit_json(row[0], row[1], row[2], row[3], row[4], row[5], row[2]))
+    for key in keys:
+        key["limits"] = of[key["id"]]
+    return keys
+
+
 def key_object(conn: Connection, key_id: str) -> dict[str, Any]:
     """One key as the admin API shows it (no secret); NotFound for an unknown id."""
     row = conn.execute(text(_KEYS + " WHERE k.id = :id"), {"id": key_id}).first()
     if row is None:
         raise NotFound(f"No key with id {key_id!r}. List keys with 'gateway keys list'.", field="id")
-    return _key_json(row)
+    return _with_limits(conn, [_key_json(row)])[0]
 
 
 def list_keys(conn: Connection, user: str | None = None) -> list[dict[str, Any]]:
@@ -198,7 +216,7 @@ def list_keys(conn: Connection, user: str | None = None) -> list[dict[str, Any]]
         params["user"] = user_id_of(conn, user)
         query += " WHERE k.user_id = :user"
     rows = conn.execute(text(query + " ORDER BY k.created_at, k.id"), params).all()
-    return [_key_json(r) for r in rows]
+    return _with_limits(conn, [_key_json(r) for r in rows])
 
 
 def revoke_key(conn: Connection, key_id: str, at: int, *, actor: str = INTERNAL) -> None:

@@ -216,6 +216,8 @@ _FIELDS: dict[str, tuple[Callable[[str, object], Any], Any]] = {
     "workers": (_workers, 1),
     "shutdown_grace_seconds": (_positive(float), 30.0),
     "max_concurrent_requests": (_positive(int), 10_000),
+    "upstream_max_concurrent": (_positive(int), None),
+    "upstream_rpm": (_positive(int), None),
     "access_log": (_access_log, "json"),
     "ui": (_ui, "on"),
     "alert_thresholds": (_thresholds, alerts.DEFAULT_THRESHOLDS),
@@ -254,6 +256,10 @@ class Settings:
     # Chat requests in flight in one process; one more is refused with 503 `overloaded`. The
     # upstream connection pool has as many connections, so no request waits for one.
     max_concurrent_requests: int = 10_000
+    # Caps for the upstream account, in each process (contract section 13): requests forwarded at
+    # once, and per minute; past them 429 `upstream_rate_limited`. None: no cap.
+    upstream_max_concurrent: int | None = None
+    upstream_rpm: int | None = None
     # One line a request on stdout: "json", "text" or "off" (see `gateway.web.access_log`).
     access_log: str = "json"
     # The web console at /ui/: "on" (served while admin_token is set) or "off".

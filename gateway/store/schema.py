@@ -417,3 +417,45 @@ class ConsoleSession(Base):
     address: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RateLimit(Base):
+    """A rate or concurrency limit on a key, user, team or end user (contract §13)."""
+
+    __tablename__ = "rate_limits"
+    __table_args__ = (
+        Index(
+            "uq_rate_limits_scope_subject_kind_per", "scope", "subject", "kind", "per_seconds", unique=True
+        ),
+        CheckConstraint("scope IN ('team', 'user', 'key', 'end_user')", name="scope"),
+        CheckConstraint("kind IN ('requests', 'credits', 'concurrent')", name="kind"),
+        CheckConstraint("limit_value > 0", name="limit_value"),
+        CheckConstraint("per_seconds >= 0", name="per_seconds"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    # As budgets store it: the id of the team, user or key as text; "USER_ID/END_USER" ("USER_ID/*":
+    # every end user of that user without a limit of their own of the same kind and period).
+    subject: Mapped[str] = mapped_column(String(160))
+    kind: Mapped[str] = mapped_column(String(10))
+    # Requests, or micro-credits, per `per_seconds`; requests in flight for `concurrent`.
+    limit_value: Mapped[int] = mapped_column(BigInteger)
+    # The period of a rate; 0 for `concurrent` (0, not NULL, so the unique index holds).
+    per_seconds: Mapped[int] = mapped_column(Integer)
+    # An end-user limit's user (its subject names the same id), for the key cache; NULL otherwise.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RateLimitState(Base):
+    """A rate limit's GCRA state for one subject (an end user of a default has one each): the
+    theoretical arrival time. Changed only by admission, under the batch's lock of this row."""
+
+    __tablename__ = "rate_limit_state"
+
+    limit_id: Mapped[int] = mapped_column(ForeignKey("rate_limits.id", ondelete="CASCADE"), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(160), primary_key=True)
+    tat_us: Mapped[int] = mapped_column(BigInteger)

@@ -26,6 +26,7 @@ from gateway.ops import (
     budgeting,
     events,
     ledger,
+    limiting,
     orgfile,
     reports,
     services,
@@ -65,6 +66,9 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_put(f"{PREFIX}/budgets", set_budget)
     router.add_delete(f"{PREFIX}/budgets", delete_budget)
     router.add_get(f"{PREFIX}/budgets", list_budgets)
+    router.add_put(f"{PREFIX}/limits", set_limit)
+    router.add_get(f"{PREFIX}/limits", list_limits)
+    router.add_delete(f"{PREFIX}/limits/{{id}}", delete_limit)
     router.add_get(f"{PREFIX}/usage", usage_report)
     router.add_get(f"{PREFIX}/ledger", list_ledger)
     router.add_post(f"{PREFIX}/ledger/{{request_id}}/adjust", adjust_ledger)
@@ -261,6 +265,31 @@ async def list_budgets(request: web.Request) -> web.Response:
     list_them = functools.partial(budgeting.list_budgets, expand=expand == "true")
     budgets = await run(request, list_them, params.get("scope"), params.get("subject"))
     return json_response(budgets)
+
+
+LIMIT_FIELDS = ("scope", "subject", "kind", "limit", "per")
+
+
+@admin_only
+async def set_limit(request: web.Request) -> web.Response:
+    """PUT /admin/v1/limits {"scope", "subject", "kind", "limit", "per"?} -> 200."""
+    body = await json_body(request, LIMIT_FIELDS)
+    limit = await change(request, limiting.set_limit, *(body.get(name) for name in LIMIT_FIELDS), now_us())
+    return json_response(limit)
+
+
+@admin_only
+async def delete_limit(request: web.Request) -> web.Response:
+    """DELETE /admin/v1/limits/{id} -> 204."""
+    await change(request, limiting.delete_limit, request.match_info["id"], now_us())
+    return web.Response(status=204)
+
+
+@admin_only
+async def list_limits(request: web.Request) -> web.Response:
+    """GET /admin/v1/limits[?scope=&subject=]."""
+    params = query_params(request, ("scope", "subject"))
+    return json_response(await run(request, limiting.list_limits, params.get("scope"), params.get("subject")))
 
 
 @admin_only

@@ -41,6 +41,7 @@ from gateway.web.state import (
     SETTLING,
     STORE,
     UPSTREAM,
+    UPSTREAM_CAPS,
 )
 from gateway.web.upstream import Deadlines, new_session, open_connections
 
@@ -105,6 +106,7 @@ def create_app(
     app[GAUGES] = BudgetGauges(app[METRICS])
     shutdown.setup(app)
     app[GATE] = Gate(limits.fit_open_files(settings.max_concurrent_requests))
+    app[UPSTREAM_CAPS] = limits.UpstreamCaps(settings.upstream_max_concurrent, settings.upstream_rpm)
     app[ACCESS_LOG] = access
     app[READINESS] = Readiness()
     sweeper = worker is None or worker.sweeper

@@ -36,7 +36,13 @@ def hash_key(secret: str) -> str:
 
 _LOOKUP = text(
     "SELECT k.id, u.id, u.name, t.id, t.name, k.revoked_at, k.blocked_at, k.expires_at, "
-    "k.models, u.models, t.models FROM api_keys k JOIN users u ON u.id = k.user_id "
+    "k.models, u.models, t.models, "
+    # Whether any rate or concurrency limit may apply (admission reads them only then).
+    "EXISTS (SELECT 1 FROM rate_limits r WHERE (r.scope = 'key' AND r.subject = k.id) "
+    "OR (r.scope = 'user' AND r.subject = CAST(u.id AS VARCHAR)) "
+    "OR (r.scope = 'team' AND r.subject = CAST(t.id AS VARCHAR)) "
+    "OR (r.scope = 'end_user' AND r.user_id = u.id)) "
+    "FROM api_keys k JOIN users u ON u.id = k.user_id "
     "LEFT JOIN teams t ON t.id = u.team_id WHERE k.key_hash = :hash"
 )
 
@@ -64,9 +70,8 @@ def lookup_caller(conn: Connection, key_hash: str) -> Caller | str:
     # stretches either.
     ends = [(at, why) for at, why in ((expires_at, "expired"), (revoked_at, "revoked")) if at is not None]
     ends_at, ends_why = min(ends) if ends else (None, "")
-    return Caller(
-        row[0], row[1], row[2], row[3], row[4], allowed_models(row[8], row[9], row[10]), ends_at, ends_why
-    )
+    models = allowed_models(row[8], row[9], row[10])
+    return Caller(row[0], row[1], row[2], row[3], row[4], models, ends_at, ends_why, bool(row[11]))
 
 
 def model_not_allowed(model: str, allowed: frozenset[str], priced: list[str]) -> ModelNotAllowed:

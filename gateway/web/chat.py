@@ -14,7 +14,7 @@ from gateway.core.admission import admit
 from gateway.core.idempotency import Replay, Reservation, replay_headers
 from gateway.core.metering import Caller, Charge
 from gateway.core.pricing import cost
-from gateway.errors import GatewayError, UnknownModel
+from gateway.errors import GatewayError, RateLimited, UnknownModel
 from gateway.web import attribution, shutdown
 from gateway.web.auth import model_not_allowed
 from gateway.web.body import parse_chat, read_body
@@ -31,6 +31,7 @@ from gateway.web.state import (
     SETTINGS,
     SETTLING,
     STORE,
+    UPSTREAM_CAPS,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     status, outcome = 500, "internal_error"
     model: str | None = None
     caller = charge = None
+    caps = app[UPSTREAM_CAPS]
+    capped = False
     try:
         settings = app[SETTINGS]
         try:
@@ -116,6 +119,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 tags=tags,
             )
             reservation = _reservation(request, body)
+            if caps.on:
+                caps.enter(metering.now_us())
+                capped = True
             if reservation is None:
                 admission = await shutdown.admitting(
                     app, task, app[STORE].run(admit, charge, app[INSTANCE_ID], metering.now_us())
@@ -138,6 +144,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         except GatewayError as exc:
             if exc.outcome:
                 metrics.requests.labels(model_label, exc.outcome).inc()
+                if isinstance(exc, RateLimited):
+                    metrics.rate_limited.labels(exc.details["scope"], exc.details["kind"]).inc()
+                elif exc.outcome == "upstream_rate_limited":
+                    metrics.upstream_rate_limited.labels("gateway").inc()
             raise
         response = await forward(request, admission, body, started, reservation)
         status = response.status
@@ -146,6 +156,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         status, outcome = exc.status, exc.outcome or exc.type
         raise
     finally:
+        if capped:
+            caps.leave()
         gate.active -= 1
         metrics.inflight.dec()
         del app[REQUESTS][task]

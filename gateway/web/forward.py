@@ -43,6 +43,8 @@ def credit_headers(admission: Admission, charged: bool) -> dict[str, str]:
         # The admission's figure counts this request's hold; a request not charged gives it back.
         remaining = admission.remaining + (0 if charged else charge.credits)
         headers["X-Credits-Remaining"] = format_credits(max(remaining, 0))
+    if admission.rate_headers is not None:
+        headers.update(admission.rate_headers)
     return headers
 
 
@@ -94,6 +96,9 @@ async def _exchange(
         app[METRICS].upstream_first_byte.labels(charge.model).observe(time.perf_counter() - forwarded_at)
         status = upstream.status
         ok = 200 <= status < 300
+        if status == 429:
+            # Upstream's own rate limit: relayed with its Retry-After, not charged (not 2xx).
+            app[METRICS].upstream_rate_limited.labels("upstream").inc()
         headers = relayed_headers(upstream)
         headers.update(credit_headers(admission, charged=ok))
         if ok and charge.stream:

@@ -12,7 +12,7 @@ import functools
 import logging
 import resource
 
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, UpstreamRateLimited
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,50 @@ def fit_open_files(wanted: int) -> int:
         fitted,
     )
     return fitted
+
+
+class UpstreamCaps:
+    """The upstream account's caps in this process (GATEWAY_UPSTREAM_MAX_CONCURRENT, _RPM): requests
+    forwarded at once, and a GCRA of requests a minute; past either, 429 at once, never a queue.
+
+    Per process, not shared through the database: with N processes (workers or replicas) each gets
+    its share, so set them N times lower than the account's own limits.
+    """
+
+    __slots__ = ("active", "max_concurrent", "on", "rpm", "_tat")
+
+    def __init__(self, max_concurrent: int | None, rpm: int | None) -> None:
+        self.on = max_concurrent is not None or rpm is not None
+        self.max_concurrent = max_concurrent
+        self.rpm = rpm
+        self.active = 0
+        self._tat = 0
+
+    def enter(self, now_us: int) -> None:
+        """Count a request about to be admitted and forwarded, or raise the 429 of the cap it is past."""
+        if self.max_concurrent is not None and self.active >= self.max_concurrent:
+            raise self._refusal(
+                f"GATEWAY_UPSTREAM_MAX_CONCURRENT ({self.max_concurrent} requests at once)", 1
+            )
+        if self.rpm is not None:
+            inc = 60_000_000 // self.rpm
+            start = max(self._tat, now_us)
+            if start + inc - now_us > 60_000_000:
+                wait = -(-(start + inc - 60_000_000 - now_us) // 1_000_000)
+                raise self._refusal(f"GATEWAY_UPSTREAM_RPM ({self.rpm} requests a minute)", max(wait, 1))
+            self._tat = start + inc
+        self.active += 1
+
+    def leave(self) -> None:
+        """A request counted by `enter` is done with upstream."""
+        self.active -= 1
+
+    @staticmethod
+    def _refusal(what: str, wait: int) -> UpstreamRateLimited:
+        error = UpstreamRateLimited(
+            f"This gateway's cap for the upstream account is reached: {what}. Nothing was forwarded "
+            f"or charged. Retry in {wait} s.",
+            retry_after=wait,
+        )
+        error.headers = {"Retry-After": str(wait)}
+        return error

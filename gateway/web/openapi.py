@@ -7,7 +7,7 @@ can run against it.
 
 The document is built in parts: `openapi_base` (shared field schemas, error answers, builders),
 `openapi_schemas` (the components), `openapi_public` (chat, models, self-service usage, probes) and
-`openapi_admin` (`/admin/v1/*`), `openapi_apply` (`POST /admin/v1/apply`).
+`openapi_admin` (`/admin/v1/*`), `openapi_limits` (rate limits), `openapi_apply` (`POST /admin/v1/apply`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.web import openapi_admin, openapi_apply, openapi_public
+from gateway.web import openapi_admin, openapi_apply, openapi_limits, openapi_public
 from gateway.web.openapi_schemas import SCHEMAS
 
 
@@ -36,9 +36,9 @@ SPEC: dict[str, Any] = {
         "version": _version(),
         "description": "A credit-metering, budget-enforcing reverse proxy for the Axerity chat API.",
     },
-    "paths": {**openapi_public.PATHS, **openapi_admin.PATHS, **openapi_apply.PATHS},
+    "paths": {**openapi_public.PATHS, **openapi_admin.PATHS, **openapi_limits.PATHS, **openapi_apply.PATHS},
     "components": {
-        "schemas": {**SCHEMAS, **openapi_apply.SCHEMAS},
+        "schemas": {**SCHEMAS, **openapi_limits.SCHEMAS, **openapi_apply.SCHEMAS},
         "securitySchemes": {
             "gatewayKey": {"type": "http", "scheme": "bearer", "description": "a gateway key (gwk_...)"},
             "adminToken": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN"},

@@ -23,8 +23,8 @@ COUNT = {"type": "integer", "minimum": 0}
 PATHS: dict[str, Any] = {
     "/admin/v1/apply": {
         "post": admin_op(
-            "Make the organisation (teams, users, keys, budgets) match a TOML file, in one transaction; "
-            "with plan=1 only say what would change",
+            "Make the organisation (teams, users, keys, budgets, limits) match a TOML file, in one "
+            "transaction; with plan=1 only say what would change",
             responses({200: ok("The changes, made or planned", ref("ApplyResult"))}, 400, 401, 403, 413, 503),
             operationId="applyOrganisation",
             parameters=[
@@ -43,7 +43,7 @@ SCHEMAS: dict[str, Any] = {
     "ApplyChange": obj(
         {
             "action": {"type": "string", "enum": ["create", "change", "delete", "revoke"]},
-            "kind": {"type": "string", "enum": ["team", "user", "key", "budget"]},
+            "kind": {"type": "string", "enum": ["team", "user", "key", "budget", "limit"]},
             "target": STRING,
             "line": nullable(INTEGER),
             "before": {"type": "object", "nullable": True},

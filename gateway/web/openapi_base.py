@@ -60,6 +60,8 @@ ERRORS = {
     404: "Unknown team, user or key",
     409: "The name is taken, or the key is revoked or already rotated",
     413: "The request body is too large",
+    429: "Too early: a rate or concurrency limit (rate_limited) or the upstream account's cap "
+    "(upstream_rate_limited); with Retry-After, nothing held or forwarded",
     502: "Upstream unavailable",
     503: "The ledger database cannot be reached (ledger_unavailable), or the process is at its "
     "concurrency limit (overloaded, with Retry-After)",
@@ -71,7 +73,7 @@ def responses(successes: dict[int, Any], *errors: int) -> dict[str, Any]:
     """An operation's responses: the successful ones given, then the error answers by status."""
     out = {str(status): response for status, response in successes.items()}
     for status in errors:
-        schema = ref("BudgetExceeded") if status == 402 else ref("Error")
+        schema = ref({402: "BudgetExceeded", 429: "RateLimited"}.get(status, "Error"))
         out[str(status)] = {"description": ERRORS[status], "content": content(schema)}
     return out
 

@@ -18,11 +18,13 @@ from gateway.web.openapi_base import (
     ref,
     responses,
 )
+from gateway.web.openapi_limits import RATE_HEADERS
 
 CHAT_HEADERS = {
     "X-Request-Id": {"schema": STRING, "description": "The ledger's request id"},
     "X-Credits-Charged": {"schema": STRING, "description": "Credits charged, e.g. 0.75 (0 when not 2xx)"},
     "X-Credits-Remaining": {"schema": STRING, "description": "Smallest remaining across the budgets"},
+    **RATE_HEADERS,
 }
 
 # A `text/event-stream` schema describes each event, as OpenAPI 3.2's `itemSchema` does (and as tools
@@ -67,6 +69,7 @@ _CHAT = {
         402,
         403,
         413,
+        429,
         502,
         503,
         504,

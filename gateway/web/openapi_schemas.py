@@ -69,6 +69,7 @@ KEY_FIELDS: dict[str, Any] = {
     "models": MODELS,
     "rotated_to": nullable(STRING),
     "last_used_at": {**TIME, "nullable": True, "description": "to within a minute"},
+    "limits": {**array(ref("Limit")), "description": "the key's own rate and concurrency limits"},
 }
 
 LEDGER_FIELDS: dict[str, Any] = {
@@ -317,6 +318,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "key": obj({"id": STRING, "user": STRING, "team": nullable(STRING)}, ("id", "user", "team")),
             "budgets": array(ref("Budget")),
+            "limits": array(ref("LimitUsage")),
             "usage": array(
                 obj(
                     {
@@ -330,7 +332,7 @@ SCHEMAS: dict[str, Any] = {
                 )
             ),
         },
-        ("key", "budgets", "usage"),
+        ("key", "budgets", "limits", "usage"),
     ),
     "UsageSums": obj(
         {"requests": INTEGER, "messages": INTEGER, "credits": NUMBER}, ("requests", "messages", "credits")

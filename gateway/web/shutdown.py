@@ -88,14 +88,15 @@ async def admitting(app: web.Application, task: asyncio.Task[Any], admission: Aw
     requests[task] = BUSY
     try:
         result = await admission
+        if requests[task] == CUT and isinstance(result, Admission):
+            # Still not RUNNING: a drain must not cut the release half-way, which would leave the
+            # request counted as unsettled and keep the process from retiring its heartbeat row.
+            await release(app, result)
+            raise asyncio.CancelledError
     finally:
-        cut = requests[task] == CUT
         requests[task] = RUNNING
         # A refusal's traceback holds this frame: no reference cycle through the task.
         del task
-    if cut and isinstance(result, Admission):
-        await release(app, result)
-        raise asyncio.CancelledError
     return result
 
 

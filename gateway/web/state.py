@@ -13,7 +13,7 @@ from gateway.ops.settings import Settings
 from gateway.store import Store
 from gateway.web.access_log import AccessLog
 from gateway.web.auth import KeyCache
-from gateway.web.limits import Gate
+from gateway.web.limits import Gate, UpstreamCaps
 from gateway.web.readiness import Readiness
 from gateway.web.upstream import Deadlines
 from gateway.web.upstream_client import UpstreamPool
@@ -35,5 +35,7 @@ GAUGES = web.AppKey("gauges", BudgetGauges)
 REQUESTS: web.AppKey[dict[asyncio.Task[Any], int]] = web.AppKey("requests")
 # Chat requests in flight against GATEWAY_MAX_CONCURRENT_REQUESTS (see `limits`).
 GATE = web.AppKey("gate", Gate)
+# The upstream account's caps in this process (`on` False when neither is set).
+UPSTREAM_CAPS = web.AppKey("upstream_caps", UpstreamCaps)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 READINESS = web.AppKey("readiness", Readiness)

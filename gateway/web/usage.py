@@ -9,6 +9,9 @@ as on a chat request, or the `end_user` query parameter). It holds:
   end user named, that end user's, or the defaults they would get theirs from), in the admin API's
   shape (`scope, subject, period, limit, spent, held, remaining, window_start, resets_at`). A team
   budget's `spent` is the whole team's: that is what limits this key;
+- `limits`: every rate and concurrency limit that applies to the key (its own, its user's, its
+  team's, and its user's end-user defaults), in the admin API's shape, with what each has left now
+  (`remaining` and `reset` for a rate; `in_flight` for `concurrent`);
 - `usage`: for the current UTC `daily`, `weekly` and `monthly` windows, the charged `requests`,
   `messages` and `credits` of this key (`key`) and of its user across all their keys (`user`),
   counted as the billing report counts them (charged ledger rows, by admission time; `credits`
@@ -27,6 +30,7 @@ from gateway.core.pricing import credits_json
 from gateway.core.windows import UTC_RULE, Rule, bounds, iso_key
 from gateway.jsonout import json_response
 from gateway.ops.budgeting import end_user_budgets, list_budgets
+from gateway.ops.limiting import caller_limits
 from gateway.web import attribution
 from gateway.web.admin_request import query_params
 from gateway.web.state import KEYS, SETTINGS, STORE
@@ -109,5 +113,6 @@ def key_usage(
     return {
         "key": {"id": caller.key_id, "user": caller.user_name, "team": caller.team_name},
         "budgets": budgets,
+        "limits": caller_limits(conn, caller, at),
         "usage": usage,
     }

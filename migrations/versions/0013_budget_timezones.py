@@ -4,7 +4,7 @@ Each budget keeps where its windows begin (gateway/core/windows.py `Rule`): loca
 IANA zone, weeks from a week day, months from a cycle day (1-28). Every budget there is gets UTC,
 monday and 1, which is how windows were computed before: nothing changes for them.
 
-`gateway_admit_batch` takes one more array, `p_windows` (per request: the JSON of the window keys
+`gateway_admit_batch` (0012's) takes one more array, `p_windows` (per request: the JSON of the window keys
 of every rule but UTC/monday/1 that the gateway knows, by "ZONE WEEK_DAY MONTH_DAY PERIOD"). The
 window a budget holds on is picked from it by `gateway_window_of`, which raises SQLSTATE GW001 for
 a rule the gateway did not send (it then learns the budgets' rules and runs the statement again);
@@ -13,7 +13,7 @@ copy its rule. The function is the previous revision's with exactly the replacem
 The downgrade restores that function and drops the columns.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-07 21:00:00.000000
 """
 
@@ -25,16 +25,17 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0013"
-down_revision: str | None = "0011"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # The revision whose gateway_admit_batch this one changes.
-_FUNCTION_FROM = "0010"
+_FUNCTION_FROM = "0012"
 
 _OLD_SIGNATURE = (
     "gateway_admit_batch(varchar[], varchar[], varchar[], integer[], integer[], varchar[], integer[], "
-    "bigint[], bigint[], boolean[], bigint[], varchar[], varchar[], bigint[], bigint[], bigint[], bigint[])"
+    "bigint[], bigint[], boolean[], bigint[], varchar[], varchar[], bigint[], bigint[], bigint[], bigint[], "
+    "boolean[])"
 )
 _NEW_SIGNATURE = _OLD_SIGNATURE[:-1] + ", varchar[])"
 
@@ -55,8 +56,9 @@ $$
 # (old, new): each old text occurs exactly once in the previous function.
 _CHANGES = (
     (
-        "p_daily bigint[], p_weekly bigint[], p_monthly bigint[], p_total bigint[])",
-        "p_daily bigint[], p_weekly bigint[], p_monthly bigint[], p_total bigint[], p_windows varchar[])",
+        "p_daily bigint[], p_weekly bigint[], p_monthly bigint[], p_total bigint[], p_limited boolean[])",
+        "p_daily bigint[], p_weekly bigint[], p_monthly bigint[], p_total bigint[], p_limited boolean[],\n"
+        "    p_windows varchar[])",
     ),
     (
         "updated_at, user_id, default_id)",

@@ -12,6 +12,7 @@ a process runs about 50 times slower, so at 32 connections the SQLite batches ar
 
     python bench/instructions.py              # this tree's gateway and the bare proxy, ~2 minutes
     python bench/instructions.py --rev HEAD~3 # the gateway of an earlier revision beside them
+    python bench/instructions.py --connections 1 --rev HEAD  # the latency path: one request at a time
     python bench/instructions.py --end-users 1000  # and this tree's gateway with end-user budgets
 
 With --end-users N, this tree's gateway is also counted twice more, each on a fresh file of its
@@ -67,6 +68,7 @@ def count(
     headers: dict[str, str],
     seconds: float,
     lua: str = "",
+    connections: int = CONNECTIONS,
 ) -> tuple[int, int]:
     """Start `argv` under callgrind, load it, and return (2xx answers, instructions) of the measured run.
 
@@ -79,9 +81,9 @@ def count(
     with script.open("a") as extra:
         extra.write(lua)
     callgrind(pid, "-i", "on")
-    loadgen.run_wrk(script, url, WARMUP_SECONDS, CONNECTIONS, 1)
+    loadgen.run_wrk(script, url, WARMUP_SECONDS, connections, 1)
     callgrind(pid, "-z")
-    run = loadgen.run_wrk(script, url, seconds, CONNECTIONS, 1)
+    run = loadgen.run_wrk(script, url, seconds, connections, 1)
     callgrind(pid, "-i", "off")
     callgrind(pid, "-d")
     servers.stop(name)
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (<= 60)")
     parser.add_argument("--keep", type=Path, help="copy the callgrind files here (for callgrind_annotate)")
     parser.add_argument(
+        "--connections",
+        type=int,
+        default=CONNECTIONS,
+        help="wrk's connections (1: the latency path, nothing batched; default 32)",
+    )
+    parser.add_argument(
         "--end-users", type=int, default=0, help="also the gateway with N end users and a default budget"
     )
     parser.add_argument(
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.duration <= 60:
         parser.error("--duration must be between 1 and 60 seconds")
+    if not 1 <= args.connections <= 256:
+        parser.error("--connections must be between 1 and 256")
     if not 0 <= args.end_users <= 100_000:
         parser.error("--end-users must be between 0 and 100000")
     for tool in ("valgrind", "callgrind_control", "wrk"):
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 bare_url,
                 headers={"Content-Type": "application/json"},
                 seconds=args.duration,
+                connections=args.connections,
             )
             # (name, tree, end users, with a default end-user budget, with limits)
             gateways = [(name, tree, 0, False, False) for name, tree in trees.items()]
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {account.secret}"},
                     seconds=args.duration,
                     lua=lua,
+                    connections=args.connections,
                 )
         finally:
             servers.stop_all()
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     bare_per = results["bare proxy"][1] / results["bare proxy"][0]
     print(
-        f"callgrind, wrk at {CONNECTIONS} connections, {args.duration:g} s measured "
+        f"callgrind, wrk at {args.connections} connections, {args.duration:g} s measured "
         f"after {WARMUP_SECONDS:g} s of warm-up"
     )
     width = max(24, *map(len, results))

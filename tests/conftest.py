@@ -14,6 +14,7 @@ import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import create_engine, text
 
+from gateway.core.holding import WINDOWS
 from gateway.core.metering import now_us
 from gateway.ops import budgeting, services
 from gateway.ops.fake_upstream import FakeUpstream
@@ -84,6 +85,16 @@ class Backend:
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """The tests run on the event loop `gateway serve` runs on."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _budget_rules_of_this_test() -> Iterator[None]:
+    """Each test's process-wide book of budget rules starts and ends with UTC's alone, as a new
+    gateway's does: the rules an earlier test's budgets used (a Hypothesis test meets dozens) would
+    otherwise go with every admission of the tests after it."""
+    WINDOWS.forget()
+    yield
+    WINDOWS.forget()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

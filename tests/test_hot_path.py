@@ -29,8 +29,13 @@ def _verb(statement: str) -> str:
     outer = statement
     while (inner := re.sub(r"\([^()]*\)", "", outer)) != outer:  # subqueries and lists out
         outer = inner
-    match = re.search(r"\b(?:FROM|INTO|UPDATE)\s+(\w+)", outer, re.IGNORECASE)
-    return f"{verb} {match[1]}" if match and verb != "COMMIT" else verb
+    # The first table named, not counting the JSON arrays of parameters a statement reads.
+    tables = [
+        t
+        for t in re.findall(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+(\w+)", outer, re.IGNORECASE)
+        if t != "json_each"
+    ]
+    return f"{verb} {tables[0]}" if tables and verb != "COMMIT" else verb
 
 
 async def _traced(w: World, key: str, requests: int, **extra: Any) -> list[str]:

@@ -32,22 +32,23 @@ from gateway.store import Sql
 
 # `enforce`: whether the budget refuses (not a soft budget, nor one deleted, which still counts);
 # then the window it holds on now (NULL: a rule `WINDOWS` does not know yet) and its rule.
-_BUDGET_COLUMNS = (
+_SELECT_BUDGETS = (
     "SELECT b.id, b.scope, b.period, b.limit_micros, c.spent_micros, c.held_micros, "
     "b.enforce AND b.deleted_at IS NULL, b.deleted_at IS NULL, b.subject, "
     f"{WINDOW_OF_BUDGET}, {RULE_COLUMNS} "
-    f"FROM budgets b {CURRENT_COUNTER} "
 )
 # The key, user and team budgets of a batch's callers, their users' end-user defaults (`USER_ID/*`:
 # no counter of their own; read to know whether end users need `ADOPT_DEFAULTS`), and the budgets of
-# the end users their requests name: one query for the whole batch, each list a JSON array.
+# the end users their requests name: one query for the whole batch, its (scope, subject) pairs one
+# JSON array, each pair one search of the budgets' unique index. (Four `subject IN (json_each)`
+# lists joined by OR cost twice as much: SQLite evaluates each list twice.)
 _BUDGETS_AND_COUNTERS = (
-    _BUDGET_COLUMNS + "WHERE (b.scope = 'key' AND b.subject IN (SELECT value FROM json_each(:keys))) "
-    "OR (b.scope = 'user' AND b.subject IN (SELECT value FROM json_each(:users))) "
-    "OR (b.scope = 'team' AND b.subject IN (SELECT value FROM json_each(:teams))) "
-    "OR (b.scope = 'end_user' AND b.subject IN (SELECT value FROM json_each(:end_users)))"
+    _SELECT_BUDGETS + "FROM json_each(:subjects) s CROSS JOIN budgets b "
+    f"ON b.scope = s.value ->> 0 AND b.subject = s.value ->> 1 {CURRENT_COUNTER}"
 )
-_END_USER_BUDGETS = _BUDGET_COLUMNS + "WHERE b.scope = 'end_user' AND b.subject = :end_user"
+_END_USER_BUDGETS = (
+    _SELECT_BUDGETS + f"FROM budgets b {CURRENT_COUNTER} WHERE b.scope = 'end_user' AND b.subject = :end_user"
+)
 # An end user's budgets from their user's defaults (`USER_ID/*`), for each period they have none of
 # their own in: created at the default's limit on first use, or one deleted becomes the default's
 # again (gateway_admit_batch does the same on PostgreSQL).
@@ -82,10 +83,11 @@ PLACE_HOLD = (
     "FROM budgets b WHERE b.id = excluded.budget_id)"
 )
 # The batch's keys' states, and the keys that replaced them (`keys rotate`): during the grace, a
-# key's budgets, which moved to that key, still hold requests through this one.
+# key's budgets, which moved to that key, still hold requests through this one. (A join on the
+# JSON array of distinct ids: an `IN (json_each)` list is first made into a temporary index.)
 _KEY_STATES = (
-    "SELECT id, revoked_at, blocked_at, expires_at, rotated_to FROM api_keys "
-    "WHERE id IN (SELECT value FROM json_each(:keys))"
+    "SELECT k.id, k.revoked_at, k.blocked_at, k.expires_at, k.rotated_to "
+    "FROM json_each(:keys) j CROSS JOIN api_keys k ON k.id = j.value"
 )
 
 _INSERT_HOLD = (
@@ -253,13 +255,14 @@ def _read_batch(db: Sql, charges: Sequence[Charge], windows: Windows) -> BatchRe
     end_users.update(
         end_user_subject(c.caller.user_id, c.end_user) for c in charges if c.end_user is not None
     )
-    params = {
-        **window_params(windows),
-        "keys": json.dumps(sorted({*key_ids, *successors})),
-        "users": json.dumps(sorted(users)),
-        "teams": json.dumps(sorted({str(c.caller.team_id) for c in charges if c.caller.team_id is not None})),
-        "end_users": json.dumps(sorted(end_users)),
-    }
+    teams = {str(c.caller.team_id) for c in charges if c.caller.team_id is not None}
+    subjects = [
+        *(("key", key_id) for key_id in sorted({*key_ids, *successors})),
+        *(("user", user) for user in sorted(users)),
+        *(("team", team) for team in sorted(teams)),
+        *(("end_user", end_user) for end_user in sorted(end_users)),
+    ]
+    params = {**window_params(windows), "subjects": json.dumps(subjects)}
     budgets: dict[tuple[str, str], list[Any]] = {}
     for row in db.all(_BUDGETS_AND_COUNTERS, params):
         budgets.setdefault((row[1], row[8]), []).append(row)

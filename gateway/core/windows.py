@@ -221,6 +221,12 @@ class WindowBook:
         self._recent = (windows, *self._recent[:1])
         return windows
 
+    def forget(self) -> None:
+        """Know UTC_RULE alone again (for a process that goes on with another database: every
+        admission would otherwise send the windows of rules no budget of it has)."""
+        self.rules = frozenset({UTC_RULE})
+        self._recent = ()
+
     def learn(self, rules: set[Rule] | frozenset[Rule]) -> None:
         """Know these rules too (the windows are computed again)."""
         if not rules <= self.rules:

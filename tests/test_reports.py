@@ -245,17 +245,17 @@ async def test_http_report_matches_the_ledger(admin_world: World, group_by: str)
         assert {r["month"] for r in body["rows"]} == {today[:7]}
 
 
-async def test_range_is_from_inclusive_to_exclusive(admin_world: World, backend: Backend) -> None:
-    w = admin_world
+async def _charge_alice(w: World, prefix: str, rows: list[tuple[int, int]]) -> None:
+    """Charged ledger rows of alice's, `PREFIX0`, `PREFIX1`...: each (microseconds after BASE,
+    messages) of GPT OSS 20B, without a team."""
     (alice_id,) = (await w.sql("SELECT id FROM users WHERE name = 'alice'"))[0]
-    rows = [(-1, 1), (0, 2), (DAY - 1, 4), (DAY, 8)]
 
     def load(conn: Any) -> None:
         for i, (offset, messages) in enumerate(rows):
             conn.execute(
                 _INSERT,
                 {
-                    "request_id": f"edge{i}",
+                    "request_id": f"{prefix}{i}",
                     "at": BASE + offset,
                     "team_id": None,
                     "user_id": alice_id,
@@ -273,6 +273,12 @@ async def test_range_is_from_inclusive_to_exclusive(admin_world: World, backend:
             )
 
     await w.store.run(load)
+
+
+async def test_range_is_from_inclusive_to_exclusive(admin_world: World, backend: Backend) -> None:
+    w = admin_world
+    rows = [(-1, 1), (0, 2), (DAY - 1, 4), (DAY, 8)]
+    await _charge_alice(w, "edge", rows)
     cases = {
         ("2026-02-01", "2026-02-02"): 2 + 4,
         ("2026-02-01T00:00:00Z", "2026-02-02T00:00:00Z"): 2 + 4,
@@ -390,33 +396,9 @@ async def test_days_in_the_reports_time_zone(admin_world: World) -> None:
     are read in it; the default is GATEWAY_TIMEZONE. Rows at 07:59 and 08:00 UTC on 1 February
     (23:59 on 31 January and 00:00 on 1 February in California) fall in different local days."""
     w = admin_world
-    (alice_id,) = (await w.sql("SELECT id FROM users WHERE name = 'alice'"))[0]
     hour = DAY // 24
     rows = [(-1, 1), (8 * hour - 1, 2), (8 * hour, 4), (DAY + 8 * hour, 8)]
-
-    def load(conn: Any) -> None:
-        for i, (offset, messages) in enumerate(rows):
-            conn.execute(
-                _INSERT,
-                {
-                    "request_id": f"tz{i}",
-                    "at": BASE + offset,
-                    "team_id": None,
-                    "user_id": alice_id,
-                    "key_id": "key_x",
-                    "model": "openai/gpt-oss-20b",
-                    "messages": messages,
-                    "price": 100_000,
-                    "credits": messages * 100_000,
-                    "outcome": "charged",
-                    "prompt": None,
-                    "completion": None,
-                    "end_user": None,
-                    "tags": None,
-                },
-            )
-
-    await w.store.run(load)
+    await _charge_alice(w, "tz", rows)
     # Adjustments are grouped by their row's local day too.
     await w.store.run(lambda conn: conn.execute(_ADJUST, {"request_id": "tz2", "credits": -100_000}))
     utc = await ok(w, "GET", "/admin/v1/usage?group_by=month,day")
